@@ -1,0 +1,31 @@
+"""User-facing errors.
+
+Every error a person can fix themselves (a missing dataset, a wrong folder, a bad config value, an
+unavailable download) is a :class:`GcaError` whose message is one line: what was wrong, where, and
+what to do. The command-line entry points print that line and exit non-zero without a traceback;
+library users catch the subclass they care about.
+"""
+
+
+class GcaError(Exception):
+    """Base class of errors whose message tells the user what to do."""
+
+
+class ConfigError(GcaError, ValueError):
+    """A configuration key, value or type is invalid."""
+
+
+class DatasetNotFoundError(GcaError, FileNotFoundError):
+    """A dataset root does not exist or holds none of the expected files."""
+
+
+class DatasetLayoutError(GcaError, ValueError):
+    """A dataset exists but its layout or counts differ from the official archive."""
+
+
+class UnreadableImagesError(GcaError, RuntimeError):
+    """Too many images of a dataset could not be decoded."""
+
+
+class WeightsUnavailableError(GcaError, RuntimeError):
+    """Pretrained weights are neither cached nor downloadable."""
