@@ -1,0 +1,231 @@
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import GELU, LayerNorm, Sequential
+from torch_geometric.nn import MessagePassing
+from torch_geometric.nn.dense.linear import Linear
+from torch_geometric.utils import scatter
+
+
+def softmax_with_sink(src: Tensor, index: Tensor, num_nodes: int) -> Tensor:
+    r"""Sparse softmax over the edges entering each node, plus one constant zero logit.
+
+    .. math::
+        \alpha_{ji} = \frac{\exp(s_{ji})}{1 + \sum_{j'} \exp(s_{j'i})}
+
+    The extra :math:`\exp(0) = 1` in the denominator is an "attend to nothing" sink: a node whose
+    incoming scores are all low receives a small message instead of being forced to average its
+    neighbours. Logits of :math:`-\infty` (masked edges) get weight 0; a node without (unmasked)
+    incoming edges gets none. Computed stably by subtracting :math:`\max(0, \max_j s_{ji})`.
+
+    Args:
+        src (torch.Tensor): Edge logits of shape :math:`(|\mathcal{E}|, \ast)`.
+        index (torch.Tensor): Target node of every edge, shape :math:`(|\mathcal{E}|,)`.
+        num_nodes (int): Number of target nodes.
+    """
+    src_max = scatter(src.detach(), index, 0, dim_size=num_nodes, reduce="max").clamp_min(0.0)
+    out = (src - src_max[index]).exp()
+    denominator = scatter(out, index, 0, dim_size=num_nodes, reduce="sum") + (-src_max).exp()
+    return out / denominator[index]
+
+
+class EdgeNodeConv(MessagePassing):
+    r"""The joint node and edge update of GCA-HNG, from the `"Globally Correlation-Aware Hard
+    Negative Generation" <https://arxiv.org/abs/2411.13145>`_ paper (IJCV 2025).
+
+    The node update comes first. Node :math:`i` attends, with :math:`H` heads of size
+    :math:`d = F/H`, over the sources :math:`j` of its incoming edges that carry attention
+    (:obj:`attn_mask`), with a constant zero logit as an "attend to nothing" sink; then it adds the sum
+    of its outgoing edges and a feed-forward block:
+
+    .. math::
+        \alpha_{ji} &= \frac{\exp(\mathbf{q}_i^\top \mathbf{k}_j / \sqrt{d})}
+            {1 + \sum_{j' \in \mathcal{N}_{\mathrm{att}}(i)}
+            \exp(\mathbf{q}_i^\top \mathbf{k}_{j'} / \sqrt{d})}
+
+        \mathbf{h}_i &\leftarrow \mathrm{LN}\big(\mathrm{GELU}(\mathbf{h}_i + \mathbf{W}_o
+            \,\Vert_{h=1}^{H} \textstyle\sum_{j} \alpha^{h}_{ji} \mathbf{v}^{h}_j)\big)
+
+        \mathbf{h}_i &\leftarrow \mathrm{LN}\big(\mathrm{GELU}(\mathbf{h}_i +
+            \textstyle\sum_{(i \to j) \in \mathcal{E}} \mathrm{GELU}(\mathbf{W}_{en}
+            \mathbf{e}_{ij}))\big)
+
+        \mathbf{h}_i &\leftarrow \mathrm{LN}\big(\mathrm{GELU}(\mathbf{h}_i +
+            \mathrm{FFN}(\mathbf{h}_i))\big)
+
+    Then every edge attends over its two end points, using the updated node features
+    :math:`\mathbf{u} = \mathrm{GELU}(\mathbf{W}_{ne} \mathbf{h})`:
+
+    .. math::
+        (a_i, a_j) &= \mathrm{softmax}\big((\mathbf{W}'_q \mathbf{e}_{ij})^\top
+            \mathbf{W}'_k \mathbf{u}_i / \sqrt{F},\;
+            (\mathbf{W}'_q \mathbf{e}_{ij})^\top \mathbf{W}'_k \mathbf{u}_j / \sqrt{F}\big)
+
+        \mathbf{e}_{ij} &\leftarrow \mathrm{LN}\big(\mathrm{GELU}(a_i \mathbf{W}'_v \mathbf{u}_i +
+            a_j \mathbf{W}'_v \mathbf{u}_j + \mathbf{e}_{ij})\big)
+
+        \mathbf{e}_{ij} &\leftarrow \mathrm{LN}\big(\mathrm{GELU}(\mathbf{e}_{ij} +
+            \mathrm{FFN}_e(\mathbf{e}_{ij}))\big)
+
+    with :math:`\mathrm{FFN}_e = \mathrm{Linear} \to \mathrm{GELU} \to \mathrm{LN} \to
+    \mathrm{Linear}`. All projections are applied to the :math:`|\mathcal{V}|` nodes and then gathered
+    to the edges; the edge query is folded into the node keys
+    (:math:`(\mathbf{W}'_q \mathbf{e})^\top \mathbf{k} = \mathbf{e}^\top (\mathbf{W}'^\top_q
+    \mathbf{k})`), so no per-edge projection is spent on it.
+
+    The update keeps symmetric edge features symmetric: if :math:`\mathbf{e}_{ij} = \mathbf{e}_{ji}`
+    for every edge of an undirected graph, it still holds afterwards (with dropout applied to both
+    directions alike). :obj:`undirected=True` exploits this exactly: each unordered pair is stored and
+    updated once and acts as both of its directions, which halves the edge work.
+
+    Args:
+        channels (int): Size :math:`F` of node and edge features.
+        heads (int, optional): Number of node-attention heads; must divide :obj:`channels`.
+            (default: :obj:`4`)
+        dropout (float, optional): Dropout probability of the two-way edge attention coefficients.
+            (default: :obj:`0.1`)
+        ffn_ratio (int, optional): Hidden size of both feed-forward blocks, as a multiple of
+            :obj:`channels`. (default: :obj:`4`)
+        **kwargs (optional): Additional arguments of
+            :class:`torch_geometric.nn.conv.MessagePassing`.
+
+    Shapes:
+        - **input:**
+          node features :math:`(|\mathcal{V}|, F)`,
+          edge indices :math:`(2, |\mathcal{E}|)`,
+          edge features :math:`(|\mathcal{E}|, F)`,
+          attention mask :math:`(|\mathcal{E}|)` *(optional)*
+        - **output:** node features :math:`(|\mathcal{V}|, F)`,
+          edge features :math:`(|\mathcal{E}|, F)`
+    """
+    def __init__(self, channels: int, heads: int = 4, dropout: float = 0.1, ffn_ratio: int = 4,
+                 **kwargs):
+        kwargs.setdefault("aggr", "add")
+        super().__init__(node_dim=0, **kwargs)
+        if channels % heads != 0:
+            raise ValueError(
+                f"EdgeNodeConv: channels ({channels}) must be divisible by heads ({heads})")
+        self.in_channels = channels
+        self.out_channels = channels
+        self.heads = heads
+        self.dropout = dropout
+        self.ffn_ratio = ffn_ratio
+        hidden = ffn_ratio * channels
+
+        def attention_linear() -> Linear:
+            return Linear(channels, channels, weight_initializer="glorot", bias_initializer="zeros")
+
+        # Node update.
+        self.lin_query = attention_linear()
+        self.lin_key = attention_linear()
+        self.lin_value = attention_linear()
+        self.lin_out = attention_linear()
+        self.lin_edge_to_node = Linear(channels, channels)
+        self.node_ffn = Sequential(Linear(channels, hidden), GELU(), Linear(hidden, channels))
+        self.norm_attention = LayerNorm(channels)
+        self.norm_edge_to_node = LayerNorm(channels)
+        self.norm_node_ffn = LayerNorm(channels)
+
+        # Edge update.
+        self.lin_node_to_edge = Linear(channels, channels)
+        self.lin_edge_query = attention_linear()
+        self.lin_edge_key = attention_linear()
+        self.lin_edge_value = attention_linear()
+        self.edge_ffn = Sequential(Linear(channels, hidden), GELU(), LayerNorm(hidden),
+                                   Linear(hidden, channels))
+        self.norm_edge_attention = LayerNorm(channels)
+        self.norm_edge_ffn = LayerNorm(channels)
+
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
+                attn_mask: Optional[Tensor] = None, *,
+                undirected: bool = False) -> Tuple[Tensor, Tensor]:
+        r"""Runs one joint node and edge update.
+
+        Args:
+            x (torch.Tensor): Node features :math:`(|\mathcal{V}|, F)`.
+            edge_index (torch.Tensor): Edge indices :math:`(2, |\mathcal{E}|)`; row 0 sources,
+                row 1 targets (reversed for ``flow="target_to_source"``).
+            edge_attr (torch.Tensor): Edge features :math:`(|\mathcal{E}|, F)`.
+            attn_mask (torch.Tensor, optional): Bool :math:`(|\mathcal{E}|)`, True for the edges
+                that carry attention messages (in GCA-HNG: the negatives). :obj:`None` means all.
+            undirected (bool, optional): Each column :math:`(i, j)` of :obj:`edge_index` with
+                :math:`i \ne j` stands for both :math:`i \to j` and :math:`j \to i`, sharing one
+                feature row (which must then be symmetric); a self-loop stands once. Exactly equal to
+                running on the directed graph with both directions stored. (default: :obj:`False`)
+
+        Returns:
+            The updated node features and edge features.
+        """
+        num_nodes = x.size(0)
+        source_row, target_row = (0, 1) if self.flow == "source_to_target" else (1, 0)
+        source, target = edge_index[source_row], edge_index[target_row]
+
+        directed_index, directed_mask = edge_index, attn_mask
+        if undirected:
+            # Attention is the cheap part: O(|E| F). Expand it to both directions.
+            off_diagonal = source != target
+            directed_index = torch.cat([edge_index, edge_index[:, off_diagonal].flip(0)], dim=1)
+            if attn_mask is not None:
+                directed_mask = torch.cat([attn_mask, attn_mask[off_diagonal]])
+
+        head_size = self.out_channels // self.heads
+        query = self.lin_query(x).view(num_nodes, self.heads, head_size)
+        key = self.lin_key(x).view(num_nodes, self.heads, head_size)
+        value = self.lin_value(x).view(num_nodes, self.heads, head_size)
+        message = self.propagate(directed_index, query=query, key=key, value=value,
+                                 attn_mask=directed_mask, size=(num_nodes, num_nodes))
+        h = self.norm_attention(F.gelu(x + self.lin_out(message.reshape(num_nodes, -1))))
+
+        edge_to_node = F.gelu(self.lin_edge_to_node(edge_attr))
+        outgoing = scatter(edge_to_node, source, 0, dim_size=num_nodes, reduce="sum")
+        if undirected:
+            outgoing = outgoing + scatter(edge_to_node[off_diagonal], target[off_diagonal], 0,
+                                          dim_size=num_nodes, reduce="sum")
+        h = self.norm_edge_to_node(F.gelu(h + outgoing))
+        h = self.norm_node_ffn(F.gelu(h + self.node_ffn(h)))
+
+        u = F.gelu(self.lin_node_to_edge(h))
+        edge_key = self.lin_edge_key(u)
+        # Fold the edge query projection into the N node keys instead of the |E| edges.
+        key_in_edge_space = edge_key @ self.lin_edge_query.weight
+        key_bias_score = edge_key @ self.lin_edge_query.bias
+        edge_attr = self.edge_updater(
+            edge_index, edge_attr=edge_attr, key=key_in_edge_space, key_bias=key_bias_score,
+            value=self.lin_edge_value(u), size=(num_nodes, num_nodes))
+        return h, edge_attr
+
+    def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor,
+                attn_mask: Optional[Tensor], index: Tensor, size_i: int) -> Tensor:
+        score = (query_i * key_j).sum(dim=-1) / math.sqrt(query_i.size(-1))
+        if attn_mask is not None:
+            score = score.masked_fill(~attn_mask.view(-1, 1), float("-inf"))
+        alpha = softmax_with_sink(score, index, size_i)
+        return alpha.unsqueeze(-1) * value_j
+
+    def edge_update(self, edge_attr: Tensor, key_i: Tensor, key_j: Tensor, key_bias_i: Tensor,
+                    key_bias_j: Tensor, value_i: Tensor, value_j: Tensor) -> Tensor:
+        scale = 1.0 / math.sqrt(self.out_channels)
+        score_i = (torch.linalg.vecdot(edge_attr, key_i) + key_bias_i) * scale
+        score_j = (torch.linalg.vecdot(edge_attr, key_j) + key_bias_j) * scale
+        # A softmax over two logits is the sigmoid of their difference.
+        attention_i = torch.sigmoid(score_i - score_j).unsqueeze(-1)
+        attention = torch.cat([attention_i, 1.0 - attention_i], dim=-1)
+        attention = F.dropout(attention, p=self.dropout, training=self.training)
+        mixed = attention[:, :1] * value_i + attention[:, 1:] * value_j
+        edge_attr = self.norm_edge_attention(F.gelu(mixed + edge_attr))
+        return self.norm_edge_ffn(F.gelu(edge_attr + self.edge_ffn(edge_attr)))
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, heads={self.heads}, "
+                f"dropout={self.dropout}, ffn_ratio={self.ffn_ratio})")

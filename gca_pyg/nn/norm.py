@@ -1,0 +1,56 @@
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import BatchNorm1d
+
+
+class WeightedBatchNorm1d(BatchNorm1d):
+    r""":class:`torch.nn.BatchNorm1d` whose batch statistics may count rows with multiplicities.
+
+    With :obj:`row_weight` :math:`w`, training-mode statistics are those of the batch in which row
+    :math:`r` occurs :math:`w_r` times:
+
+    .. math::
+        \mu = \frac{\sum_r w_r \mathbf{x}_r}{\sum_r w_r}, \qquad
+        \sigma^2 = \frac{\sum_r w_r (\mathbf{x}_r - \mu)^2}{\sum_r w_r}
+
+    and the running statistics are updated as :class:`~torch.nn.BatchNorm1d` would for that
+    expanded batch. An undirected edge store (each off-diagonal pair once, weight 2) thus normalises
+    exactly like the directed graph that holds both directions. Without :obj:`row_weight` it is a plain
+    :class:`~torch.nn.BatchNorm1d`.
+
+    Shapes:
+        - **input:** :math:`(R, F)`, row weights :math:`(R,)` *(optional)*
+        - **output:** :math:`(R, F)`
+    """
+    def forward(self, input: Tensor, row_weight: Optional[Tensor] = None) -> Tensor:
+        if row_weight is None:
+            return super().forward(input)
+        use_batch_stats = self.training or not self.track_running_stats
+        if not use_batch_stats:
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+
+        weight = row_weight.to(input.dtype).unsqueeze(-1)
+        count = weight.sum()
+        mean = (weight * input).sum(dim=0) / count
+        var = (weight * (input - mean).square()).sum(dim=0) / count
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), count.detach())
+        out = (input - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor):
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            momentum = 1.0 / float(self.num_batches_tracked)
+        else:
+            momentum = self.momentum
+        unbiased_var = var * count / (count - 1).clamp_min(1)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)

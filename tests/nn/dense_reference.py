@@ -1,0 +1,57 @@
+"""A literal, dense re-statement of SPEC.md §2 for one EdgeNodeConv, used to check the layer.
+
+It shares no code with gca_pyg.nn: every step follows the spec's formulas on dense [N, N] tensors
+(including the per-edge query projection that the layer folds into the node keys).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(layer, x):
+    return x @ layer.weight.T + layer.bias
+
+
+def reference_edge_node_conv(conv, x, edge_dense, adjacency, attention):
+    """One layer in eval mode.
+
+    Args:
+        conv: an EdgeNodeConv (its parameters are used).
+        x: [N, F] node features.
+        edge_dense: [N, N, F], edge_dense[i, j] the features of edge i -> j (source i, target j).
+        adjacency: [N, N] bool, adjacency[i, j] True where edge i -> j exists.
+        attention: [N, N] bool, True where edge i -> j carries attention.
+    Returns:
+        (h [N, F], edge_dense_new [N, N, F]); entries of absent edges are meaningless.
+    """
+    num_nodes, channels = x.shape
+    heads = conv.heads
+    head = channels // heads
+    q = linear(conv.lin_query, x).view(num_nodes, heads, head)
+    k = linear(conv.lin_key, x).view(num_nodes, heads, head)
+    v = linear(conv.lin_value, x).view(num_nodes, heads, head)
+    # score[h, target i, source j]
+    score = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(head)
+    allowed = (adjacency & attention).T  # [target, source]
+    weight = torch.where(allowed, score.exp(), torch.zeros_like(score))
+    alpha = weight / (1.0 + weight.sum(dim=-1, keepdim=True))
+    message = torch.einsum("hij,jhd->ihd", alpha, v).reshape(num_nodes, channels)
+    h = conv.norm_attention(F.gelu(x + linear(conv.lin_out, message)))
+
+    to_node = F.gelu(edge_dense @ conv.lin_edge_to_node.weight.T + conv.lin_edge_to_node.bias)
+    outgoing = (to_node * adjacency.unsqueeze(-1)).sum(dim=1)  # sum over targets j of edges i -> j
+    h = conv.norm_edge_to_node(F.gelu(h + outgoing))
+    h = conv.norm_node_ffn(F.gelu(h + conv.node_ffn(h)))
+
+    u = F.gelu(linear(conv.lin_node_to_edge, h))
+    key = linear(conv.lin_edge_key, u)
+    value = linear(conv.lin_edge_value, u)
+    query = edge_dense @ conv.lin_edge_query.weight.T + conv.lin_edge_query.bias  # [N, N, F]
+    logit_source = (query * key[:, None, :]).sum(-1) / math.sqrt(channels)  # key of i for i -> j
+    logit_target = (query * key[None, :, :]).sum(-1) / math.sqrt(channels)
+    a = torch.softmax(torch.stack([logit_source, logit_target], dim=-1), dim=-1)
+    mixed = a[..., :1] * value[:, None, :] + a[..., 1:] * value[None, :, :]
+    e = conv.norm_edge_attention(F.gelu(mixed + edge_dense))
+    e = conv.norm_edge_ffn(F.gelu(e + conv.edge_ffn(e)))
+    return h, e

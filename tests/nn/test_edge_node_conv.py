@@ -1,0 +1,213 @@
+import pytest
+import torch
+from torch_geometric.data import Batch, Data
+
+from gca_pyg.graph import build_batch_graph
+from gca_pyg.nn import EdgeNodeConv, softmax_with_sink
+from dense_reference import reference_edge_node_conv
+
+CHANNELS = 16
+
+
+def make_conv(device="cpu", dtype=torch.float64, **kwargs):
+    conv = EdgeNodeConv(CHANNELS, heads=4, **kwargs).to(device=device, dtype=dtype)
+    return conv.eval()
+
+
+def random_graph(num_nodes, num_edges, device="cpu", dtype=torch.float64):
+    edge_index = torch.randint(num_nodes, (2, num_edges), device=device)
+    edge_index = torch.unique(edge_index, dim=1)  # the dense reference holds one edge per pair
+    x = torch.randn(num_nodes, CHANNELS, device=device, dtype=dtype)
+    edge_attr = torch.randn(edge_index.size(1), CHANNELS, device=device, dtype=dtype)
+    attn_mask = torch.rand(edge_index.size(1), device=device) < 0.7
+    return x, edge_index, edge_attr, attn_mask
+
+
+def densify(num_nodes, edge_index, edge_attr, attn_mask):
+    adjacency = torch.zeros(num_nodes, num_nodes, dtype=torch.bool, device=edge_index.device)
+    adjacency[edge_index[0], edge_index[1]] = True
+    attention = torch.zeros_like(adjacency)
+    attention[edge_index[0], edge_index[1]] = attn_mask
+    dense = edge_attr.new_zeros(num_nodes, num_nodes, edge_attr.size(1))
+    dense[edge_index[0], edge_index[1]] = edge_attr
+    return dense, adjacency, attention
+
+
+def test_repr_and_shapes():
+    conv = EdgeNodeConv(CHANNELS, heads=4)
+    assert str(conv) == "EdgeNodeConv(16, heads=4, dropout=0.1, ffn_ratio=4)"
+    x, edge_index, edge_attr, attn_mask = random_graph(6, 20, dtype=torch.float32)
+    h, e = conv(x, edge_index, edge_attr, attn_mask)
+    assert h.shape == x.shape and e.shape == edge_attr.shape
+
+
+def test_heads_must_divide_channels():
+    with pytest.raises(ValueError, match="divisible by heads"):
+        EdgeNodeConv(10, heads=4)
+
+
+def test_softmax_with_sink_by_hand():
+    score = torch.tensor([[0.0], [1.0], [2.0], [float("-inf")]])
+    index = torch.tensor([0, 0, 1, 2])
+    alpha = softmax_with_sink(score, index, num_nodes=4)
+    e = torch.e
+    expected = torch.tensor([[1 / (2 + e)], [e / (2 + e)], [e**2 / (1 + e**2)], [0.0]])
+    assert torch.allclose(alpha, expected)
+    # Large logits stay finite (max subtraction), and the sink keeps the sum below 1.
+    alpha = softmax_with_sink(torch.tensor([[1000.0], [1000.0]]), torch.tensor([0, 0]), 1)
+    assert torch.allclose(alpha, torch.full((2, 1), 0.5))
+
+
+def test_matches_dense_statement_of_the_spec_on_a_sparse_graph(device):
+    conv = make_conv(device)
+    num_nodes = 9
+    x, edge_index, edge_attr, attn_mask = random_graph(num_nodes, 30, device)
+    # Some nodes have no in-edges at all, and node 8 has only masked in-edges.
+    assert (torch.bincount(edge_index[1], minlength=num_nodes) == 0).any()
+    attn_mask[edge_index[1] == 8] = False
+    h, e = conv(x, edge_index, edge_attr, attn_mask)
+    dense, adjacency, attention = densify(num_nodes, edge_index, edge_attr, attn_mask)
+    h_ref, e_ref = reference_edge_node_conv(conv, x, dense, adjacency, attention)
+    assert torch.allclose(h, h_ref, atol=1e-10)
+    assert torch.allclose(e, e_ref[edge_index[0], edge_index[1]], atol=1e-10)
+
+
+def test_masked_edges_carry_no_attention():
+    conv = make_conv()
+    # 0 -> 2 masked, 1 -> 2 unmasked; node 0 reaches node 2 only through the masked edge.
+    edge_index = torch.tensor([[0, 1, 2], [2, 2, 0]])
+    attn_mask = torch.tensor([False, True, True])
+    x = torch.randn(3, CHANNELS, dtype=torch.float64)
+    edge_attr = torch.randn(3, CHANNELS, dtype=torch.float64)
+    h, _ = conv(x, edge_index, edge_attr, attn_mask)
+
+    through_masked = x.clone()
+    through_masked[0] += 5.0
+    h_masked, _ = conv(through_masked, edge_index, edge_attr, attn_mask)
+    assert torch.equal(h_masked[2], h[2])
+
+    through_unmasked = x.clone()
+    through_unmasked[1] += 5.0
+    h_unmasked, _ = conv(through_unmasked, edge_index, edge_attr, attn_mask)
+    assert not torch.allclose(h_unmasked[2], h[2])
+
+
+def test_node_without_attention_messages_gets_none():
+    conv = make_conv()
+    x = torch.randn(3, CHANNELS, dtype=torch.float64)
+    masked = conv(x, torch.tensor([[0], [1]]), torch.randn(1, CHANNELS, dtype=torch.float64),
+                  torch.tensor([False]))
+    no_edges = conv(x, torch.empty(2, 0, dtype=torch.long),
+                    torch.empty(0, CHANNELS, dtype=torch.float64))
+    # Node 1's only in-edge is masked: it fares exactly like a node with no edges at all.
+    assert torch.allclose(masked[0][1], no_edges[0][1], atol=1e-12)
+    assert torch.allclose(masked[0][2], no_edges[0][2], atol=1e-12)
+    assert torch.isfinite(masked[0]).all() and torch.isfinite(masked[1]).all()
+
+
+def test_node_permutation_equivariance():
+    conv = make_conv()
+    num_nodes = 8
+    x, edge_index, edge_attr, attn_mask = random_graph(num_nodes, 40)
+    h, e = conv(x, edge_index, edge_attr, attn_mask)
+    perm = torch.randperm(num_nodes)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(num_nodes)
+    edge_perm = torch.randperm(edge_index.size(1))
+    h_p, e_p = conv(x[perm], inverse[edge_index][:, edge_perm], edge_attr[edge_perm],
+                    attn_mask[edge_perm])
+    assert torch.allclose(h_p, h[perm], atol=1e-10)
+    assert torch.allclose(e_p, e[edge_perm], atol=1e-10)
+
+
+def test_batch_of_two_graphs_equals_each_graph_alone():
+    conv = make_conv()
+    graphs = []
+    for num_nodes, num_edges in [(5, 12), (7, 25)]:
+        x, edge_index, edge_attr, attn_mask = random_graph(num_nodes, num_edges)
+        graphs.append(Data(x=x, edge_index=edge_index, edge_attr=edge_attr, attn_mask=attn_mask))
+    batch = Batch.from_data_list(graphs)
+    h, e = conv(batch.x, batch.edge_index, batch.edge_attr, batch.attn_mask)
+    for index, graph in enumerate(graphs):
+        h_alone, e_alone = conv(graph.x, graph.edge_index, graph.edge_attr, graph.attn_mask)
+        node_slice = batch.batch == index
+        edge_slice = slice(batch._slice_dict["edge_index"][index],
+                           batch._slice_dict["edge_index"][index + 1])
+        assert torch.allclose(h[node_slice], h_alone, atol=1e-12)
+        assert torch.allclose(e[edge_slice], e_alone, atol=1e-12)
+
+
+def test_flow_target_to_source_equals_flipped_edges():
+    x, edge_index, edge_attr, attn_mask = random_graph(6, 20)
+    forward_flow = make_conv()
+    reverse_flow = make_conv(flow="target_to_source")
+    reverse_flow.load_state_dict(forward_flow.state_dict())
+    expected = forward_flow(x, edge_index, edge_attr, attn_mask)
+    actual = reverse_flow(x, edge_index.flip(0), edge_attr, attn_mask)
+    assert torch.allclose(actual[0], expected[0]) and torch.allclose(actual[1], expected[1])
+
+
+def test_symmetric_edges_stay_symmetric_on_the_complete_graph():
+    conv = make_conv()
+    z = torch.randn(6, CHANNELS, dtype=torch.float64)
+    data = build_batch_graph(z, torch.tensor([0, 0, 1, 1, 2, 2]))
+    h, e = data.x, data.edge_attr
+    for _ in range(2):
+        h, e = conv(h, data.edge_index, e, data.neg_mask)
+        dense = e.view(6, 6, CHANNELS)
+        assert torch.allclose(dense, dense.transpose(0, 1), atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_undirected_storage_equals_directed(training, device):
+    conv = make_conv(device, dropout=0.0).train(training)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2], device=device)
+    z = torch.randn(9, CHANNELS, device=device, dtype=torch.float64)
+    directed = build_batch_graph(z, y)
+    undirected = build_batch_graph(z, y, undirected=True)
+    h, e = conv(directed.x, directed.edge_index, directed.edge_attr, directed.neg_mask)
+    h_u, e_u = conv(undirected.x, undirected.edge_index, undirected.edge_attr,
+                    undirected.neg_mask, undirected=True)
+    assert torch.allclose(h_u, h, atol=1e-12)
+    i, j = undirected.edge_index
+    dense = e.view(9, 9, CHANNELS)
+    assert torch.allclose(e_u, dense[i, j], atol=1e-12)
+    assert torch.allclose(e_u, dense[j, i], atol=1e-12)
+
+
+def test_every_parameter_receives_a_gradient():
+    conv = EdgeNodeConv(CHANNELS, heads=4, dropout=0.1).train()
+    x, edge_index, edge_attr, attn_mask = random_graph(8, 40, dtype=torch.float32)
+    h, e = conv(x, edge_index, edge_attr, attn_mask)
+    (h.square().sum() + e.square().sum()).backward()
+    for name, parameter in conv.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_dropout_only_acts_in_training():
+    conv = EdgeNodeConv(CHANNELS, heads=4, dropout=0.5)
+    x, edge_index, edge_attr, attn_mask = random_graph(8, 40, dtype=torch.float32)
+    conv.eval()
+    assert torch.equal(conv(x, edge_index, edge_attr)[1], conv(x, edge_index, edge_attr)[1])
+    conv.train()
+    assert not torch.equal(conv(x, edge_index, edge_attr)[1], conv(x, edge_index, edge_attr)[1])
+
+
+def test_reset_parameters_resets_every_submodule():
+    conv = EdgeNodeConv(CHANNELS, heads=4)
+    with torch.no_grad():
+        for parameter in conv.parameters():
+            parameter.fill_(3.0)
+    conv.reset_parameters()
+    for name, parameter in conv.named_parameters():
+        assert not torch.all(parameter == 3.0), name
+
+
+def test_compiles():
+    conv = EdgeNodeConv(CHANNELS, heads=4).eval()
+    x, edge_index, edge_attr, attn_mask = random_graph(6, 20, dtype=torch.float32)
+    expected = conv(x, edge_index, edge_attr, attn_mask)
+    compiled = torch.compile(conv, backend="aot_eager")
+    actual = compiled(x, edge_index, edge_attr, attn_mask)
+    assert torch.allclose(actual[0], expected[0], atol=1e-5)
+    assert torch.allclose(actual[1], expected[1], atol=1e-5)
