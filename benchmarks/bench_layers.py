@@ -1,0 +1,109 @@
+"""Forward + backward time and peak memory of CorrelationNet on the dense batch graph.
+
+Compares the generic path (all N² directed edges) with the fast path (undirected storage, N(N+1)/2
+edges) for N in {81, 162, 324} (C × 3), D = 512, fp32 and bf16 autocast, and shows each row's
+matmul throughput as a share of this machine's own measured matmul peak. Every row runs in a fresh
+process so that its peak memory is its own.
+
+    python benchmarks/bench_layers.py
+    python benchmarks/bench_layers.py --sizes 81 --dtypes bf16 --force-bf16
+"""
+import argparse
+import json
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import (autocast, default_device, matmul_gflops, measure_in_child, native_bf16,
+                    peak_rss_mb, print_table, time_steps)
+
+
+def run_child(config):
+    from gca_pyg.graph import build_batch_graph
+    from gca_pyg.nn import CorrelationNet
+
+    torch.manual_seed(0)
+    device = torch.device(config["device"])
+    num_nodes, dim = config["num_nodes"], config["dim"]
+    undirected = config["path"] == "fast"
+    net = CorrelationNet(dim, num_classes=num_nodes // 3, num_layers=2, heads=4).to(device)
+    z = torch.randn(num_nodes, dim, device=device, requires_grad=True)
+    y = torch.arange(num_nodes // 3, device=device).repeat_interleave(3)
+
+    def step():
+        with autocast(device, config["dtype"]):
+            graph = build_batch_graph(z, y, undirected=undirected)
+            logits, fusion = net(graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask,
+                                 undirected=undirected)
+        (logits.float().square().mean() + fusion.float().mean()).backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline_mb = peak_rss_mb()
+    with FlopCounterMode(display=False) as counter:  # doubles as the warm-up step
+        step()
+    ms = time_steps(step, device, config["repeats"])
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = peak_rss_mb() - baseline_mb
+    edges = num_nodes * (num_nodes + 1) // 2 if undirected else num_nodes**2
+    print(json.dumps({"ms": ms, "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9,
+                      "edges": edges}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[81, 162, 324])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--paths", nargs="+", default=["generic", "fast"],
+                        choices=["generic", "fast"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--force-bf16", action="store_true",
+                        help="measure bf16 even where this device has no native bf16 matmul")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return run_child(json.loads(args.child))
+
+    device = default_device()
+    peak = {"fp32": matmul_gflops(device, torch.float32),
+            "bf16": matmul_gflops(device, torch.bfloat16, size=1024, repeats=2)}
+    print(f"device {device}, {torch.get_num_threads()} threads; matmul peak measured here: "
+          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s"
+          f"{'' if native_bf16(device) else ' (no native bf16 matmul on this device)'}")
+    rows, skipped = [], []
+    for dtype in args.dtypes:
+        for num_nodes in args.sizes:
+            generic_ms = None
+            for path in args.paths:
+                if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
+                    skipped.append(f"{path} N={num_nodes} bf16")
+                    continue
+                result = measure_in_child(__file__, {
+                    "device": str(device), "num_nodes": num_nodes, "dim": args.dim,
+                    "dtype": dtype, "path": path, "repeats": args.repeats})
+                if "error" in result:
+                    rows.append([path, num_nodes, "-", dtype, result["error"], "", "", "", "", ""])
+                    continue
+                achieved = result["gflop"] / (result["ms"] / 1e3)
+                speedup = ""
+                if path == "generic":
+                    generic_ms = result["ms"]
+                elif generic_ms is not None:
+                    speedup = f"{generic_ms / result['ms']:.2f}x"
+                rows.append([path, num_nodes, result["edges"], dtype, f"{result['ms']:.0f}",
+                             f"{result['peak_mb']:.0f}", f"{result['gflop']:.1f}",
+                             f"{achieved:.0f}", f"{100 * achieved / peak[dtype]:.0f}%", speedup])
+                print(f"  measured {path} N={num_nodes} {dtype}", file=sys.stderr)
+    print_table(["path", "N", "edges", "dtype", "fwd+bwd ms", "peak MB", "GFLOP", "GFLOP/s",
+                 "of peak", "vs generic"], rows)
+    if skipped:
+        print(f"skipped (no native bf16 matmul here; --force-bf16 to measure anyway): "
+              f"{', '.join(skipped)}")
+
+
+if __name__ == "__main__":
+    main()

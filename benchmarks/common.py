@@ -1,0 +1,94 @@
+"""Shared helpers of the benchmark scripts: device choice, the machine's matmul peak, peak memory,
+isolated measurements in child processes, and table printing."""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
+                  repeats: int = 5) -> float:
+    """Measured GFLOP/s of a square matmul: this machine's practical matmul peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(step: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Median wall time in milliseconds of `repeats` calls of `step`."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure_in_child(script: str, config: Dict, timeout: float = 3600) -> Dict:
+    """Runs `script --child JSON` in a fresh interpreter, so that its peak memory is its own.
+
+    Returns the JSON object the child printed last, or {"error": ...}.
+    """
+    command = [sys.executable, script, "--child", json.dumps(config)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {result.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def print_table(header: Sequence[str], rows: List[Sequence]):
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    line = " | ".join(h.ljust(w) for h, w in zip(cells[0], widths))
+    print(line)
+    print("-+-".join("-" * w for w in widths))
+    for row in cells[1:]:
+        print(" | ".join(c.rjust(w) for c, w in zip(row, widths)))
