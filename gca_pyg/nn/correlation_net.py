@@ -64,8 +64,8 @@ class CorrelationNet(torch.nn.Module):
                 module.reset_parameters()
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
-                attn_mask: Optional[Tensor] = None, *,
-                undirected: bool = False) -> Tuple[Tensor, Tensor]:
+                attn_mask: Optional[Tensor] = None, *, undirected: bool = False,
+                detach_fusion: bool = False) -> Tuple[Tensor, Tensor]:
         r"""Computes node logits and per-channel fusion weights.
 
         Args:
@@ -77,19 +77,26 @@ class CorrelationNet(torch.nn.Module):
             undirected (bool, optional): Undirected edge storage, as in :class:`EdgeNodeConv`; the
                 edge batch norm then counts every off-diagonal pair twice, so the result equals the
                 directed graph's exactly. (default: :obj:`False`)
+            detach_fusion (bool, optional): Compute the fusion weights without autograd, for callers
+                that only need gradients through the node logits: the last edge update then stores
+                no activations. (default: :obj:`False`)
 
         Returns:
             ``(node_logits, fusion_weights)``; the fusion weights are in :math:`(0, 1)` and, with
             :obj:`undirected`, given per stored pair.
         """
         h = self.lin_in(x)
-        for conv in self.convs:
+        for conv in self.convs[:-1]:
             h, edge_attr = conv(h, edge_index, edge_attr, attn_mask, undirected=undirected)
-        row_weight = None
-        if undirected:
-            row_weight = 2.0 - (edge_index[0] == edge_index[1]).to(edge_attr.dtype)
-        fusion_weights = torch.sigmoid(self.lin_fusion(self.edge_norm(edge_attr, row_weight)))
+        last = self.convs[-1]
+        h = last.update_nodes(h, edge_index, edge_attr, attn_mask, undirected=undirected)
         node_logits = self.lin_classifier(self.node_norm(h))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_fusion):
+            edge_attr = last.update_edges(h, edge_index, edge_attr)
+            row_weight = None
+            if undirected:
+                row_weight = 2.0 - (edge_index[0] == edge_index[1]).to(edge_attr.dtype)
+            fusion_weights = torch.sigmoid(self.lin_fusion(self.edge_norm(edge_attr, row_weight)))
         return node_logits, fusion_weights
 
     def __repr__(self) -> str:

@@ -167,13 +167,18 @@ class EdgeNodeConv(MessagePassing):
         Returns:
             The updated node features and edge features.
         """
+        h = self.update_nodes(x, edge_index, edge_attr, attn_mask, undirected=undirected)
+        return h, self.update_edges(h, edge_index, edge_attr)
+
+    def update_nodes(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
+                     attn_mask: Optional[Tensor] = None, *, undirected: bool = False) -> Tensor:
+        """The node half of :meth:`forward` (same arguments); returns the new node features."""
         num_nodes = x.size(0)
-        source_row, target_row = (0, 1) if self.flow == "source_to_target" else (1, 0)
-        source, target = edge_index[source_row], edge_index[target_row]
+        source, target = self._source_target(edge_index)
 
         directed_index, directed_mask = edge_index, attn_mask
         if undirected:
-            # Attention is the cheap part: O(|E| F). Expand it to both directions.
+            # Attention is the cheap part, O(|E| F): expand it to both directions.
             off_diagonal = source != target
             directed_index = torch.cat([edge_index, edge_index[:, off_diagonal].flip(0)], dim=1)
             if attn_mask is not None:
@@ -193,17 +198,27 @@ class EdgeNodeConv(MessagePassing):
             outgoing = outgoing + scatter(edge_to_node[off_diagonal], target[off_diagonal], 0,
                                           dim_size=num_nodes, reduce="sum")
         h = self.norm_edge_to_node(F.gelu(h + outgoing))
-        h = self.norm_node_ffn(F.gelu(h + self.node_ffn(h)))
+        return self.norm_node_ffn(F.gelu(h + self.node_ffn(h)))
 
+    def update_edges(self, h: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
+        """The edge half of :meth:`forward`, from the node features :meth:`update_nodes` returned.
+
+        It treats both end points alike, so directed and undirected storage need no distinction.
+        """
+        num_nodes = h.size(0)
         u = F.gelu(self.lin_node_to_edge(h))
         edge_key = self.lin_edge_key(u)
         # Fold the edge query projection into the N node keys instead of the |E| edges.
         key_in_edge_space = edge_key @ self.lin_edge_query.weight
         key_bias_score = edge_key @ self.lin_edge_query.bias
-        edge_attr = self.edge_updater(
+        return self.edge_updater(
             edge_index, edge_attr=edge_attr, key=key_in_edge_space, key_bias=key_bias_score,
             value=self.lin_edge_value(u), size=(num_nodes, num_nodes))
-        return h, edge_attr
+
+    def _source_target(self, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.flow == "source_to_target":
+            return edge_index[0], edge_index[1]
+        return edge_index[1], edge_index[0]
 
     def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor,
                 attn_mask: Optional[Tensor], index: Tensor, size_i: int) -> Tensor:

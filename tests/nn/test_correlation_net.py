@@ -93,3 +93,18 @@ def test_weighted_batch_norm_equals_repeated_rows(momentum):
     weighted.eval()
     plain.eval()
     assert torch.allclose(weighted(rows, multiplicity.double()), plain(rows), atol=1e-12)
+
+
+def test_detach_fusion_keeps_values_and_node_gradients():
+    net = CorrelationNet(CHANNELS, 4, num_layers=2, heads=4, dropout=0.0).double().eval()
+    z, y = class_balanced()
+    z.requires_grad_(True)
+    data = build_batch_graph(z, y, undirected=True)
+    args = (data.x, data.edge_index, data.edge_attr, data.neg_mask)
+    logits, fusion = net(*args, undirected=True)
+    logits_d, fusion_d = net(*args, undirected=True, detach_fusion=True)
+    assert fusion.requires_grad and not fusion_d.requires_grad
+    assert torch.equal(fusion_d, fusion.detach()) and torch.equal(logits_d, logits)
+    grad = torch.autograd.grad(logits.square().sum(), z)[0]
+    grad_d = torch.autograd.grad(logits_d.square().sum(), z)[0]
+    assert torch.equal(grad_d, grad)
