@@ -105,6 +105,6 @@ def test_detach_fusion_keeps_values_and_node_gradients():
     logits_d, fusion_d = net(*args, undirected=True, detach_fusion=True)
     assert fusion.requires_grad and not fusion_d.requires_grad
     assert torch.equal(fusion_d, fusion.detach()) and torch.equal(logits_d, logits)
-    grad = torch.autograd.grad(logits.square().sum(), z)[0]
+    grad = torch.autograd.grad(logits.square().sum(), z, retain_graph=True)[0]
     grad_d = torch.autograd.grad(logits_d.square().sum(), z)[0]
     assert torch.equal(grad_d, grad)
