@@ -29,3 +29,7 @@ class UnreadableImagesError(GcaError, RuntimeError):
 
 class WeightsUnavailableError(GcaError, RuntimeError):
     """Pretrained weights are neither cached nor downloadable."""
+
+
+class NonFiniteLossError(GcaError, FloatingPointError):
+    """A training loss became NaN or infinite; the update was not applied."""

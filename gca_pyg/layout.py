@@ -1,0 +1,81 @@
+"""The class structure of a class-balanced batch, derived from its labels.
+
+GCA-HNG pairs every sample with a positive of its own class and mixes the samples of each other
+class in a fixed order (SPEC.md §4–§5). The reference code reads both off positions in a
+class-major batch; here they come from the labels, and the order of the samples within a class is
+canonical — set by their content, not by where they sit in the batch — so that shuffling a batch
+permutes every derived quantity without changing it.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ClassLayout:
+    """Where each class's samples are in a class-balanced batch of C classes × K samples.
+
+    Attributes:
+        classes: The C distinct labels, ascending, shape (C,).
+        members: Batch indices of each class's samples in canonical order, shape (C, K).
+        class_index: For every sample, the row of its class in :attr:`classes`, shape (N,).
+        rank: For every sample, its position k within its class, shape (N,).
+    """
+    classes: Tensor
+    members: Tensor
+    class_index: Tensor
+    rank: Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return self.members.size(0)
+
+    @property
+    def samples_per_class(self) -> int:
+        return self.members.size(1)
+
+    def positive_index(self) -> Tensor:
+        """For every sample k of a class, the batch index of sample k + 1 (mod K) of that class."""
+        return self.members[self.class_index, (self.rank + 1) % self.samples_per_class]
+
+    def other_classes(self) -> Tensor:
+        """For every sample, the rows of the C − 1 classes other than its own, ascending: (N, C − 1)."""
+        all_classes = torch.arange(self.num_classes, device=self.members.device)
+        is_other = all_classes.unsqueeze(0) != self.class_index.unsqueeze(1)
+        return all_classes.expand(self.class_index.numel(), -1)[is_other].view(-1, self.num_classes - 1)
+
+
+def class_layout(labels: Tensor, embeddings: Optional[Tensor] = None) -> ClassLayout:
+    """Derives the :class:`ClassLayout` of a batch from its labels.
+
+    Args:
+        labels: Labels of shape (N,).
+        embeddings: Optional (N, D) features that set the canonical order within a class (by the
+            sum of each row, a key that does not depend on where a sample sits in the batch; tied
+            rows fall back to batch order). Without them, the order is the batch order.
+
+    Raises:
+        ValueError: If the batch is not class-balanced with K >= 2 samples per class and at least
+            two classes, naming the class counts.
+    """
+    if labels.dim() != 1:
+        raise ValueError(f"labels must have shape [N], got {tuple(labels.shape)}")
+    classes, class_index, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    if classes.numel() < 2 or counts.min() != counts.max() or int(counts[0]) < 2:
+        described = ", ".join(f"{c}: {n}" for c, n in zip(classes.tolist(), counts.tolist()))
+        raise ValueError(
+            "GCA-HNG needs a class-balanced batch (at least 2 classes, every class exactly K >= 2 "
+            f"samples) but got class counts {{{described}}}; sample batches with "
+            "gca_pyg.data.ClassBalancedBatchSampler")
+    samples_per_class = int(counts[0])
+    key = torch.zeros(labels.numel(), dtype=torch.float64, device=labels.device)
+    if embeddings is not None:
+        key = embeddings.detach().double().sum(dim=1)
+    order_within = torch.sort(key, stable=True).indices
+    order = order_within[torch.sort(class_index[order_within], stable=True).indices]
+    members = order.view(classes.numel(), samples_per_class)
+    rank = torch.empty_like(class_index)
+    rank[members] = torch.arange(samples_per_class, device=labels.device).expand_as(members)
+    return ClassLayout(classes=classes, members=members, class_index=class_index, rank=rank)
