@@ -206,7 +206,7 @@ class GCAHNG(torch.nn.Module):
             j_metric = j_metric + self.synthetic_weight * j_syn
             logs["J_syn"] = j_syn
         logs["J_metric"] = j_metric
-        self._apply(j_metric, "J_metric", [self.metric_optimizer, self.net_optimizer],
+        self._update(j_metric, "J_metric", [self.metric_optimizer, self.net_optimizer],
                     clip=[self.backbone, self.embedding, self.net])
         return {name: value.item() for name, value in logs.items()}
 
@@ -214,7 +214,7 @@ class GCAHNG(torch.nn.Module):
         """Updates the softmax classifier alone: :math:`J_{cls} = 10\\,\\mathrm{CE}(W_s z, y)`."""
         j_cls = self.loss_config.classifier_scale * F.cross_entropy(
             self.classifier(embeddings.detach()), labels)
-        self._apply(j_cls, "J_cls", [self.classifier_optimizer], clip=[])
+        self._update(j_cls, "J_cls", [self.classifier_optimizer], clip=[])
         return {"J_cls": j_cls.item()}
 
     def generator_update(self, embeddings: Tensor, labels: Tensor) -> Dict[str, float]:
@@ -231,7 +231,7 @@ class GCAHNG(torch.nn.Module):
         j_sim = similarity_loss(embeddings, synthetic, anchor_index, num_classes)
         j_div = diversity_loss(fusion)
         j_gen = 0.5 * (j_ce + cfg.w_sim * j_sim + cfg.w_div * j_div)
-        self._apply(j_gen, "J_gen", [self.net_optimizer], clip=[self.net])
+        self._update(j_gen, "J_gen", [self.net_optimizer], clip=[self.net])
         return {"J_gen": j_gen.item(), "J_ce": j_ce.item(), "J_sim": j_sim.item(),
                 "J_div": j_div.item()}
 
@@ -239,7 +239,7 @@ class GCAHNG(torch.nn.Module):
         """The softmax classifier as a fixed function: the generator update must not touch it."""
         return F.linear(x, self.classifier.weight.detach(), self.classifier.bias.detach())
 
-    def _apply(self, loss: Tensor, name: str, optimizers: List[torch.optim.Optimizer],
+    def _update(self, loss: Tensor, name: str, optimizers: List[torch.optim.Optimizer],
                clip: List[torch.nn.Module]):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(

@@ -163,6 +163,14 @@ def test_training_state_round_trip_continues_identically():
         assert torch.equal(p, q), name
 
 
+def test_moves_to_a_device_and_trains_there(device):
+    model = make_model().to(device)
+    images, labels = batch()
+    logs = model.training_step(images, labels)  # inputs are moved to the model's device
+    assert model.device.type == device.type
+    assert all(torch.isfinite(torch.tensor(list(logs.values()))))
+
+
 def test_embed_is_deterministic_and_keeps_the_mode():
     model = make_model()
     images, _ = batch()

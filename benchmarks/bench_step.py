@@ -1,0 +1,127 @@
+"""One full GCA-HNG training step: graph, correlation net, synthesis, losses, three optimiser updates.
+
+The backbone is replaced by random 2048-d pooled features (the embedding head BN + Linear(2048, 512)
+stays), so the step costs what GCA-HNG adds on top of a CNN. N = 81 (27 × 3) and 162 (54 × 3),
+D = 512, fp32 and bf16 autocast; median ms/step, peak memory and the share of this machine's
+measured matmul peak, each row in a fresh process.
+
+    python benchmarks/bench_step.py
+    python benchmarks/bench_step.py --sizes 81 --profile     # where the time goes
+"""
+import argparse
+import json
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import (default_device, matmul_gflops, measure_in_child, native_bf16, peak_rss_mb,
+                    print_table, time_steps)
+
+FEATURES, TRAIN_CLASSES = 2048, 100
+
+
+class PooledFeatures(torch.nn.Identity):
+    """Stands in for a CNN whose pooled features are the input."""
+    out_features = FEATURES
+
+
+def build(config):
+    from gca_pyg.model import GCAHNG, OptimConfig
+
+    torch.manual_seed(0)
+    device = torch.device(config["device"])
+    amp = torch.bfloat16 if config["dtype"] == "bf16" else None
+    model = GCAHNG(PooledFeatures(), TRAIN_CLASSES, config["dim"],
+                   optim=OptimConfig(warmup_epochs=0), amp_dtype=amp).to(device)
+    num_nodes = config["num_nodes"]
+    features = torch.randn(num_nodes, FEATURES, device=device)
+    labels = torch.randperm(TRAIN_CLASSES, device=device)[:num_nodes // 3].repeat_interleave(3)
+    # Past the first epoch, so that J_syn carries weight and hardness is below 1, as in training.
+    model.mean_metric_loss, model.mean_generator_loss = 3.0, 30.0
+    return model, features, labels, device
+
+
+def run_child(config):
+    model, features, labels, device = build(config)
+
+    def step():
+        model.training_step(features, labels)
+
+    baseline_mb = peak_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with FlopCounterMode(display=False) as counter:  # doubles as the warm-up step
+        step()
+    ms = time_steps(step, device, config["repeats"])
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = peak_rss_mb() - baseline_mb
+    print(json.dumps({"ms": ms, "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9}))
+
+
+def profile(config, rows: int = 15):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    model, features, labels, device = build(config)
+    model.training_step(features, labels)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        model.training_step(features, labels)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[81, 162])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--force-bf16", action="store_true",
+                        help="measure bf16 even where this device has no native bf16 matmul")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's top operators for one step of each size")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return run_child(json.loads(args.child))
+
+    device = default_device()
+    if args.profile:
+        for num_nodes in args.sizes:
+            print(f"== profile: N={num_nodes}, D={args.dim}, fp32")
+            profile({"device": str(device), "num_nodes": num_nodes, "dim": args.dim,
+                     "dtype": "fp32"})
+        return
+
+    peak = {"fp32": matmul_gflops(device, torch.float32),
+            "bf16": matmul_gflops(device, torch.bfloat16, size=1024, repeats=2)}
+    print(f"device {device}, {torch.get_num_threads()} threads; matmul peak measured here: "
+          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s"
+          f"{'' if native_bf16(device) else ' (no native bf16 matmul on this device)'}")
+    rows, skipped = [], []
+    for dtype in args.dtypes:
+        for num_nodes in args.sizes:
+            if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
+                skipped.append(f"N={num_nodes} bf16")
+                continue
+            result = measure_in_child(__file__, {
+                "device": str(device), "num_nodes": num_nodes, "dim": args.dim, "dtype": dtype,
+                "repeats": args.repeats})
+            if "error" in result:
+                rows.append([num_nodes, dtype, result["error"], "", "", "", ""])
+                continue
+            achieved = result["gflop"] / (result["ms"] / 1e3)
+            rows.append([num_nodes, dtype, f"{result['ms']:.0f}", f"{result['peak_mb']:.0f}",
+                         f"{result['gflop']:.1f}", f"{achieved:.0f}",
+                         f"{100 * achieved / peak[dtype]:.0f}%"])
+            print(f"  measured N={num_nodes} {dtype}", file=sys.stderr)
+    print_table(["N", "dtype", "ms/step", "peak MB", "GFLOP/step", "GFLOP/s", "of peak"], rows)
+    if skipped:
+        print(f"skipped (no native bf16 matmul here; --force-bf16 to measure anyway): "
+              f"{', '.join(skipped)}")
+
+
+if __name__ == "__main__":
+    main()
