@@ -1,0 +1,255 @@
+"""YAML → typed, validated configuration, with command-line overrides.
+
+A config file has the sections of :class:`Config`; every key is optional and falls back to the
+dataclass default. ``python -m gca_pyg.train NAME_OR_PATH`` looks NAME up among the shipped
+configs (``configs/NAME.yaml``). ``--set section.key=value`` overrides one key (the value is read as
+YAML). An unknown key or a value of the wrong type is one :class:`~gca_pyg.errors.ConfigError` that
+names the key and lists the valid ones.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from gca_pyg.errors import ConfigError
+from gca_pyg.model import LossConfig, NetConfig, OptimConfig
+
+__all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "load_config",
+           "config_dirs", "available_configs"]
+
+DATASETS = ("cub", "cars", "sop", "inshop", "folder", "demo")
+BACKBONES = ("resnet50", "googlenet", "small_cnn")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "demo"
+    root: Optional[str] = None  # the extracted archive (or its parent); --data-root sets it
+    classes_per_batch: int = 27
+    samples_per_class: int = 3
+    image_size: int = 224  # train crop and test centre crop
+    resize: int = 256  # test resize before the centre crop
+    num_workers: int = 4
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    pretrained: str = "imagenet"  # imagenet | none
+    frozen_bn: bool = True  # BatchNorm2d in eval mode, no grad (CUB/Cars)
+    embedding_size: int = 512
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    seed: int = 0
+    eval_every: int = 5  # epochs; the last epoch is always evaluated
+    output_dir: str = "runs"
+
+
+@dataclass
+class EvalConfig:
+    ks: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    batch_size: int = 128
+
+
+@dataclass
+class Config:
+    name: str = "config"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "Config":
+        config = _build(cls, data, prefix="", source=source)
+        _check_values(config, source)
+        return config
+
+
+def config_dirs() -> List[Path]:
+    """Where shipped configs live: inside the installed package, or the checkout's ``configs/``."""
+    package = Path(__file__).resolve().parent
+    return [path for path in (package / "configs", package.parent / "configs") if path.is_dir()]
+
+
+def available_configs() -> List[str]:
+    return sorted({path.stem for folder in config_dirs() for path in folder.glob("*.yaml")})
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = (),
+                data_root: Optional[str] = None) -> Config:
+    """Reads a shipped config by name or a YAML file by path, then applies overrides.
+
+    Args:
+        name_or_path: ``cub``, ``demo``, ... (see :func:`available_configs`) or a path to a YAML file.
+        overrides: ``section.key=value`` strings, applied in order.
+        data_root: Sets ``data.root`` (the ``--data-root`` option).
+    """
+    path = _resolve(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML ({_first_line(error)}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (data:, model:, ...), "
+                          f"not a {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    for override in overrides:
+        _apply_override(data, override)
+    if data_root is not None:
+        data.setdefault("data", {})
+        if isinstance(data["data"], dict):
+            data["data"]["root"] = data_root
+    return Config.from_dict(data, source=str(path))
+
+
+def _resolve(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    for folder in config_dirs():
+        candidate = folder / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"no config named '{name_or_path}' and no such file; shipped configs: "
+        f"{', '.join(available_configs()) or 'none found'} (or pass a path to a YAML file)")
+
+
+def _apply_override(data: Dict[str, Any], override: str):
+    key, sep, raw = override.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"--set '{override}' must look like section.key=value, "
+                          "e.g. --set optim.epochs=10")
+    section, _, name = key.partition(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    target = data.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"--set '{override}': '{section}' is not a section")
+    target[name] = value
+
+
+def _build(cls, data: Any, prefix: str, source: str):
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{where}' in {source} must be a mapping of keys, "
+                          f"got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {source}; valid keys of "
+                          f"{where}: {', '.join(fields)}")
+    values = {}
+    for key, value in data.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            values[key] = _build(kind, value, f"{prefix}{key}.", source)
+        else:
+            values[key] = _coerce(value, kind, f"{prefix}{key}", source)
+    return cls(**values)
+
+
+def _coerce(value: Any, kind, key: str, source: str):
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        kind = next(arg for arg in args if arg is not type(None))
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (list, List):
+        items = value if isinstance(value, list) else None
+        if items is None:
+            raise _type_error(key, value, f"a list of {_KIND_PLURALS[args[0]]}", source)
+        return [_coerce(item, args[0], key, source) for item in items]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise _type_error(key, value, _KIND_NAMES[kind], source)
+
+
+_KIND_NAMES = {int: "an int", float: "a number", bool: "a bool (true or false)", str: "a string"}
+_KIND_PLURALS = {int: "ints", float: "numbers", bool: "bools", str: "strings"}
+
+
+def _type_error(key: str, value: Any, expected: str, source: str) -> ConfigError:
+    return ConfigError(f"'{key}' in {source} must be {expected}, got {value!r} "
+                       f"({type(value).__name__})")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]
+
+
+def _check_values(config: Config, source: str):
+    """Checks that need more than a type: choices and ranges."""
+    choices = {
+        "data.dataset": (config.data.dataset, DATASETS),
+        "model.backbone": (config.model.backbone, BACKBONES),
+        "model.pretrained": (config.model.pretrained, ("imagenet", "none")),
+        "train.precision": (config.train.precision, ("fp32", "bf16")),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"'{key}' in {source} is '{value}'; valid values: {', '.join(valid)}")
+    device = config.train.device
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:")
+                                                  and device[5:].isdigit())):
+        raise ConfigError(f"'train.device' in {source} is '{device}'; valid values: auto, cpu, "
+                          "cuda, cuda:N")
+    positive = {
+        "data.classes_per_batch": config.data.classes_per_batch,
+        "data.image_size": config.data.image_size,
+        "data.resize": config.data.resize,
+        "model.embedding_size": config.model.embedding_size,
+        "net.num_layers": config.net.num_layers,
+        "net.heads": config.net.heads,
+        "optim.epochs": config.optim.epochs,
+        "optim.metric_lr_step": config.optim.metric_lr_step,
+        "train.eval_every": config.train.eval_every,
+        "eval.batch_size": config.eval.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' in {source} must be positive, got {value}")
+    if config.data.classes_per_batch < 2 or config.data.samples_per_class < 2:
+        raise ConfigError(f"'data.classes_per_batch' and 'data.samples_per_class' in {source} must "
+                          "both be at least 2: GCA-HNG needs positives and negatives in a batch")
+    if config.model.embedding_size % config.net.heads:
+        raise ConfigError(f"'model.embedding_size' ({config.model.embedding_size}) in {source} must "
+                          f"be divisible by 'net.heads' ({config.net.heads})")
+    if not config.eval.ks or min(config.eval.ks) < 1:
+        raise ConfigError(f"'eval.ks' in {source} must be a non-empty list of positive ints")
+    if config.data.num_workers < 0 or config.optim.warmup_epochs < 0:
+        raise ConfigError(f"'data.num_workers' and 'optim.warmup_epochs' in {source} cannot be "
+                          "negative")
