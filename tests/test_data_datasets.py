@@ -188,7 +188,7 @@ def test_folder_needs_two_classes_per_split(tmp_path):
 def test_get_dataset_by_name(tmp_path):
     make_cub(tmp_path)
     make_folder(tmp_path / "own")
-    assert set(DATASETS) == {"cub", "cars", "sop", "inshop", "folder"}
+    assert set(DATASETS) == {"cub", "cars", "sop", "inshop", "folder", "demo"}
     cub = get_dataset("cub", tmp_path, "test", verify_counts=False)
     assert isinstance(cub, CUB200) and cub.classes[0] == "003.Bird_3"
     assert get_dataset("folder", tmp_path / "own", "train").classes == ["ant", "bee"]

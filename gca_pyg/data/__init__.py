@@ -18,6 +18,7 @@ from .inshop import InShop
 from .official import OfficialDataset
 from .sampler import ClassBalancedBatchSampler
 from .sop import StanfordOnlineProducts
+from .synthetic import DemoDataset, default_cache_dir, generate_demo
 from .transforms import demo_test_transform, demo_train_transform, test_transform, train_transform
 
 DATASETS = {
@@ -26,6 +27,7 @@ DATASETS = {
     "sop": StanfordOnlineProducts,
     "inshop": InShop,
     "folder": ImageFolderByClass,
+    "demo": DemoDataset,
 }
 
 
@@ -33,16 +35,19 @@ def get_dataset(name: str, root=None, split: str = "train", transform: Optional[
                 **options) -> RetrievalDataset:
     """The ``split`` of dataset ``name`` (a key of :data:`DATASETS`) read from ``root``.
 
-    ``options`` go to the dataset's class, e.g. ``verify_counts=False``.
+    For ``"demo"``, ``root`` is the cache folder (default: :func:`default_cache_dir`). ``options``
+    go to the dataset's class, e.g. ``verify_counts=False`` or ``num_classes=100``.
     """
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name == "demo":
+        return DemoDataset(split, transform, cache_dir=root, **options)
     return DATASETS[name](root, split, transform, **options)
 
 
 __all__ = [
-    "CUB200", "Cars196", "ClassBalancedBatchSampler", "DATASETS",
+    "CUB200", "Cars196", "ClassBalancedBatchSampler", "DATASETS", "DemoDataset",
     "ImageFileDataset", "ImageFolderByClass", "InShop", "OfficialDataset", "RetrievalDataset",
-    "StanfordOnlineProducts", "demo_test_transform", "demo_train_transform", "get_dataset",
-    "test_transform", "train_transform",
+    "StanfordOnlineProducts", "default_cache_dir", "demo_test_transform", "demo_train_transform",
+    "generate_demo", "get_dataset", "test_transform", "train_transform",
 ]
