@@ -81,11 +81,12 @@ def make_sop(parent: Path, train_classes: int = 3, test_classes: int = 3,
 
 
 def make_inshop(parent: Path) -> Path:
-    """Items 1–3 train; items 4–6 have query and gallery images."""
+    """Items 1–3 train; item 4 has gallery images only, items 5 and 6 query and gallery images."""
     root = parent / "In-shop Clothes Retrieval Benchmark"
     rows = []
     for item in range(1, 7):
-        statuses = ["train"] * 3 if item <= 3 else ["query", "gallery", "gallery"]
+        statuses = (["train"] * 3 if item <= 3 else ["gallery"] * 3 if item == 4
+                    else ["query", "gallery", "gallery"])
         for k, status in enumerate(statuses):
             name = f"img/WOMEN/Dresses/id_{item:08d}/{k + 1:02d}_1_front.jpg"
             write_image(root / "Img" / name, 10 * item + k)

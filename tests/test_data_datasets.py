@@ -22,7 +22,7 @@ OFFICIAL = {
     "cub": (CUB200, make_cub, ("train", "test"), 2),
     "cars": (Cars196, make_cars, ("train", "test"), 2),
     "sop": (StanfordOnlineProducts, make_sop, ("train", "test"), 3),
-    "inshop": (InShop, make_inshop, ("train", "query"), 3),
+    "inshop": (InShop, make_inshop, ("train", "gallery"), 3),
 }
 
 
@@ -126,9 +126,11 @@ def test_inshop_query_and_gallery_share_labels(tmp_path):
     query = InShop(tmp_path, "query", verify_counts=False)
     gallery = InShop(tmp_path, "gallery", verify_counts=False)
     assert query.classes == gallery.classes == ["id_00000004", "id_00000005", "id_00000006"]
-    assert len(query) == 3 and len(gallery) == 6
-    assert query.labels.tolist() == [0, 1, 2] and gallery.labels.tolist() == [0, 0, 1, 1, 2, 2]
-    assert all("/id_00000004/" in path for path in gallery.paths[:2])
+    assert len(query) == 2 and len(gallery) == 7
+    # Item 4 has no query, yet the queries' labels are those of their items in the gallery.
+    assert query.labels.tolist() == [1, 2]
+    assert gallery.labels.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert all("/id_00000005/" in path for path in [query.paths[0], *gallery.paths[3:5]])
 
 
 def test_inshop_first_line_count_is_checked(tmp_path):

@@ -54,13 +54,28 @@ def test_length_is_the_most_batches_of_distinct_classes():
     # One class holds half the samples: it can join at most one batch per other chunk.
     labels = np.repeat(np.arange(5), [40, 4, 4, 4, 4])
     sampler = ClassBalancedBatchSampler(labels, 2, 2)
-    batches = list(sampler)
     # Chunks: 20 of class 0, 2 of each other (8): 8 batches pair them with class 0, then
-    # class 0 alone cannot fill a batch.
-    assert len(sampler) == len(batches) == 8
-    for batch in batches:
-        check_balanced(batch, labels, 2, 2)
-    assert sum(labels[batch[0]] == 0 or labels[batch[2]] == 0 for batch in batches) == 8
+    # class 0 alone cannot fill a batch. Every epoch must find that arrangement.
+    assert len(sampler) == 8
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == 8
+        for batch in batches:
+            check_balanced(batch, labels, 2, 2)
+            assert 0 in labels[batch]
+        assert len(set(i for batch in batches for i in batch)) == 32  # no chunk drawn twice
+
+
+def test_which_classes_wait_for_the_next_epoch_varies():
+    labels = np.repeat(np.arange(3), 2)  # three chunks, one batch of two classes per epoch
+    sampler = ClassBalancedBatchSampler(labels, 2, 2)
+    left_out = set()
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        (batch,) = list(sampler)
+        left_out |= {0, 1, 2} - set(labels[batch].tolist())
+    assert left_out == {0, 1, 2}
 
 
 def test_fixed_seed_and_epoch_give_the_same_batches():
