@@ -16,23 +16,24 @@ factors, and nothing else:
 
 That makes 6 × 5 × 5 × 4 × 3 = 1,800 possible classes; ``num_classes`` of them are drawn at random
 (seeded), the first half of the draw trains and the second half tests. The classes differ only in
-these combinations: a class typically shares four of its five factors with one or two others, and
-the test classes are new combinations of factor values that training has seen, so telling them apart
-needs features of each factor, not a memory of the training classes.
+these combinations: most share four of their five factors with another class (185 of the default
+200 do), and the test classes are new combinations of factor values that training has seen, so
+telling them apart needs features of each factor, not a memory of the training classes.
 
-Shared by all classes, varying from image to image: the object's position (±8% of the image), scale
-(0.85–1.12), rotation (±20°, rotating its texture and marks with it) and texture phase; its colour
-(hue ±0.02, saturation 0.5–0.9, value 0.55–0.95) and the marks' (value and saturation jitter); a
-background of random low-saturation colour with a random linear gradient; clutter of three thin
-lines and two small blobs of random colour (any hue, so colour alone is not the body's colour);
-image-wide brightness and contrast jitter; and Gaussian pixel noise. Every factor is symmetric under
-a horizontal flip, so flipping is a valid augmentation.
+Shared by all classes, varying from image to image: the object's position (±8% of the image),
+scale (0.85–1.12), rotation (±20°, turning its texture and marks with it) and texture phase; the
+body's colour (hue with Gaussian jitter of 0.02, saturation 0.5–0.9, value 0.55–0.95) and the
+marks' (saturation and value jitter); a background of random low-saturation colour with a random
+linear gradient; clutter of three thin lines and two small blobs in random colours (any hue, dark
+or light, so neither the image's colours nor a stray dot give the class away); image-wide
+brightness and contrast jitter; and Gaussian pixel noise (σ = 0.035). Every factor is symmetric
+under a horizontal flip, so flipping is a valid augmentation.
 
-Images are rendered with vectorised numpy (anti-aliased signed-distance shapes over the whole batch,
-one pass per vocabulary entry, never per pixel) from one seeded generator: a fixed seed gives
-byte-identical arrays on a given platform. They are cached as one compressed ``.npz`` file named by
-the generator version and parameters under :func:`default_cache_dir`, written atomically; an
-unreadable cache file is regenerated.
+Images are rendered with vectorised numpy — anti-aliased signed-distance shapes over blocks of
+500 images, one pass per vocabulary entry, never a loop over pixels — from generators seeded by
+``(seed, block)``: a fixed seed gives byte-identical arrays on a given platform. They are cached
+as one compressed ``.npz`` file named by the generator version and parameters under
+:func:`default_cache_dir`, written atomically; an unreadable cache file is regenerated.
 """
 
 from __future__ import annotations
