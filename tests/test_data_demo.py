@@ -1,0 +1,137 @@
+"""The embedded demo set: deterministic, class-disjoint, fine-grained, cached, fast to make."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gca_pyg.data import DemoDataset, default_cache_dir, demo_test_transform, demo_train_transform
+from gca_pyg.data import get_dataset, synthetic
+
+SMALL = {"num_classes": 20, "images_per_class": 4}
+
+
+@pytest.fixture(scope="module")
+def full_cache(tmp_path_factory):
+    """The default-size demo set generated once into a fresh cache, with its generation time."""
+    cache = tmp_path_factory.mktemp("demo-cache")
+    start = time.perf_counter()
+    DemoDataset("train", cache_dir=cache)
+    return cache, time.perf_counter() - start
+
+
+def test_generation_takes_seconds_and_caches_one_file(full_cache):
+    cache, seconds = full_cache
+    assert seconds < 20  # about 2 s on 2 busy cores
+    (path,) = cache.iterdir()
+    assert path.name == f"demo-v{synthetic.GENERATOR_VERSION}-c200-n30-s32-seed0.npz"
+    assert path.stat().st_size < 20e6
+
+
+def test_splits_hold_disjoint_halves_of_the_classes(full_cache):
+    cache, _ = full_cache
+    train, test = DemoDataset("train", cache_dir=cache), DemoDataset("test", cache_dir=cache)
+    assert len(train) == len(test) == 100 * 30
+    assert train.num_classes == test.num_classes == 100
+    assert not set(train.classes) & set(test.classes)
+    for ds in (train, test):
+        assert torch.equal(ds.labels, torch.arange(100).repeat_interleave(30))
+    # The test classes are new combinations of factor values that training has seen.
+    for factor in range(5):
+        assert set(test.factors[:, factor].tolist()) <= set(train.factors[:, factor].tolist())
+
+
+def test_classes_are_fine_grained(full_cache):
+    cache, _ = full_cache
+    factors = DemoDataset("test", cache_dir=cache).factors
+    differing = (factors[:, None] != factors[None]).sum(-1)
+    differing.fill_diagonal_(5)
+    # Most test classes have another test class that differs in a single factor.
+    assert (differing.min(1).values == 1).float().mean() > 0.5
+
+
+def test_images_vary_within_a_class_more_than_the_mean_differs_between_classes(full_cache):
+    cache, _ = full_cache
+    images = DemoDataset("train", cache_dir=cache).images.float().view(100, 30, -1)
+    within = images.std(1).mean()
+    between = images.mean(1).std(0).mean()
+    assert within > between  # classes are not separable by their average picture
+
+
+def test_items_are_float_images_and_transforms_apply(full_cache):
+    cache, _ = full_cache
+    image, label = DemoDataset("test", cache_dir=cache)[31]
+    assert image.dtype == torch.float32 and image.shape == (3, 32, 32) and label == 1
+    assert 0 <= image.min() and image.max() <= 1
+    augmented, _ = DemoDataset("train", demo_train_transform(), cache)[0]
+    normalised, _ = get_dataset("demo", cache, "train", demo_test_transform())[0]
+    raw, _ = DemoDataset("train", cache_dir=cache)[0]
+    assert augmented.shape == normalised.shape == (3, 32, 32)
+    expected = (raw - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor(
+        [0.229, 0.224, 0.225])[:, None, None]
+    assert torch.allclose(normalised, expected)
+
+
+def test_generation_is_deterministic(tmp_path):
+    blocks = {"num_classes": 40, "images_per_class": 30}  # 1,200 images: several render blocks
+    first = DemoDataset("test", cache_dir=tmp_path / "a", **blocks)
+    again = DemoDataset("test", cache_dir=tmp_path / "b", **blocks)  # regenerated from scratch
+    assert again.images.numpy().tobytes() == first.images.numpy().tobytes()
+    assert again.classes == first.classes
+    other_seed = synthetic.generate_demo(**SMALL, seed=1)[0]
+    assert not np.array_equal(synthetic.generate_demo(**SMALL)[0], other_seed)
+
+
+def test_cache_is_reused(tmp_path, monkeypatch):
+    DemoDataset(cache_dir=tmp_path, **SMALL)
+    (path,) = tmp_path.iterdir()
+    written = path.stat().st_mtime_ns
+
+    def fail(**_):
+        raise AssertionError("regenerated although cached")
+
+    monkeypatch.setattr(synthetic, "generate_demo", fail)
+    assert len(DemoDataset("test", cache_dir=tmp_path, **SMALL)) == 10 * 4
+    assert path.stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize("damage", [b"not a zip file", None])
+def test_corrupt_cache_is_regenerated(tmp_path, damage):
+    expected = DemoDataset(cache_dir=tmp_path, **SMALL).images
+    (path,) = tmp_path.iterdir()
+    content = path.read_bytes()
+    path.write_bytes(damage if damage is not None else content[:len(content) // 2])
+    with pytest.warns(RuntimeWarning, match="is unreadable"):
+        regenerated = DemoDataset(cache_dir=tmp_path, **SMALL)
+    assert torch.equal(regenerated.images, expected)
+    assert path.read_bytes() != (damage or content[:len(content) // 2])
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_unwritable_cache_still_gives_the_data(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.warns(RuntimeWarning, match="could not cache the demo set"):
+        dataset = DemoDataset(cache_dir=blocker / "cache", **SMALL)
+    assert len(dataset) == 40
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("GCA_PYG_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "gca_pyg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "gca_pyg"
+    monkeypatch.setenv("GCA_PYG_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    DemoDataset(**SMALL)
+    assert len(list((tmp_path / "mine").iterdir())) == 1
+
+
+def test_parameters_are_checked():
+    with pytest.raises(ValueError, match="num_classes must be even"):
+        DemoDataset(num_classes=21)
+    with pytest.raises(ValueError, match="split must be one of"):
+        DemoDataset("query")
