@@ -18,7 +18,7 @@ from gca_pyg.errors import ConfigError
 from gca_pyg.model import LossConfig, NetConfig, OptimConfig
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "load_config",
-           "config_dirs", "available_configs"]
+           "apply_overrides", "config_dirs", "available_configs"]
 
 DATASETS = ("cub", "cars", "sop", "inshop", "folder", "demo")
 BACKBONES = ("resnet50", "googlenet", "small_cnn")
@@ -107,13 +107,17 @@ def load_config(name_or_path: str, overrides: Sequence[str] = (),
         raise ConfigError(f"{path} must hold a mapping of sections (data:, model:, ...), "
                           f"not a {type(data).__name__}")
     data.setdefault("name", path.stem)
+    return Config.from_dict(apply_overrides(data, overrides, data_root), source=str(path))
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str] = (),
+                    data_root: Optional[str] = None) -> Dict[str, Any]:
+    """Applies ``section.key=value`` strings and ``data_root`` to a config mapping (in place)."""
     for override in overrides:
         _apply_override(data, override)
     if data_root is not None:
-        data.setdefault("data", {})
-        if isinstance(data["data"], dict):
-            data["data"]["root"] = data_root
-    return Config.from_dict(data, source=str(path))
+        _set(data, "data", "root", data_root, origin=f"--data-root {data_root}")
+    return data
 
 
 def _resolve(name_or_path: str) -> Path:
@@ -139,9 +143,13 @@ def _apply_override(data: Dict[str, Any], override: str):
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    _set(data, section, name, value, origin=f"--set '{override}'")
+
+
+def _set(data: Dict[str, Any], section: str, name: str, value: Any, origin: str):
     target = data.setdefault(section, {})
     if not isinstance(target, dict):
-        raise ConfigError(f"--set '{override}': '{section}' is not a section")
+        raise ConfigError(f"{origin}: '{section}' is not a section")
     target[name] = value
 
 

@@ -1,0 +1,157 @@
+"""From a :class:`~gca_pyg.config.Config` to datasets, a model, embeddings and metrics: the parts that
+``python -m gca_pyg.train`` and ``python -m gca_pyg.evaluate`` share."""
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from gca_pyg.backbones import build_backbone
+from gca_pyg.config import Config
+from gca_pyg.data import (RetrievalDataset, demo_test_transform, demo_train_transform,
+                          get_dataset, test_transform, train_transform)
+from gca_pyg.errors import ConfigError
+from gca_pyg.metrics import retrieval_metrics
+from gca_pyg.model import GCAHNG
+
+__all__ = ["TestData", "resolve_device", "build_train_dataset", "build_test_data", "build_model",
+           "compute_embeddings", "embed_test_data", "test_metrics", "evaluate", "format_metrics",
+           "warn"]
+
+
+@dataclass
+class TestData:
+    """The evaluation split: a gallery searched by itself, or by separate queries (In-Shop)."""
+    gallery: RetrievalDataset
+    query: Optional[RetrievalDataset] = None
+
+    def describe(self) -> str:
+        if self.query is None:
+            return f"{self.gallery.num_classes} unseen classes, {len(self.gallery)} images"
+        return (f"{len(self.query)} queries against a gallery of {len(self.gallery)} images, "
+                f"{self.gallery.num_classes} unseen items")
+
+
+def warn(message: str):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda``/``cuda:N`` must exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device is '{spec}' but torch sees no CUDA device here "
+                f"(torch {torch.__version__}); use --set train.device=auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device is '{spec}' but only {torch.cuda.device_count()} CUDA "
+                              "device(s) exist; use --set train.device=cuda:0")
+    return device
+
+
+def check_precision(config: Config, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.precision``, warning where bf16 has no hardware support."""
+    if config.train.precision == "fp32":
+        return None
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    if not native:
+        warn(f"train.precision is bf16 but this {device.type.upper()} has no native bf16 matmul "
+             "(no AVX512-BF16/AMX): expect it to run many times slower than fp32")
+    return torch.bfloat16
+
+
+def _transforms(config: Config):
+    data = config.data
+    if data.dataset == "demo":
+        return demo_train_transform(size=data.image_size), demo_test_transform()
+    return train_transform(data.image_size), test_transform(data.resize, data.image_size)
+
+
+def build_train_dataset(config: Config) -> RetrievalDataset:
+    train, _ = _transforms(config)
+    return get_dataset(config.data.dataset, config.data.root, "train", train)
+
+
+def build_test_data(config: Config) -> TestData:
+    _, test = _transforms(config)
+    data = config.data
+    if data.dataset == "inshop":
+        return TestData(gallery=get_dataset("inshop", data.root, "gallery", test),
+                        query=get_dataset("inshop", data.root, "query", test))
+    return TestData(gallery=get_dataset(data.dataset, data.root, "test", test))
+
+
+def build_model(config: Config, num_classes: int, device: torch.device,
+                pretrained: Optional[str] = None) -> GCAHNG:
+    """The GCA-HNG model of `config` on `device`; `pretrained` overrides ``model.pretrained``
+    (evaluation loads every weight from a checkpoint, so it asks for ``none``)."""
+    backbone = build_backbone(config.model.backbone,
+                              pretrained=pretrained or config.model.pretrained,
+                              frozen_bn=config.model.frozen_bn)
+    model = GCAHNG(backbone, num_classes, config.model.embedding_size, net=config.net,
+                   loss=config.loss, optim=config.optim,
+                   amp_dtype=check_precision(config, device))
+    return model.to(device)
+
+
+def loader_options(config: Config, device: torch.device) -> Dict:
+    workers = config.data.num_workers
+    return {"num_workers": workers, "pin_memory": device.type == "cuda",
+            "persistent_workers": False, **({"prefetch_factor": 2} if workers else {})}
+
+
+def compute_embeddings(model: GCAHNG, dataset: RetrievalDataset, config: Config
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (not normalised) and labels of every item of `dataset`, in order, on the CPU."""
+    loader = DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False,
+                        **loader_options(config, model.device))
+    embeddings: List[torch.Tensor] = []
+    for images, _ in loader:
+        embeddings.append(model.embed(images).cpu())
+    dataset.check_unreadable()
+    return torch.cat(embeddings), torch.as_tensor(dataset.labels)
+
+
+def embed_test_data(model: GCAHNG, test_data: TestData, config: Config) -> Dict[str, torch.Tensor]:
+    """``embeddings``/``labels`` of the gallery, plus ``query_embeddings``/``query_labels``."""
+    gallery, gallery_labels = compute_embeddings(model, test_data.gallery, config)
+    embedded = {"embeddings": gallery, "labels": gallery_labels}
+    if test_data.query is not None:
+        query, query_labels = compute_embeddings(model, test_data.query, config)
+        embedded.update(query_embeddings=query, query_labels=query_labels)
+    return embedded
+
+
+def test_metrics(embedded: Dict[str, torch.Tensor], ks: List[int]) -> Dict[str, float]:
+    """Recall@K, MAP@R and RP (SPEC.md §7) of what :func:`embed_test_data` returned."""
+    return retrieval_metrics(embedded["embeddings"], embedded["labels"], ks=ks,
+                             query=embedded.get("query_embeddings"),
+                             query_labels=embedded.get("query_labels"))
+
+
+test_metrics.__test__ = False  # not a pytest test, though its name starts with "test_"
+
+
+def evaluate(model: GCAHNG, test_data: TestData, config: Config) -> Dict[str, float]:
+    """Embeds the test split and returns its retrieval metrics."""
+    return test_metrics(embed_test_data(model, test_data, config), config.eval.ks)
+
+
+def format_metrics(columns: Dict[str, Dict[str, float]]) -> str:
+    """A table of metrics (rows) per column, in percent as papers report them."""
+    names = list(next(iter(columns.values())))
+    labels = {name: name.replace("recall@", "R@").replace("map@r", "MAP@R")
+              .replace("r_precision", "RP") for name in names}
+    width = max(len(label) for label in labels.values())
+    widths = [max(len(title), 6) for title in columns]
+    lines = [" | ".join(["metric".ljust(width)] + [t.rjust(w) for t, w in zip(columns, widths)])]
+    lines.append("-+-".join(["-" * width] + ["-" * w for w in widths]))
+    for name in names:
+        cells = [f"{100 * column[name]:.2f}".rjust(w) for column, w in zip(columns.values(), widths)]
+        lines.append(" | ".join([labels[name].ljust(width)] + cells))
+    return "\n".join(lines)
