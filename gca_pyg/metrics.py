@@ -202,7 +202,7 @@ class _ClassLayout:
         """The tiles of the score matrix to compute, as ``(query rows, gallery rows)`` slices.
 
         Args:
-            chunk_size (int): Most query rows per tile.
+            chunk_size (int): Target number of query rows per tile.
             own_group (bool): The tiles of each group with itself (which hold every positive), or
                 those between groups (only one of each symmetric pair when self_retrieval).
 
@@ -233,7 +233,7 @@ def _sweep(layout, n_positives, chunk_size):
     Args:
         layout (_ClassLayout): The sorted, grouped rows.
         n_positives (numpy.ndarray): ``(M,)`` R of each query.
-        chunk_size (int): Most query rows per tile.
+        chunk_size (int): Target number of query rows per tile.
 
     Returns:
         tuple: ``positives`` ``(M, R_max)`` positive scores in decreasing order, padded with
@@ -367,7 +367,8 @@ def _summarise(positives, top_negatives, negatives_ahead, n_positives, ks):
     """
     r_max = positives.shape[1]
     below = torch.searchsorted(torch.from_numpy(top_negatives), torch.from_numpy(positives)).numpy()
-    # 0-based rank of the t-th positive; only compared with R, and R_max negatives suffice for that.
+    # Of the R_max best negatives, r_max - below score at least as high as the t-th positive, so
+    # it ranks at t + r_max - below (0-based) whenever that is within the first R <= R_max.
     t = np.arange(r_max)
     rank = t + (r_max - below)
     r = n_positives[:, None]
