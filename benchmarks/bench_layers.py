@@ -15,6 +15,8 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from gca_pyg.runtime import retain_freed_memory
+
 from common import (autocast, default_device, matmul_gflops, measure_in_child, native_bf16,
                     peak_rss_mb, print_table, time_steps)
 
@@ -23,6 +25,7 @@ def run_child(config):
     from gca_pyg.graph import build_batch_graph
     from gca_pyg.nn import CorrelationNet
 
+    retain_freed_memory()  # as the training command does
     torch.manual_seed(0)
     device = torch.device(config["device"])
     num_nodes, dim = config["num_nodes"], config["dim"]

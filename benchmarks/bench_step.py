@@ -15,6 +15,8 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from gca_pyg.runtime import retain_freed_memory
+
 from common import (default_device, matmul_gflops, measure_in_child, native_bf16, peak_rss_mb,
                     print_table, time_steps)
 
@@ -43,6 +45,8 @@ def build(config):
 
 
 def run_child(config):
+    if config["malloc"] == "retain":
+        retain_freed_memory()
     model, features, labels, device = build(config)
 
     def step():
@@ -64,6 +68,7 @@ def run_child(config):
 def profile(config, rows: int = 15):
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    retain_freed_memory()
     model, features, labels, device = build(config)
     model.training_step(features, labels)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -78,6 +83,10 @@ def main():
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--malloc", nargs="+", default=["system", "retain"],
+                        choices=["system", "retain"],
+                        help="glibc malloc as it comes, or gca_pyg.runtime.retain_freed_memory() "
+                             "as the training command sets it")
     parser.add_argument("--force-bf16", action="store_true",
                         help="measure bf16 even where this device has no native bf16 matmul")
     parser.add_argument("--profile", action="store_true",
@@ -103,21 +112,23 @@ def main():
     rows, skipped = [], []
     for dtype in args.dtypes:
         for num_nodes in args.sizes:
-            if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
-                skipped.append(f"N={num_nodes} bf16")
-                continue
-            result = measure_in_child(__file__, {
-                "device": str(device), "num_nodes": num_nodes, "dim": args.dim, "dtype": dtype,
-                "repeats": args.repeats})
-            if "error" in result:
-                rows.append([num_nodes, dtype, result["error"], "", "", "", ""])
-                continue
-            achieved = result["gflop"] / (result["ms"] / 1e3)
-            rows.append([num_nodes, dtype, f"{result['ms']:.0f}", f"{result['peak_mb']:.0f}",
-                         f"{result['gflop']:.1f}", f"{achieved:.0f}",
-                         f"{100 * achieved / peak[dtype]:.0f}%"])
-            print(f"  measured N={num_nodes} {dtype}", file=sys.stderr)
-    print_table(["N", "dtype", "ms/step", "peak MB", "GFLOP/step", "GFLOP/s", "of peak"], rows)
+            for malloc in args.malloc:
+                if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
+                    skipped.append(f"N={num_nodes} bf16 {malloc}")
+                    continue
+                result = measure_in_child(__file__, {
+                    "device": str(device), "num_nodes": num_nodes, "dim": args.dim,
+                    "dtype": dtype, "repeats": args.repeats, "malloc": malloc})
+                if "error" in result:
+                    rows.append([num_nodes, dtype, malloc, result["error"], "", "", "", ""])
+                    continue
+                achieved = result["gflop"] / (result["ms"] / 1e3)
+                rows.append([num_nodes, dtype, malloc, f"{result['ms']:.0f}",
+                             f"{result['peak_mb']:.0f}", f"{result['gflop']:.1f}",
+                             f"{achieved:.0f}", f"{100 * achieved / peak[dtype]:.0f}%"])
+                print(f"  measured N={num_nodes} {dtype} {malloc}", file=sys.stderr)
+    print_table(["N", "dtype", "malloc", "ms/step", "peak MB", "GFLOP/step", "GFLOP/s", "of peak"],
+                rows)
     if skipped:
         print(f"skipped (no native bf16 matmul here; --force-bf16 to measure anyway): "
               f"{', '.join(skipped)}")

@@ -16,6 +16,7 @@ from gca_pyg.config import Config, apply_overrides
 from gca_pyg.errors import ConfigError, GcaError
 from gca_pyg.pipeline import (build_model, build_test_data, embed_test_data, format_metrics,
                               resolve_device, test_metrics)
+from gca_pyg.runtime import retain_freed_memory
 
 EXPORT_FORMATS = (".npz", ".pt")
 
@@ -66,6 +67,7 @@ def _export(arrays: Dict[str, torch.Tensor], path: Path):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    retain_freed_memory()
     try:
         run(parse_args(argv))
     except GcaError as error:

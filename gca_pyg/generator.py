@@ -47,8 +47,11 @@ def synthesize_negatives(anchor: Tensor, positive: Tensor, negative: Tensor, wei
     d_pos = torch.linalg.vector_norm(anchor - positive, dim=-1, keepdim=True)
     offset = negative - anchor
     d_neg = torch.linalg.vector_norm(offset, dim=-1, keepdim=True)
-    ratio = (d_pos + (d_neg - d_pos) * weights * hardness) / d_neg.clamp_min(eps)
-    return torch.where(d_pos >= d_neg, negative, anchor + offset * ratio)
+    # r = d+/d- + (1 - d+/d-) h lambda: per-row scalars times the per-channel weights. The clamp
+    # keeps the branch a hard negative does not use finite, so no NaN leaks into gradients at d- = 0.
+    base = d_pos / d_neg.clamp_min(eps)
+    moved = anchor + offset * (base + (1.0 - base) * hardness * weights)
+    return torch.where(d_pos >= d_neg, negative, moved)
 
 
 def synthesize_batch(embeddings: Tensor, labels: Tensor, fusion_weights: Tensor,

@@ -31,6 +31,7 @@ from gca_pyg.data import ClassBalancedBatchSampler
 from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError, UnreadableImagesError
 from gca_pyg.pipeline import (build_model, build_test_data, build_train_dataset, evaluate,
                               format_metrics, loader_options, resolve_device)
+from gca_pyg.runtime import retain_freed_memory
 
 #: Exit status of a run stopped by Ctrl-C after saving (128 + SIGINT, as shells report it).
 INTERRUPTED = 130
@@ -271,6 +272,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    retain_freed_memory()
     try:
         if args.resume:
             state = load_checkpoint(args.resume)

@@ -39,9 +39,9 @@ def test_unit_weight_times_hardness_returns_the_negative():
 
 
 def test_hard_negatives_and_zero_distance_come_back_unchanged():
-    anchor = torch.zeros(2, 3, requires_grad=True)
-    positive = torch.tensor([[2.0, 0, 0], [1.0, 0, 0]])
-    negative = torch.tensor([[1.0, 0, 0], [0.0, 0, 0]])  # d+ > d-, and d- = 0
+    anchor = torch.full((2, 3), 0.1, requires_grad=True)
+    positive = torch.tensor([[2.1, 0.1, 0.1], [1.1, 0.1, 0.1]])
+    negative = torch.tensor([[1.1, 0.3, 0.7], [0.1, 0.1, 0.1]])  # d+ > d-, and d- = 0
     weights = torch.full((2, 3), 0.3, requires_grad=True)
     out = synthesize_negatives(anchor, positive, negative, weights, hardness=1.0)
     assert torch.equal(out, negative)

@@ -176,20 +176,22 @@ class EdgeNodeConv(MessagePassing):
         num_nodes = x.size(0)
         source, target = self._source_target(edge_index)
 
-        directed_index, directed_mask = edge_index, attn_mask
-        if undirected:
-            # Attention is the cheap part, O(|E| F): expand it to both directions.
-            off_diagonal = source != target
-            directed_index = torch.cat([edge_index, edge_index[:, off_diagonal].flip(0)], dim=1)
-            if attn_mask is not None:
-                directed_mask = torch.cat([attn_mask, attn_mask[off_diagonal]])
-
         head_size = self.out_channels // self.heads
         query = self.lin_query(x).view(num_nodes, self.heads, head_size)
         key = self.lin_key(x).view(num_nodes, self.heads, head_size)
         value = self.lin_value(x).view(num_nodes, self.heads, head_size)
-        message = self.propagate(directed_index, query=query, key=key, value=value,
-                                 attn_mask=directed_mask, size=(num_nodes, num_nodes))
+        off_diagonal = source != target
+        if undirected and edge_index.size(1) == num_nodes * (num_nodes + 1) // 2:
+            # The complete graph: attention as small dense matmuls instead of N^2 gathers.
+            message = self._dense_attention(query, key, value, source, target, attn_mask)
+        else:
+            directed_index, directed_mask = edge_index, attn_mask
+            if undirected:  # expand the cheap O(|E| F) attention to both directions
+                directed_index = torch.cat([edge_index, edge_index[:, off_diagonal].flip(0)], 1)
+                if attn_mask is not None:
+                    directed_mask = torch.cat([attn_mask, attn_mask[off_diagonal]])
+            message = self.propagate(directed_index, query=query, key=key, value=value,
+                                     attn_mask=directed_mask, size=(num_nodes, num_nodes))
         h = self.norm_attention(F.gelu(x + self.lin_out(message.reshape(num_nodes, -1))))
 
         edge_to_node = F.gelu(self.lin_edge_to_node(edge_attr))
@@ -199,6 +201,21 @@ class EdgeNodeConv(MessagePassing):
                                           dim_size=num_nodes, reduce="sum")
         h = self.norm_edge_to_node(F.gelu(h + outgoing))
         return self.norm_node_ffn(F.gelu(h + self.node_ffn(h)))
+
+    def _dense_attention(self, query: Tensor, key: Tensor, value: Tensor, source: Tensor,
+                         target: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+        """Attention with the sink on a complete undirected graph, as dense [H, N, N] scores."""
+        num_nodes = query.size(0)
+        allowed = torch.ones(num_nodes, num_nodes, dtype=torch.bool, device=query.device)
+        if attn_mask is not None:  # allowed[i, j]: node i may attend to node j
+            allowed[target, source] = attn_mask
+            allowed[source, target] = attn_mask
+        score = torch.einsum("ihd,jhd->hij", query, key) / math.sqrt(query.size(-1))
+        score = score.masked_fill(~allowed, float("-inf"))
+        score_max = score.detach().amax(dim=-1, keepdim=True).clamp_min(0.0)
+        weight = (score - score_max).exp()
+        alpha = weight / (weight.sum(dim=-1, keepdim=True) + (-score_max).exp())
+        return torch.einsum("hij,jhd->ihd", alpha, value)
 
     def update_edges(self, h: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
         """The edge half of :meth:`forward`, from the node features :meth:`update_nodes` returned.

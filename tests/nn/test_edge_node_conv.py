@@ -211,3 +211,19 @@ def test_compiles():
     actual = compiled(x, edge_index, edge_attr, attn_mask)
     assert torch.allclose(actual[0], expected[0], atol=1e-5)
     assert torch.allclose(actual[1], expected[1], atol=1e-5)
+
+
+def test_undirected_storage_of_a_sparse_graph_equals_both_directions():
+    conv = make_conv()
+    num_nodes = 8
+    pairs = torch.unique(torch.sort(torch.randint(num_nodes, (2, 20)), dim=0).values, dim=1)
+    features = torch.randn(pairs.size(1), CHANNELS, dtype=torch.float64)
+    mask = torch.rand(pairs.size(1)) < 0.7
+    off_diagonal = pairs[0] != pairs[1]
+    directed = torch.cat([pairs, pairs[:, off_diagonal].flip(0)], dim=1)
+    x = torch.randn(num_nodes, CHANNELS, dtype=torch.float64)
+    h, e = conv(x, directed, torch.cat([features, features[off_diagonal]]),
+                torch.cat([mask, mask[off_diagonal]]))
+    h_u, e_u = conv(x, pairs, features, mask, undirected=True)
+    assert torch.allclose(h_u, h, atol=1e-12)
+    assert torch.allclose(e_u, e[:pairs.size(1)], atol=1e-12)
