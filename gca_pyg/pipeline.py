@@ -17,7 +17,7 @@ from gca_pyg.model import GCAHNG
 
 __all__ = ["TestData", "resolve_device", "build_train_dataset", "build_test_data", "build_model",
            "compute_embeddings", "embed_test_data", "test_metrics", "evaluate", "format_metrics",
-           "warn"]
+           "report_unreadable", "warn"]
 
 
 @dataclass
@@ -35,6 +35,18 @@ class TestData:
 
 def warn(message: str):
     print(f"warning: {message}", file=sys.stderr)
+
+
+def report_unreadable(dataset: RetrievalDataset, what: str, already_reported: int = 0) -> int:
+    """Warns when `dataset` has met unreadable images beyond those already reported; returns the
+    count so far."""
+    count = dataset.unreadable_count
+    if count > already_reported:
+        paths = getattr(dataset, "unreadable_paths", [])
+        shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+        warn(f"{count} unreadable {what} image(s) so far, each replaced by another image of its "
+             f"class{': ' + shown if shown else ''}")
+    return count
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -114,6 +126,7 @@ def compute_embeddings(model: GCAHNG, dataset: RetrievalDataset, config: Config
     for images, _ in loader:
         embeddings.append(model.embed(images).cpu())
     dataset.check_unreadable()
+    report_unreadable(dataset, "test")
     return torch.cat(embeddings), torch.as_tensor(dataset.labels)
 
 

@@ -30,7 +30,7 @@ from gca_pyg.config import Config, apply_overrides, available_configs, load_conf
 from gca_pyg.data import ClassBalancedBatchSampler
 from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError, UnreadableImagesError
 from gca_pyg.pipeline import (build_model, build_test_data, build_train_dataset, evaluate,
-                              format_metrics, loader_options, resolve_device)
+                              format_metrics, loader_options, report_unreadable, resolve_device)
 from gca_pyg.runtime import retain_freed_memory
 
 #: Exit status of a run stopped by Ctrl-C after saving (128 + SIGINT, as shells report it).
@@ -69,6 +69,7 @@ class Trainer:
         self.best = {"recall@1": -1.0, "epoch": 0}
         self.last_metrics: Optional[Dict[str, float]] = None
         self.stop_requested = False
+        self.reported_unreadable = 0
         if resume_state is not None:
             self._restore(resume_state)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +96,8 @@ class Trainer:
                     return INTERRUPTED
                 self.model.end_epoch()
                 self.batch_in_epoch = 0
+                self.reported_unreadable = report_unreadable(self.train_data, "training",
+                                                             self.reported_unreadable)
                 record = {"epoch": epoch, "seconds": round(time.perf_counter() - started, 2),
                           **losses, "lr_metric": self.model.metric_optimizer.param_groups[0]["lr"],
                           "lr_net": self.model.net_optimizer.param_groups[0]["lr"],

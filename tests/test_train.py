@@ -1,0 +1,219 @@
+"""The training and evaluation commands, end to end, in-process (python -m gca_pyg.train / evaluate)."""
+import errno
+import json
+import re
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gca_pyg.model
+from gca_pyg import evaluate as evaluate_cli
+from gca_pyg import train as train_cli
+from gca_pyg.checkpoint import load_checkpoint
+from data_layouts import make_cub
+
+TINY = ["model.embedding_size=32", "net.heads=2", "net.num_layers=1", "optim.warmup_epochs=0",
+        "train.eval_every=1", "eval.batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """8 classes × 8 small PNGs, one folder per class (the `folder` dataset)."""
+    root = tmp_path_factory.mktemp("images")
+    generator = np.random.default_rng(0)
+    for c in range(8):
+        (root / f"class{c}").mkdir()
+        base = generator.integers(0, 255, size=3)
+        for i in range(8):
+            pixels = np.clip(base + generator.normal(0, 25, size=(32, 32, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def folder_args(root, output, *extra):
+    """`folder` recipe shrunk to seconds: 4 train classes × 8 images, batches of 4 × 2."""
+    settings = TINY + ["data.classes_per_batch=4", "data.samples_per_class=2", "data.image_size=32",
+                       "data.resize=36", "data.num_workers=0", "model.backbone=small_cnn",
+                       "model.pretrained=none", "model.frozen_bn=false", "optim.epochs=2",
+                       f"train.output_dir={output}", *extra]
+    return ["folder", "--data-root", str(root)] + [a for s in settings for a in ("--set", s)]
+
+
+def only_run_dir(output):
+    (run_dir,) = list(output.iterdir())
+    return run_dir
+
+
+def test_demo_trains_and_reports_on_unseen_classes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GCA_PYG_CACHE", str(tmp_path / "cache"))
+    settings = TINY + ["optim.epochs=1", "data.classes_per_batch=10", f"train.output_dir={tmp_path}"]
+    code = train_cli.main(["demo"] + [a for s in settings for a in ("--set", s)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "retrieval on 100 unseen classes, 3000 images" in out
+    for metric in ("R@1", "R@2", "R@4", "R@8", "MAP@R", "RP"):
+        assert re.search(rf"^{re.escape(metric)}\s+\|\s+\d+\.\d\d$", out, flags=re.M), metric
+    run_dir = next(p for p in tmp_path.iterdir() if p.name.startswith("demo-"))
+    for name in ("last.pt", "best.pt", "config.yaml", "log.jsonl", "steps.csv"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_evaluate_reproduces_the_numbers_of_training(image_folder, tmp_path, capsys):
+    assert train_cli.main(folder_args(image_folder, tmp_path)) == 0
+    run_dir = only_run_dir(tmp_path)
+    logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in logged] == [1, 2]
+    capsys.readouterr()
+    export = tmp_path / "embeddings.npz"
+    code = evaluate_cli.main(["--checkpoint", str(run_dir / "last.pt"), "--export", str(export)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    printed = dict(re.findall(r"^(R@\d+|MAP@R|RP)\s+\|\s+(\d+\.\d\d)$", out, flags=re.M))
+    at_training = logged[-1]
+    assert printed["R@1"] == f"{100 * at_training['test/recall@1']:.2f}"
+    assert printed["MAP@R"] == f"{100 * at_training['test/map@r']:.2f}"
+    assert printed["RP"] == f"{100 * at_training['test/r_precision']:.2f}"
+    arrays = np.load(export)
+    assert arrays["embeddings"].shape == (32, 32) and arrays["labels"].shape == (32,)
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(image_folder, tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    assert train_cli.main(folder_args(image_folder, straight)) == 0
+    expected = load_checkpoint(only_run_dir(straight) / "last.pt")
+
+    original_step = gca_pyg.model.GCAHNG.training_step
+    calls = []
+
+    def interrupted_step(model, images, labels):
+        logs = original_step(model, images, labels)
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C during the 3rd of 8 steps
+            signal.raise_signal(signal.SIGINT)
+        return logs
+
+    monkeypatch.setattr(gca_pyg.model.GCAHNG, "training_step", interrupted_step)
+    interrupted = tmp_path / "interrupted"
+    assert train_cli.main(folder_args(image_folder, interrupted)) == train_cli.INTERRUPTED
+    err = capsys.readouterr().err
+    run_dir = only_run_dir(interrupted)
+    assert f"--resume {run_dir}" in err and "Traceback" not in err
+    saved = load_checkpoint(run_dir)
+    assert saved["training"]["epoch"] == 0 and saved["batch_in_epoch"] == 3
+    monkeypatch.undo()
+
+    assert train_cli.main(["--resume", str(run_dir)]) == 0
+    resumed = load_checkpoint(run_dir / "last.pt")
+    assert resumed["training"]["epoch"] == 2
+    for name, tensor in expected["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    assert resumed["last_metrics"] == expected["last_metrics"]
+    steps = (run_dir / "steps.csv").read_text().splitlines()
+    assert len(steps) == 1 + 8  # a header, then every step once: none repeated, none skipped
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path,
+                                                                  monkeypatch, capsys):
+    original = gca_pyg.model.npair_loss
+    calls = []
+
+    def exploding(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(gca_pyg.model, "npair_loss", exploding)
+    assert train_cli.main(folder_args(image_folder, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: J_metric became nan at epoch 2, iteration 2: no update was applied"
+                     r".*the last good checkpoint is .*last\.pt \(end of epoch 1\)", err), err
+    assert "Traceback" not in err
+    assert load_checkpoint(only_run_dir(tmp_path))["training"]["epoch"] == 1
+
+
+def test_no_space_for_a_checkpoint_is_one_clear_error(image_folder, tmp_path, monkeypatch, capsys):
+    def full_disk(obj, handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert train_cli.main(folder_args(image_folder, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint" in err and "no space left on the device" in err
+    assert "Traceback" not in err
+
+
+def copy_with_broken_images(source, target, broken):
+    for folder in source.iterdir():
+        (target / folder.name).mkdir(parents=True)
+        for image in folder.iterdir():
+            (target / folder.name / image.name).write_bytes(image.read_bytes())
+    for name in broken:
+        (target / name).write_bytes(b"not an image")
+    return target
+
+
+@pytest.fixture(scope="module")
+def larger_folder(tmp_path_factory):
+    """8 classes × 26 images: 104 training images, so one broken file is under 1%."""
+    root = tmp_path_factory.mktemp("larger")
+    for c in range(8):
+        (root / f"class{c}").mkdir()
+        for i in range(26):
+            Image.new("RGB", (32, 32), (30 * c, 7 * i, 100)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_an_unreadable_image_is_substituted_and_reported(larger_folder, tmp_path, capsys):
+    root = copy_with_broken_images(larger_folder, tmp_path / "images", ["class1/5.png"])
+    assert train_cli.main(folder_args(root, tmp_path / "out", "optim.epochs=1")) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: 1 unreadable training image\(s\) so far, each replaced by another "
+                     r"image of its class: .*class1/5\.png", err), err
+    record = json.loads((only_run_dir(tmp_path / "out") / "log.jsonl").read_text())
+    assert record["unreadable_images"] == 1
+
+
+def test_more_than_one_percent_unreadable_stops(larger_folder, tmp_path, capsys):
+    root = copy_with_broken_images(larger_folder, tmp_path / "images",
+                                   ["class0/3.png", "class2/4.png"])
+    assert train_cli.main(folder_args(root, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: 2 of 104 images could not be decoded \(more than 1%\)", err), err
+    assert "Traceback" not in err
+
+
+def test_missing_dataset_says_where_it_looked_and_offers_the_demo(tmp_path, capsys):
+    assert train_cli.main(["cub", "--data-root", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nowhere") in err and "python -m gca_pyg.train demo" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_wrong_counts_name_what_is_off(tmp_path, capsys):
+    root = make_cub(tmp_path)
+    assert train_cli.main(["cub", "--data-root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "11,788" in err and "Traceback" not in err
+
+
+def test_bad_config_lists_valid_keys(capsys):
+    assert train_cli.main(["demo", "--set", "optim.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'optim.epoch'" in err and "epochs" in err
+    assert train_cli.main([]) == 2
+    assert "name a config" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_where_there_is_none(capsys):
+    assert train_cli.main(["demo", "--set", "train.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "train.device=auto" in err
+
+
+def test_evaluate_without_a_checkpoint(tmp_path, capsys):
+    assert evaluate_cli.main(["--checkpoint", str(tmp_path)]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
