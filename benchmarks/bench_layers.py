@@ -8,7 +8,6 @@ process so that its peak memory is its own.
     python benchmarks/bench_layers.py
     python benchmarks/bench_layers.py --sizes 81 --dtypes bf16 --force-bf16
 """
-import argparse
 import json
 import sys
 
@@ -17,8 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gca_pyg.runtime import retain_freed_memory
 
-from common import (autocast, default_device, matmul_gflops, measure_in_child, native_bf16,
-                    peak_rss_mb, print_table, time_steps)
+from common import (autocast, benchmark_parser, default_device, measure_in_child, native_bf16,
+                    peak_rss_mb, print_table, report_machine, time_steps)
 
 
 def run_child(config):
@@ -57,26 +56,15 @@ def run_child(config):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[81, 162, 324])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser = benchmark_parser(__doc__.splitlines()[0], sizes=[81, 162, 324], repeats=2)
     parser.add_argument("--paths", nargs="+", default=["generic", "fast"],
                         choices=["generic", "fast"])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--force-bf16", action="store_true",
-                        help="measure bf16 even where this device has no native bf16 matmul")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
 
     device = default_device()
-    peak = {"fp32": matmul_gflops(device, torch.float32),
-            "bf16": matmul_gflops(device, torch.bfloat16, size=1024, repeats=2)}
-    print(f"device {device}, {torch.get_num_threads()} threads; matmul peak measured here: "
-          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s"
-          f"{'' if native_bf16(device) else ' (no native bf16 matmul on this device)'}")
+    peak = report_machine(device)
     rows, skipped = [], []
     for dtype in args.dtypes:
         for num_nodes in args.sizes:

@@ -8,7 +8,6 @@ measured matmul peak, each row in a fresh process.
     python benchmarks/bench_step.py
     python benchmarks/bench_step.py --sizes 81 --profile     # where the time goes
 """
-import argparse
 import json
 import sys
 
@@ -17,8 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gca_pyg.runtime import retain_freed_memory
 
-from common import (default_device, matmul_gflops, measure_in_child, native_bf16, peak_rss_mb,
-                    print_table, time_steps)
+from common import (benchmark_parser, default_device, measure_in_child, native_bf16, peak_rss_mb,
+                    print_table, report_machine, time_steps)
 
 FEATURES, TRAIN_CLASSES = 2048, 100
 
@@ -78,20 +77,13 @@ def profile(config, rows: int = 15):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[81, 162])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = benchmark_parser(__doc__.splitlines()[0], sizes=[81, 162], repeats=5)
     parser.add_argument("--malloc", nargs="+", default=["system", "retain"],
                         choices=["system", "retain"],
                         help="glibc malloc as it comes, or gca_pyg.runtime.retain_freed_memory() "
                              "as the training command sets it")
-    parser.add_argument("--force-bf16", action="store_true",
-                        help="measure bf16 even where this device has no native bf16 matmul")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's top operators for one step of each size")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
@@ -104,11 +96,7 @@ def main():
                      "dtype": "fp32"})
         return
 
-    peak = {"fp32": matmul_gflops(device, torch.float32),
-            "bf16": matmul_gflops(device, torch.bfloat16, size=1024, repeats=2)}
-    print(f"device {device}, {torch.get_num_threads()} threads; matmul peak measured here: "
-          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s"
-          f"{'' if native_bf16(device) else ' (no native bf16 matmul on this device)'}")
+    peak = report_machine(device)
     rows, skipped = [], []
     for dtype in args.dtypes:
         for num_nodes in args.sizes:

@@ -1,5 +1,6 @@
 """Shared helpers of the benchmark scripts: device choice, the machine's matmul peak, peak memory,
 isolated measurements in child processes, and table printing."""
+import argparse
 import json
 import os
 import resource
@@ -94,3 +95,26 @@ def print_table(header: Sequence[str], rows: List[Sequence]):
     print("-+-".join("-" * w for w in widths))
     for row in cells[1:]:
         print(" | ".join(c.rjust(w) for c, w in zip(row, widths)))
+
+
+def benchmark_parser(description: str, sizes: Sequence[int], repeats: int) -> argparse.ArgumentParser:
+    """The options every benchmark shares; ``--child`` is how a row runs in its own process."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(sizes))
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--force-bf16", action="store_true",
+                        help="measure bf16 even where this device has no native bf16 matmul")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def report_machine(device: torch.device) -> Dict[str, float]:
+    """Measures and prints the matmul peak per dtype; returns it in GFLOP/s."""
+    peak = {"fp32": matmul_gflops(device, torch.float32),
+            "bf16": matmul_gflops(device, torch.bfloat16, size=1024, repeats=2)}
+    print(f"device {device}, {torch.get_num_threads()} threads; matmul peak measured here: "
+          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s"
+          f"{'' if native_bf16(device) else ' (no native bf16 matmul on this device)'}")
+    return peak

@@ -17,9 +17,6 @@ from torchvision import models
 
 from gca_pyg.errors import ConfigError, WeightsUnavailableError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 BACKBONE_NAMES = ("resnet50", "googlenet", "small_cnn")
 PRETRAINED_CHOICES = ("imagenet", "none")
 

@@ -14,15 +14,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from gca_pyg.backbones import BACKBONE_NAMES, PRETRAINED_CHOICES
+from gca_pyg.data import DATASETS
 from gca_pyg.errors import ConfigError
 from gca_pyg.model import LossConfig, NetConfig, OptimConfig
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "load_config",
            "apply_overrides", "config_dirs", "available_configs"]
-
-DATASETS = ("cub", "cars", "sop", "inshop", "folder", "demo")
-BACKBONES = ("resnet50", "googlenet", "small_cnn")
-
 
 @dataclass
 class DataConfig:
@@ -222,9 +220,9 @@ def _first_line(error: Exception) -> str:
 def _check_values(config: Config, source: str):
     """Checks that need more than a type: choices and ranges."""
     choices = {
-        "data.dataset": (config.data.dataset, DATASETS),
-        "model.backbone": (config.model.backbone, BACKBONES),
-        "model.pretrained": (config.model.pretrained, ("imagenet", "none")),
+        "data.dataset": (config.data.dataset, tuple(DATASETS)),
+        "model.backbone": (config.model.backbone, BACKBONE_NAMES),
+        "model.pretrained": (config.model.pretrained, PRETRAINED_CHOICES),
         "train.precision": (config.train.precision, ("fp32", "bf16")),
     }
     for key, (value, valid) in choices.items():
