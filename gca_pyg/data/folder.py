@@ -28,7 +28,11 @@ class ImageFolderByClass(ImageFileDataset):
 
     def __init__(self, root, split: str = "train", transform: Optional[Callable] = None):
         check_split(split, ("train", "test"))
-        if root is None or not Path(root).expanduser().is_dir():
+        if root is None:
+            raise DatasetNotFoundError(
+                f"the folder dataset needs a data root: pass --data-root DIR, a folder of class "
+                f"folders (DIR/<class>/*.jpg); {DEMO_HINT}")
+        if not Path(root).expanduser().is_dir():
             raise DatasetNotFoundError(
                 f"image folder {root} does not exist: point the data root at a folder of "
                 f"class folders (root/<class>/*.jpg); {DEMO_HINT}")
