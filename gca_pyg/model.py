@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn import BatchNorm1d, Linear, Sequential
 
 from gca_pyg.errors import NonFiniteLossError
-from gca_pyg.generator import hardness_from_loss, synthesize_batch
+from gca_pyg.generator import HardNegativeGenerator, hardness_from_loss
 from gca_pyg.graph import build_batch_graph, to_dense_edges
 from gca_pyg.losses import (diversity_loss, npair_loss, similarity_loss, synthetic_class_loss,
                             synthetic_npair_loss)
@@ -88,18 +88,19 @@ class GCAHNG(torch.nn.Module):
                                     Linear(backbone.out_features, embedding_size))
         self.net = CorrelationNet(embedding_size, num_classes, num_layers=self.net_config.num_layers,
                                   heads=self.net_config.heads, dropout=self.net_config.dropout)
+        self.generator = HardNegativeGenerator(self.loss_config.alpha)
         self.classifier = Linear(embedding_size, num_classes)
 
         opt = self.optim_config
         self.metric_optimizer = torch.optim.AdamW([
             {"params": self.backbone.parameters(), "lr": opt.metric_lr},
             {"params": self.embedding.parameters(), "lr": opt.metric_lr * opt.embedding_lr_ratio},
-        ], weight_decay=opt.weight_decay)
+        ], weight_decay=opt.weight_decay, fused=True)
         self.net_optimizer = torch.optim.AdamW(self.net.parameters(), lr=opt.net_lr,
-                                               weight_decay=opt.weight_decay)
+                                               weight_decay=opt.weight_decay, fused=True)
         self.classifier_optimizer = torch.optim.AdamW(
             self.classifier.parameters(), lr=opt.classifier_lr,
-            weight_decay=opt.classifier_weight_decay)
+            weight_decay=opt.classifier_weight_decay, fused=True)
         self.metric_scheduler = torch.optim.lr_scheduler.StepLR(
             self.metric_optimizer, step_size=opt.metric_lr_step, gamma=opt.metric_lr_gamma)
         self.net_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -156,7 +157,8 @@ class GCAHNG(torch.nn.Module):
 
     @property
     def hardness(self) -> float:
-        return hardness_from_loss(self.loss_config.alpha, self.mean_metric_loss)
+        """The current hardness factor :math:`h = \exp(-\alpha / \bar{J}_m)` of synthesis."""
+        return hardness_from_loss(self.generator.alpha, self.mean_metric_loss)
 
     @property
     def synthetic_weight(self) -> float:
@@ -199,8 +201,8 @@ class GCAHNG(torch.nn.Module):
         j_metric = j_m + j_gce
         logs = {"J_m": j_m, "J_gce": j_gce}
         if cfg.synthesis:
-            synthetic, synthetic_labels, anchor_index = synthesize_batch(
-                embeddings, labels, fusion, self.hardness)
+            synthetic, synthetic_labels, anchor_index = self.generator(
+                embeddings, labels, fusion, self.mean_metric_loss)
             j_syn = synthetic_npair_loss(embeddings, labels, synthetic, synthetic_labels,
                                          anchor_index, cfg.l2_reg)
             j_metric = j_metric + self.synthetic_weight * j_syn
@@ -223,8 +225,8 @@ class GCAHNG(torch.nn.Module):
         cfg = self.loss_config
         embeddings = embeddings.detach()
         _, fusion = self._correlate(embeddings, labels, detach_fusion=False)
-        synthetic, synthetic_labels, anchor_index = synthesize_batch(
-            embeddings, labels, fusion, self.hardness)
+        synthetic, synthetic_labels, anchor_index = self.generator(
+            embeddings, labels, fusion, self.mean_metric_loss)
         j_ce = synthetic_class_loss(synthetic, synthetic_labels, self._frozen_classifier,
                                     cfg.generator_ce_scale)
         num_classes = synthetic.size(0) // embeddings.size(0) + 1

@@ -135,3 +135,27 @@ def test_parameters_are_checked():
         DemoDataset(num_classes=21)
     with pytest.raises(ValueError, match="split must be one of"):
         DemoDataset("query")
+
+
+def test_batched_demo_transform_draws_per_image_and_matches_single_items(tmp_path):
+    from gca_pyg.data.transforms import RandomCropFlip
+
+    images = torch.rand(64, 3, 32, 32)
+    torch.manual_seed(0)
+    crops = RandomCropFlip(32, 4)(images)
+    assert crops.shape == images.shape
+    # Independent draws: some images are cropped or flipped differently from others.
+    unchanged = (crops == images).flatten(1).all(1)
+    assert 0 < int(unchanged.sum()) < 64
+    # Every output is a crop of the reflect-padded image, possibly flipped.
+    padded = torch.nn.functional.pad(images, [4] * 4, mode="reflect")
+    for b in range(8):
+        windows = padded[b].unfold(1, 32, 1).unfold(2, 32, 1)  # (3, 9, 9, 32, 32)
+        candidates = torch.cat([windows, windows.flip(-1)], dim=1)
+        assert (candidates == crops[b][:, None, None]).flatten(3).all(-1).all(0).any()
+
+    dataset = DemoDataset("train", demo_test_transform(), tmp_path)
+    batch = dataset.__getitems__([0, 5, 7])
+    for (image, label), index in zip(batch, [0, 5, 7]):
+        expected_image, expected_label = dataset[index]
+        assert torch.allclose(image, expected_image) and label == expected_label

@@ -120,6 +120,14 @@ class DemoDataset(RetrievalDataset):
             image = self.transform(image)
         return image, int(self.labels[index])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch at once (the DataLoader calls this when it exists): a transform marked
+        ``batched``, like the demo transforms, runs once on the batch instead of once per image."""
+        if not getattr(self.transform, "batched", False):
+            return [self[index] for index in indices]
+        images = self.transform(self.images[indices].float().div_(255))
+        return list(zip(images, self.labels[indices].tolist()))
+
 
 def load_demo(cache_dir=None, **params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The demo arrays ``(images, labels, factors)`` from the cache, generated and cached if absent
