@@ -160,7 +160,7 @@ def format_metrics(columns: Dict[str, Dict[str, float]]) -> str:
     names = list(next(iter(columns.values())))
     labels = {name: name.replace("recall@", "R@").replace("map@r", "MAP@R")
               .replace("r_precision", "RP") for name in names}
-    width = max(len(label) for label in labels.values())
+    width = max(len("metric"), *(len(label) for label in labels.values()))
     widths = [max(len(title), 6) for title in columns]
     lines = [" | ".join(["metric".ljust(width)] + [t.rjust(w) for t, w in zip(columns, widths)])]
     lines.append("-+-".join(["-" * width] + ["-" * w for w in widths]))
