@@ -1,6 +1,7 @@
 """From a :class:`~gca_pyg.config.Config` to datasets, a model, embeddings and metrics: the parts that
 ``python -m gca_pyg.train`` and ``python -m gca_pyg.evaluate`` share."""
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -11,13 +12,13 @@ from gca_pyg.backbones import build_backbone
 from gca_pyg.config import Config
 from gca_pyg.data import (RetrievalDataset, demo_test_transform, demo_train_transform,
                           get_dataset, test_transform, train_transform)
-from gca_pyg.errors import ConfigError
+from gca_pyg.errors import ConfigError, UnreadableImagesError
 from gca_pyg.metrics import retrieval_metrics
 from gca_pyg.model import GCAHNG
 
 __all__ = ["TestData", "resolve_device", "build_train_dataset", "build_test_data", "build_model",
            "compute_embeddings", "embed_test_data", "test_metrics", "evaluate", "format_metrics",
-           "report_unreadable", "warn"]
+           "one_line_unreadable_error", "report_unreadable", "warn"]
 
 
 @dataclass
@@ -35,6 +36,17 @@ class TestData:
 
 def warn(message: str):
     print(f"warning: {message}", file=sys.stderr)
+
+
+@contextmanager
+def one_line_unreadable_error(dataset: RetrievalDataset):
+    """Turns an :class:`UnreadableImagesError` that a DataLoader worker raised (its message carries
+    the worker's traceback) into the dataset's own one-line error."""
+    try:
+        yield
+    except UnreadableImagesError:
+        dataset.check_unreadable()
+        raise
 
 
 def report_unreadable(dataset: RetrievalDataset, what: str, already_reported: int = 0) -> int:
@@ -123,8 +135,9 @@ def compute_embeddings(model: GCAHNG, dataset: RetrievalDataset, config: Config
     loader = DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False,
                         **loader_options(config, model.device))
     embeddings: List[torch.Tensor] = []
-    for images, _ in loader:
-        embeddings.append(model.embed(images).cpu())
+    with one_line_unreadable_error(dataset):
+        for images, _ in loader:
+            embeddings.append(model.embed(images).cpu())
     dataset.check_unreadable()
     report_unreadable(dataset, "test")
     return torch.cat(embeddings), torch.as_tensor(dataset.labels)

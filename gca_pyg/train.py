@@ -28,9 +28,10 @@ from tqdm import tqdm
 from gca_pyg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gca_pyg.config import Config, apply_overrides, available_configs, load_config
 from gca_pyg.data import ClassBalancedBatchSampler
-from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError, UnreadableImagesError
+from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError
 from gca_pyg.pipeline import (build_model, build_test_data, build_train_dataset, evaluate,
-                              format_metrics, loader_options, report_unreadable, resolve_device)
+                              format_metrics, loader_options, one_line_unreadable_error,
+                              report_unreadable, resolve_device)
 from gca_pyg.runtime import retain_freed_memory
 
 #: Exit status of a run stopped by Ctrl-C after saving (128 + SIGINT, as shells report it).
@@ -119,7 +120,7 @@ class Trainer:
         progress = tqdm(loader, desc=f"epoch {epoch}/{self.config.optim.epochs}",
                         total=len(self.sampler), initial=self.batch_in_epoch, leave=False,
                         dynamic_ncols=True, file=sys.stderr)
-        try:
+        with one_line_unreadable_error(self.train_data), progress:
             for images, labels in progress:
                 logs = self._step(images, labels, epoch)
                 self.batch_in_epoch += 1
@@ -129,11 +130,6 @@ class Trainer:
                                       if k in logs})
                 if self.stop_requested:
                     break
-        except UnreadableImagesError:
-            self.train_data.check_unreadable()  # the one-line message, not the worker's traceback
-            raise
-        finally:
-            progress.close()
         steps = max(len(loader), 1)
         return {name: total / steps for name, total in sums.items()}
 
