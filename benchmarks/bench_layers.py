@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gca_pyg.runtime import retain_freed_memory
 
 from common import (autocast, benchmark_parser, default_device, measure_in_child, native_bf16,
-                    peak_rss_mb, print_table, report_machine, time_steps)
+                    peak_rss_mb, print_table, report_machine, time_steps, total_memory_mb)
 
 
 def run_child(config):
@@ -65,20 +65,30 @@ def main():
 
     device = default_device()
     peak = report_machine(device)
-    rows, skipped = [], []
+    rows, skipped, too_big = [], [], []
+    memory_mb = total_memory_mb()
     for dtype in args.dtypes:
+        last_peak = {}  # path -> (N, peak MB) of its last row, to foresee the next one
         for num_nodes in args.sizes:
             generic_ms = None
             for path in args.paths:
                 if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
                     skipped.append(f"{path} N={num_nodes} bf16")
                     continue
+                if path in last_peak:  # activations grow with the edges, N^2
+                    previous_n, previous_mb = last_peak[path]
+                    foreseen = previous_mb * (num_nodes / previous_n) ** 2
+                    if foreseen > 0.8 * memory_mb:
+                        too_big.append(f"{path} N={num_nodes} {dtype} (about {foreseen / 1024:.0f} "
+                                       f"GiB of {memory_mb / 1024:.0f})")
+                        continue
                 result = measure_in_child(__file__, {
                     "device": str(device), "num_nodes": num_nodes, "dim": args.dim,
                     "dtype": dtype, "path": path, "repeats": args.repeats})
                 if "error" in result:
                     rows.append([path, num_nodes, "-", dtype, result["error"], "", "", "", "", ""])
                     continue
+                last_peak[path] = (num_nodes, result["peak_mb"])
                 achieved = result["gflop"] / (result["ms"] / 1e3)
                 speedup = ""
                 if path == "generic":
@@ -94,6 +104,8 @@ def main():
     if skipped:
         print(f"skipped (no native bf16 matmul here; --force-bf16 to measure anyway): "
               f"{', '.join(skipped)}")
+    if too_big:
+        print(f"skipped (would not fit in this machine's memory): {', '.join(too_big)}")
 
 
 if __name__ == "__main__":

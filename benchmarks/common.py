@@ -57,6 +57,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def total_memory_mb() -> float:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
 def time_steps(step: Callable[[], None], device: torch.device, repeats: int) -> float:
     """Median wall time in milliseconds of `repeats` calls of `step`."""
     times = []
