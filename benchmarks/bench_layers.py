@@ -12,12 +12,11 @@ import json
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from gca_pyg.runtime import retain_freed_memory
 
-from common import (autocast, benchmark_parser, default_device, measure_in_child, native_bf16,
-                    peak_rss_mb, print_table, report_machine, time_steps, total_memory_mb)
+from common import (autocast, benchmark_parser, default_device, measure_in_child, measure_step,
+                    native_bf16, print_table, report_machine, total_memory_mb)
 
 
 def run_child(config):
@@ -40,19 +39,8 @@ def run_child(config):
                                  undirected=undirected)
         (logits.float().square().mean() + fusion.float().mean()).backward()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    baseline_mb = peak_rss_mb()
-    with FlopCounterMode(display=False) as counter:  # doubles as the warm-up step
-        step()
-    ms = time_steps(step, device, config["repeats"])
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = peak_rss_mb() - baseline_mb
     edges = num_nodes * (num_nodes + 1) // 2 if undirected else num_nodes**2
-    print(json.dumps({"ms": ms, "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9,
-                      "edges": edges}))
+    print(json.dumps({**measure_step(step, device, config["repeats"]), "edges": edges}))
 
 
 def main():

@@ -12,12 +12,11 @@ import json
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from gca_pyg.runtime import retain_freed_memory
 
-from common import (benchmark_parser, default_device, measure_in_child, native_bf16, peak_rss_mb,
-                    print_table, report_machine, time_steps)
+from common import (benchmark_parser, default_device, measure_in_child, measure_step, native_bf16,
+                    print_table, report_machine)
 
 FEATURES, TRAIN_CLASSES = 2048, 100
 
@@ -51,17 +50,7 @@ def run_child(config):
     def step():
         model.training_step(features, labels)
 
-    baseline_mb = peak_rss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with FlopCounterMode(display=False) as counter:  # doubles as the warm-up step
-        step()
-    ms = time_steps(step, device, config["repeats"])
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = peak_rss_mb() - baseline_mb
-    print(json.dumps({"ms": ms, "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9}))
+    print(json.dumps(measure_step(step, device, config["repeats"])))
 
 
 def profile(config, rows: int = 15):

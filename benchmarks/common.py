@@ -74,6 +74,27 @@ def time_steps(step: Callable[[], None], device: torch.device, repeats: int) -> 
     return statistics.median(times)
 
 
+def measure_step(step: Callable[[], None], device: torch.device, repeats: int) -> Dict[str, float]:
+    """Median time, peak memory above what existed before, and matmul GFLOP of `step`.
+
+    The first call counts FLOPs and doubles as the warm-up; `repeats` timed calls follow. On the
+    CPU, peak memory is the rise of this process's peak resident set.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline_mb = peak_rss_mb()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    ms = time_steps(step, device, repeats)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = peak_rss_mb() - baseline_mb
+    return {"ms": ms, "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9}
+
+
 def measure_in_child(script: str, config: Dict, timeout: float = 3600) -> Dict:
     """Runs `script --child JSON` in a fresh interpreter, so that its peak memory is its own.
 
