@@ -22,12 +22,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from common import measure_in_child, print_table
 
 DIMENSIONS = 512
 
@@ -134,19 +135,16 @@ def flat_index_seconds(embeddings, labels):
     return seconds
 
 
-def measure_in_subprocess(name, directory, repeats, flat_index):
+def measure(name, directory, repeats, flat_index):
     """Write one synthetic data set and measure it in a fresh Python process."""
     n_samples, n_classes, smallest, largest, _ = DATA_SETS[name]
     embeddings, labels = clustered_embeddings(n_samples, n_classes, smallest, largest)
     path = os.path.join(directory, f"{name}.npz")
     np.savez(path, embeddings=embeddings, labels=labels)
-    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    python_path = os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))
-    command = [sys.executable, os.path.abspath(__file__), "--repeats", str(repeats),
-               *(["--flat-index"] if flat_index else []), "--child", name, path]
-    finished = subprocess.run(command, env={**os.environ, "PYTHONPATH": python_path},
-                              check=True, capture_output=True, text=True)
-    result = json.loads(finished.stdout)
+    result = measure_in_child(__file__, {"name": name, "path": path, "repeats": repeats,
+                                         "flat_index": flat_index})
+    if "error" in result:
+        sys.exit(f"{name}: {result['error']}")
     result["r_max"] = int(np.bincount(labels).max()) - 1
     result["input_mib"] = embeddings.nbytes / 2**20
     return result
@@ -166,15 +164,6 @@ def table_row(name, result):
     return row
 
 
-def print_table(rows):
-    """Print rows as a Markdown table, the first row as header."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for index, row in enumerate(rows):
-        print("| " + " | ".join(cell.rjust(width) for cell, width in zip(row, widths)) + " |")
-        if index == 0:
-            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(DATA_SETS), default=list(DATA_SETS))
@@ -182,21 +171,24 @@ def main():
                         help="calls per size; the best time is kept")
     parser.add_argument("--flat-index", action="store_true",
                         help="also time a plain faiss IndexFlatIP search")
-    parser.add_argument("--child", nargs=2, metavar=("SIZE", "DATA"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(*args.child, args.repeats, args.flat_index)))
+        child = json.loads(args.child)
+        print(json.dumps(run_one(child["name"], child["path"], child["repeats"],
+                                 child["flat_index"])))
         return
 
     header = ["data set", "N", "classes", "R_max", "ks", "time s", "CPU s", "peak rise MiB",
               "input MiB", "GFLOP/s", "floor 2N²D s", "floor N²D s", "time / N²D floor"]
-    rows = [header + (["IndexFlatIP s"] if args.flat_index else [])]
+    header += ["IndexFlatIP s"] if args.flat_index else []
+    rows = []
     with tempfile.TemporaryDirectory() as directory:
         for name in args.sizes:
-            result = measure_in_subprocess(name, directory, args.repeats, args.flat_index)
+            result = measure(name, directory, args.repeats, args.flat_index)
             print(f"{name}: {json.dumps(result['metrics'])}", file=sys.stderr)
             rows.append(table_row(name, result))
-    print_table(rows)
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -98,12 +98,16 @@ def measure_step(step: Callable[[], None], device: torch.device, repeats: int) -
 def measure_in_child(script: str, config: Dict, timeout: float = 3600) -> Dict:
     """Runs `script --child JSON` in a fresh interpreter, so that its peak memory is its own.
 
-    Returns the JSON object the child printed last, or {"error": ...}.
+    The child imports gca_pyg from this checkout even when it is not installed. Returns the JSON
+    object the child printed last, or {"error": ...}.
     """
     command = [sys.executable, script, "--child", json.dumps(config)]
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python_path = os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                env={**os.environ, "PYTHONPATH": python_path,
+                                     "PYTHONWARNINGS": "ignore"})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
