@@ -1,7 +1,8 @@
 """Image backbones: a batch of images to one pooled feature vector per image (SPEC.md §6).
 
-Every backbone pools its last feature map by global average plus global max pooling, summed, and
-reports the size of that vector as ``out_features``. ResNet-50 and GoogLeNet come from torchvision,
+ResNet-50 and the small CNN pool their last feature map by global average plus global max pooling,
+summed; GoogLeNet by global average pooling, as in the authors' code. Each reports the size of its
+feature vector as ``out_features``. ResNet-50 and GoogLeNet come from torchvision,
 with its ImageNet weights when asked; ``small_cnn`` is a few conv-BN-ReLU blocks that train quickly
 on small images on a CPU, for the demo data set.
 """
@@ -131,8 +132,10 @@ def build_backbone(name, pretrained="imagenet", frozen_bn=False):
         trunk = models.googlenet(weights=weights, **options)
         trunk.dropout = nn.Identity()
         out_features = 1024
-    # torchvision's forward pools with `avgpool`, flattens, then applies `fc`.
-    trunk.avgpool = GlobalAvgMaxPool2d()
+    # torchvision's forward pools with `avgpool`, flattens, then applies `fc`. ResNet-50 sums
+    # average and max pooling (SPEC.md §6); GoogLeNet keeps average pooling, as the authors' code.
+    if name == "resnet50":
+        trunk.avgpool = GlobalAvgMaxPool2d()
     trunk.fc = nn.Identity()
     return Backbone(trunk, out_features=out_features, frozen_bn=frozen_bn)
 
