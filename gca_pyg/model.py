@@ -157,7 +157,7 @@ class GCAHNG(torch.nn.Module):
 
     @property
     def hardness(self) -> float:
-        """The current hardness factor :math:`h = \exp(-\alpha / \bar{J}_m)` of synthesis."""
+        r"""The current hardness factor :math:`h = \exp(-\alpha / \bar{J}_m)` of synthesis."""
         return hardness_from_loss(self.generator.alpha, self.mean_metric_loss)
 
     @property

@@ -1,5 +1,6 @@
 """The training and evaluation commands, end to end, in-process (python -m gca_pyg.train / evaluate)."""
 import errno
+import importlib.util
 import json
 import re
 import signal
@@ -59,6 +60,8 @@ def test_demo_trains_and_reports_on_unseen_classes(tmp_path, monkeypatch, capsys
     run_dir = next(p for p in tmp_path.iterdir() if p.name.startswith("demo-"))
     for name in ("last.pt", "best.pt", "config.yaml", "log.jsonl", "steps.csv"):
         assert (run_dir / name).is_file(), name
+    if importlib.util.find_spec("tensorboard") is not None:  # an optional extra
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_evaluate_reproduces_the_numbers_of_training(image_folder, tmp_path, capsys):
