@@ -171,7 +171,8 @@ def larger_folder(tmp_path_factory):
 
 def test_an_unreadable_image_is_substituted_and_reported(larger_folder, tmp_path, capsys):
     root = copy_with_broken_images(larger_folder, tmp_path / "images", ["class1/5.png"])
-    assert train_cli.main(folder_args(root, tmp_path / "out", "optim.epochs=1")) == 0
+    with pytest.warns(RuntimeWarning, match=r"unreadable image .*class1/5\.png"):
+        assert train_cli.main(folder_args(root, tmp_path / "out", "optim.epochs=1")) == 0
     err = capsys.readouterr().err
     assert re.search(r"warning: 1 unreadable training image\(s\) so far, each replaced by another "
                      r"image of its class: .*class1/5\.png", err), err
@@ -179,6 +180,7 @@ def test_an_unreadable_image_is_substituted_and_reported(larger_folder, tmp_path
     assert record["unreadable_images"] == 1
 
 
+@pytest.mark.filterwarnings("ignore:unreadable image")
 @pytest.mark.parametrize("workers", [0, 2])
 def test_more_than_one_percent_unreadable_stops(larger_folder, tmp_path, capsys, workers):
     root = copy_with_broken_images(larger_folder, tmp_path / "images",
