@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from gca_pyg.layout import class_layout
+from gca_pyg.utils import gather_rows
 
 __all__ = ["synthesize_negatives", "synthesize_batch", "hardness_from_loss",
            "HardNegativeGenerator"]
@@ -107,9 +108,11 @@ def synthesize_batch(embeddings: Tensor, labels: Tensor, fusion_weights: Tensor,
     anchor_index = torch.arange(num_nodes, device=embeddings.device)
     # Anchors and positives broadcast over (C-1, K); negatives and weights are (N, C-1, K, D).
     anchor = embeddings.view(num_nodes, 1, 1, -1)
-    positive = embeddings[layout.positive_index()].view(num_nodes, 1, 1, -1)
-    weights = fusion_weights[anchor_index.view(-1, 1, 1), negative_index]
-    negatives = synthesize_negatives(anchor, positive, embeddings[negative_index], weights, hardness)
+    positive = gather_rows(embeddings, layout.positive_index()).view(num_nodes, 1, 1, -1)
+    weights = gather_rows(fusion_weights.reshape(num_nodes * num_nodes, -1),
+                          anchor_index.view(-1, 1, 1) * num_nodes + negative_index)
+    negatives = synthesize_negatives(anchor, positive, gather_rows(embeddings, negative_index),
+                                     weights, hardness)
 
     synthetic = negatives[:, :, 0]
     for k in range(1, samples_per_class):  # K is 2 or 3: a loop over samples of a class, not nodes

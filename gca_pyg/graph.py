@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Data
 
+from gca_pyg.utils import gather_rows
+
 __all__ = [
     "build_batch_graph",
     "complete_edge_index",
@@ -70,7 +72,7 @@ def to_dense_edges(edge_values: Tensor, edge_index: Tensor, num_nodes: int, *,
         raise ValueError(
             f"to_dense_edges needs a complete graph on {num_nodes} nodes, but some node pairs have no "
             "edge; build it with build_batch_graph or complete_edge_index.")
-    return edge_values[table]
+    return gather_rows(edge_values, table)
 
 
 def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
@@ -112,7 +114,7 @@ def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
     unit = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
     edge_index = complete_edge_index(num_nodes, undirected=undirected, device=z.device)
     source, target = edge_index
-    edge_attr = unit[source] * unit[target]
+    edge_attr = gather_rows(unit, source) * gather_rows(unit, target)
     neg_mask = y[source] != y[target]
     return Data(x=x, edge_index=edge_index, edge_attr=edge_attr, neg_mask=neg_mask, y=y,
                 num_nodes=num_nodes)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gca_pyg.layout import class_layout
+from gca_pyg.utils import gather_rows
 
 __all__ = ["npair_loss", "synthetic_npair_loss", "synthetic_class_loss", "similarity_loss",
            "diversity_loss"]
@@ -38,7 +39,7 @@ def npair_loss(embeddings: Tensor, labels: Tensor, l2_reg: float = 3e-3) -> Tens
         l2_reg: Weight of the embedding-norm penalty.
     """
     layout = class_layout(labels, embeddings)
-    samples = embeddings[layout.members]  # (C, K, D)
+    samples = gather_rows(embeddings, layout.members)  # (C, K, D)
     anchors, others = samples[:, 0], samples[:, 1:].transpose(0, 1)  # (C, D), (K-1, C, D)
     logits = torch.einsum("cd,kmd->kcm", anchors, others)
     target = torch.arange(layout.num_classes, device=labels.device).repeat(others.size(0))
@@ -56,7 +57,7 @@ def _group_by_anchor(synthetic: Tensor, anchor_index: Tensor, num_anchors: int) 
     expected = torch.arange(num_anchors, device=anchor_index.device).repeat_interleave(per_anchor)
     if not torch.equal(anchor_index[order], expected):
         raise ValueError("every anchor must have the same number of synthetic negatives")
-    return synthetic[order].view(num_anchors, per_anchor, -1)
+    return gather_rows(synthetic, order).view(num_anchors, per_anchor, -1)
 
 
 def synthetic_npair_loss(embeddings: Tensor, labels: Tensor, synthetic: Tensor,
@@ -81,7 +82,7 @@ def synthetic_npair_loss(embeddings: Tensor, labels: Tensor, synthetic: Tensor,
                                       embeddings.size(0)).squeeze(-1)
     if bool((grouped_labels == labels.unsqueeze(-1)).any()):
         raise ValueError("a synthetic negative has the label of its own anchor")
-    positives = embeddings[layout.positive_index()]
+    positives = gather_rows(embeddings, layout.positive_index())
     candidates = torch.cat([positives.unsqueeze(1), grouped], dim=1)  # (N, C, D)
     logits = torch.einsum("nd,ncd->nc", embeddings, candidates)
     target = torch.zeros(embeddings.size(0), dtype=torch.long, device=embeddings.device)
@@ -106,7 +107,7 @@ def similarity_loss(embeddings: Tensor, synthetic: Tensor, anchor_index: Tensor,
         synthetic, anchor_index: As returned by :func:`~gca_pyg.generator.synthesize_batch`.
         num_classes: :math:`C`, classes in the batch.
     """
-    cosine = F.cosine_similarity(embeddings[anchor_index], synthetic, dim=-1)
+    cosine = F.cosine_similarity(gather_rows(embeddings, anchor_index), synthetic, dim=-1)
     return (1.0 - cosine).sum() / (embeddings.size(0) * num_classes)
 
 

@@ -179,3 +179,19 @@ def test_embed_is_deterministic_and_keeps_the_mode():
     assert model.training and not first.requires_grad
     assert torch.equal(first, model.embed(images))
     assert first.shape == (12, 16)
+
+
+def test_seeded_training_repeats_bit_for_bit():
+    def train_a_little():
+        torch.manual_seed(3)
+        model = GCAHNG(TinyBackbone(), num_classes=27, embedding_size=64,
+                       optim=OptimConfig(warmup_epochs=0))
+        images = torch.randn(81, 20)
+        labels = torch.arange(27).repeat_interleave(3)
+        for _ in range(2):
+            model.training_step(images, labels)
+        return model.state_dict()
+
+    first, second = train_a_little(), train_a_little()
+    for name, tensor in first.items():
+        assert torch.equal(second[name], tensor), name
