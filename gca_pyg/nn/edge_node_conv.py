@@ -181,7 +181,7 @@ class EdgeNodeConv(MessagePassing):
         key = self.lin_key(x).view(num_nodes, self.heads, head_size)
         value = self.lin_value(x).view(num_nodes, self.heads, head_size)
         off_diagonal = source != target
-        if undirected and edge_index.size(1) == num_nodes * (num_nodes + 1) // 2:
+        if undirected and self._is_complete(source, target, num_nodes):
             # The complete graph: attention as small dense matmuls instead of N^2 gathers.
             message = self._dense_attention(query, key, value, source, target, attn_mask)
         else:
@@ -201,6 +201,16 @@ class EdgeNodeConv(MessagePassing):
                                           dim_size=num_nodes, reduce="sum")
         h = self.norm_edge_to_node(F.gelu(h + outgoing))
         return self.norm_node_ffn(F.gelu(h + self.node_ffn(h)))
+
+    @staticmethod
+    def _is_complete(source: Tensor, target: Tensor, num_nodes: int) -> bool:
+        """Whether undirected storage holds every pair {i, j}, self-loops included, exactly once."""
+        if source.numel() != num_nodes * (num_nodes + 1) // 2:
+            return False
+        covered = torch.zeros(num_nodes, num_nodes, dtype=torch.bool, device=source.device)
+        covered[source, target] = True
+        covered[target, source] = True
+        return bool(covered.all())
 
     def _dense_attention(self, query: Tensor, key: Tensor, value: Tensor, source: Tensor,
                          target: Tensor, attn_mask: Optional[Tensor]) -> Tensor:

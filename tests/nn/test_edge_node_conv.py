@@ -227,3 +227,18 @@ def test_undirected_storage_of_a_sparse_graph_equals_both_directions():
     h_u, e_u = conv(x, pairs, features, mask, undirected=True)
     assert torch.allclose(h_u, h, atol=1e-12)
     assert torch.allclose(e_u, e[:pairs.size(1)], atol=1e-12)
+
+
+def test_undirected_storage_with_a_repeated_pair_is_not_taken_for_complete():
+    # 4 nodes, 10 columns as in the complete graph, but {0, 1} twice and {2, 3} missing.
+    conv = make_conv()
+    pairs = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 2, 3],
+                          [0, 1, 1, 2, 3, 1, 2, 3, 2, 3]])
+    features = torch.randn(10, CHANNELS, dtype=torch.float64)
+    features[2] = features[1]
+    x = torch.randn(4, CHANNELS, dtype=torch.float64)
+    off_diagonal = pairs[0] != pairs[1]
+    directed = torch.cat([pairs, pairs[:, off_diagonal].flip(0)], dim=1)
+    h, _ = conv(x, directed, torch.cat([features, features[off_diagonal]]))
+    h_u, _ = conv(x, pairs, features, undirected=True)
+    assert torch.allclose(h_u, h, atol=1e-12)
