@@ -27,28 +27,29 @@ class PooledFeatures(torch.nn.Identity):
 
 
 def build(config):
-    from gca_pyg.model import GCAHNG, OptimConfig
+    from gca_pyg.model import GCAHNG
+    from gca_pyg.trainer import AlternatingTrainer, OptimConfig
 
     torch.manual_seed(0)
     device = torch.device(config["device"])
     amp = torch.bfloat16 if config["dtype"] == "bf16" else None
-    model = GCAHNG(PooledFeatures(), TRAIN_CLASSES, config["dim"],
-                   optim=OptimConfig(warmup_epochs=0), amp_dtype=amp).to(device)
+    model = GCAHNG(PooledFeatures(), TRAIN_CLASSES, config["dim"], amp_dtype=amp).to(device)
+    trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0))
     num_nodes = config["num_nodes"]
     features = torch.randn(num_nodes, FEATURES, device=device)
     labels = torch.randperm(TRAIN_CLASSES, device=device)[:num_nodes // 3].repeat_interleave(3)
     # Past the first epoch, so that J_syn carries weight and hardness is below 1, as in training.
-    model.mean_metric_loss, model.mean_generator_loss = 3.0, 30.0
-    return model, features, labels, device
+    trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 30.0
+    return trainer, features, labels, device
 
 
 def run_child(config):
     if config["malloc"] == "retain":
         retain_freed_memory()
-    model, features, labels, device = build(config)
+    trainer, features, labels, device = build(config)
 
     def step():
-        model.training_step(features, labels)
+        trainer.training_step(features, labels)
 
     print(json.dumps(measure_step(step, device, config["repeats"])))
 
@@ -57,11 +58,11 @@ def profile(config, rows: int = 15):
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     retain_freed_memory()
-    model, features, labels, device = build(config)
-    model.training_step(features, labels)
+    trainer, features, labels, device = build(config)
+    trainer.training_step(features, labels)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
-        model.training_step(features, labels)
+        trainer.training_step(features, labels)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 

@@ -17,7 +17,8 @@ import yaml
 from gca_pyg.backbones import BACKBONE_NAMES, PRETRAINED_CHOICES
 from gca_pyg.data import DATASETS
 from gca_pyg.errors import ConfigError
-from gca_pyg.model import LossConfig, NetConfig, OptimConfig
+from gca_pyg.model import LossConfig, NetConfig
+from gca_pyg.trainer import OptimConfig
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "load_config",
            "apply_overrides", "config_dirs", "available_configs"]
@@ -48,6 +49,10 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 5  # epochs; the last epoch is always evaluated
     output_dir: str = "runs"
+    # Under torchrun: auto (NCCL on CUDA, gloo on the CPU) | gloo | nccl
+    dist_backend: str = "auto"
+    # Seconds a process waits in a collective for another before failing (a process that died)
+    dist_timeout: float = 600.0
 
 
 @dataclass
@@ -224,6 +229,7 @@ def _check_values(config: Config, source: str):
         "model.backbone": (config.model.backbone, BACKBONE_NAMES),
         "model.pretrained": (config.model.pretrained, PRETRAINED_CHOICES),
         "train.precision": (config.train.precision, ("fp32", "bf16")),
+        "train.dist_backend": (config.train.dist_backend, ("auto", "gloo", "nccl")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -244,6 +250,7 @@ def _check_values(config: Config, source: str):
         "optim.metric_lr_step": config.optim.metric_lr_step,
         "train.eval_every": config.train.eval_every,
         "eval.batch_size": config.eval.batch_size,
+        "train.dist_timeout": config.train.dist_timeout,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -1,9 +1,10 @@
-"""Channel-adaptive synthesis of hard negatives (SPEC.md §4).
+"""Channel-adaptive synthesis of hard negatives (docs/method.md, "Synthesis").
 
 :func:`synthesize_negatives` moves one negative towards its anchor, channel by channel;
-:func:`synthesize_batch` does it for every (anchor, negative) pair of a class-balanced batch and
-merges the K negatives of each other class into one synthetic negative per (anchor, class);
-:class:`HardNegativeGenerator` adds the hardness schedule.
+:func:`synthesize_groups` does it for (anchor, class) groups of a class-balanced batch and merges
+the K samples of the class into one synthetic sample per group; :func:`synthesize_batch` is the
+same for every group, from dense fusion weights; :func:`hardness_from_loss` is the hardness
+schedule.
 """
 import math
 from typing import Optional, Tuple, Union
@@ -11,11 +12,11 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from gca_pyg.layout import class_layout
+from gca_pyg.layout import ClassLayout, class_layout
 from gca_pyg.utils import gather_rows
 
-__all__ = ["synthesize_negatives", "synthesize_batch", "hardness_from_loss",
-           "HardNegativeGenerator"]
+__all__ = ["synthesize_negatives", "synthesize_groups", "synthesize_batch", "draw_mix",
+           "hardness_from_loss"]
 
 
 def synthesize_negatives(anchor: Tensor, positive: Tensor, negative: Tensor, weights: Tensor,
@@ -55,36 +56,89 @@ def synthesize_negatives(anchor: Tensor, positive: Tensor, negative: Tensor, wei
     return torch.where(d_pos >= d_neg, negative, moved)
 
 
-def synthesize_batch(embeddings: Tensor, labels: Tensor, fusion_weights: Tensor,
-                     hardness: float, *, mix: Optional[Tensor] = None
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""One synthetic hard negative per (anchor, other class) of a class-balanced batch.
+def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
+                      target_class: Tensor, weights: Tensor, hardness: Union[float, Tensor],
+                      mix: Tensor) -> Tensor:
+    r"""One synthetic sample per (anchor, class) group, merging the class's :math:`K` samples.
 
-    Every sample :math:`i` is an anchor; its positive is the next sample of its class (in the
-    canonical order of :func:`~gca_pyg.layout.class_layout`). For each other class :math:`c` with
-    samples :math:`n_0, \dots, n_{K-1}`, each :math:`n_k` is synthesised with the weights
-    :math:`\boldsymbol{\lambda}_{i n_k}` (:func:`synthesize_negatives`) and the K results are merged in
-    order,
+    For anchor :math:`i` (its positive is the next sample of its class, see
+    :func:`~gca_pyg.layout.class_layout`) and class :math:`c` with samples
+    :math:`n_0, \dots, n_{K-1}` in batch order, each :math:`n_k` is moved by
+    :func:`synthesize_negatives` with its own weights :math:`\boldsymbol{\lambda}_{i n_k}`, and the
+    :math:`K` results are merged in order,
 
     .. math::
-        \tilde{\mathbf{n}}_c \leftarrow \tilde{\mathbf{n}}_k + u_k (\tilde{\mathbf{n}}_c -
-        \tilde{\mathbf{n}}_k), \quad k = 1, \dots, K-1, \qquad u_k \sim U(0, 1),
+        \tilde{\mathbf{n}}_c \leftarrow \tilde{\mathbf{n}}_k + u_{r(i),k} (\tilde{\mathbf{n}}_c -
+        \tilde{\mathbf{n}}_k), \quad k = 1, \dots, K-1,
 
-    starting from :math:`\tilde{\mathbf{n}}_c = \tilde{\mathbf{n}}_0` (one :math:`u_k` per call,
-    shared by the batch, as in the reference).
+    starting from :math:`\tilde{\mathbf{n}}_c = \tilde{\mathbf{n}}_0`, where :math:`r(i)` is the
+    anchor's position in its class: one coefficient per (anchor block, k), as the reference draws
+    them. A group whose class is the anchor's own mixes the anchor's classmates with the weights of
+    the positive edges (the anchor itself comes back unchanged, :math:`d^- = 0`).
+
+    Args:
+        embeddings: :math:`(N, D)`.
+        layout: The batch's :class:`~gca_pyg.layout.ClassLayout`.
+        anchor: Anchor node of every group, :math:`(G,)`.
+        target_class: Class row (in ``layout.classes``) of every group, :math:`(G,)`.
+        weights: Fusion weights of the group's :math:`K` edges, :math:`(G, K, D)`.
+        hardness: :math:`h` (see :func:`hardness_from_loss`).
+        mix: Merge coefficients :math:`u`, :math:`(K, K - 1)` (see :func:`draw_mix`).
+
+    Returns:
+        The synthetic samples :math:`(G, D)`.
+    """
+    samples_per_class = layout.samples_per_class
+    if mix.shape != (samples_per_class, samples_per_class - 1):
+        raise ValueError(f"mix must have shape (K, K - 1) = ({samples_per_class}, "
+                         f"{samples_per_class - 1}), got {tuple(mix.shape)}")
+    dim = embeddings.size(1)
+    anchors = gather_rows(embeddings, anchor).unsqueeze(1)
+    positives = gather_rows(embeddings, layout.positive_index()[anchor]).unsqueeze(1)
+    negatives = gather_rows(embeddings, layout.members[target_class])
+    moved = synthesize_negatives(anchors, positives, negatives, weights.view(-1, samples_per_class,
+                                                                              dim), hardness)
+    coefficients = mix.to(embeddings.dtype)[layout.rank[anchor]]  # (G, K - 1)
+    synthetic = moved[:, 0]
+    for k in range(1, samples_per_class):  # K is 2 or 3: a loop over a class's samples, not nodes
+        synthetic = moved[:, k] + coefficients[:, k - 1:k] * (synthetic - moved[:, k])
+    return synthetic
+
+
+def draw_mix(samples_per_class: int, generator: Optional[torch.Generator] = None,
+             device: Optional[torch.device] = None) -> Tensor:
+    r"""The merge coefficients :math:`u \sim U(0, 1)` of :func:`synthesize_groups`, one per
+    (anchor block, k): shape :math:`(K, K - 1)`. Drawn on the CPU from `generator`, so every
+    process of a distributed run draws the same values."""
+    mix = torch.rand(samples_per_class, samples_per_class - 1, generator=generator)
+    return mix.to(device) if device is not None else mix
+
+
+def synthesize_batch(embeddings: Tensor, labels: Tensor, fusion_weights: Tensor,
+                     hardness: float, *, mix: Optional[Tensor] = None,
+                     include_own_class: bool = False, layout: Optional[ClassLayout] = None
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Synthetic hard negatives of a class-balanced batch from dense fusion weights.
+
+    One synthetic sample per (anchor, other class), or per (anchor, class) with
+    :obj:`include_own_class`, built by :func:`synthesize_groups`.
 
     Args:
         embeddings: :math:`(N, D)`.
         labels: :math:`(N,)`; every class exactly :math:`K \ge 2` times.
         fusion_weights: Dense :math:`(N, N, D)` weights, ``[i, j]`` for anchor :math:`i` and
-            negative :math:`j` (see :func:`gca_pyg.graph.to_dense_edges`).
+            sample :math:`j` (see :func:`gca_pyg.graph.to_dense_edges`).
         hardness: :math:`h` (see :func:`hardness_from_loss`).
-        mix: The :math:`K - 1` coefficients :math:`u_k`; drawn from :math:`U(0, 1)` if omitted.
+        mix: Merge coefficients :math:`(K, K - 1)`; drawn from :math:`U(0, 1)` if omitted.
+        include_own_class: Also synthesise each anchor's own class (its rows then carry the
+            anchor's label: not negatives). (default: :obj:`False`)
+        layout: The batch's :class:`~gca_pyg.layout.ClassLayout`, if already derived.
 
     Returns:
-        ``(synthetic, synthetic_labels, anchor_index)``: :math:`(N (C-1), D)` negatives, the class
-        each stands for, and the batch index of its anchor; rows are grouped by anchor (batch order),
-        then by class (ascending), so any loss taking ``(embeddings, labels)`` can consume them.
+        ``(synthetic, synthetic_labels, anchor_index)``: :math:`(N (C-1), D)` samples (:math:`N C`
+        with :obj:`include_own_class`), the class each stands for, and the batch index of its
+        anchor; rows are grouped by anchor (batch order), then by class (ascending), so any loss
+        taking ``(embeddings, labels)`` can consume them.
 
     Raises:
         ValueError: If the batch is not class-balanced, naming the class counts.
@@ -95,32 +149,19 @@ def synthesize_batch(embeddings: Tensor, labels: Tensor, fusion_weights: Tensor,
             f"fusion_weights must be dense [N, N, D] = [{num_nodes}, {num_nodes}, "
             f"{embeddings.size(1)}], got {tuple(fusion_weights.shape)}; densify per-edge weights "
             "with gca_pyg.graph.to_dense_edges")
-    layout = class_layout(labels, embeddings)
-    samples_per_class = layout.samples_per_class
+    layout = layout if layout is not None else class_layout(labels)
     if mix is None:
-        mix = torch.rand(samples_per_class - 1, device=embeddings.device)
-    elif mix.shape != (samples_per_class - 1,):
-        raise ValueError(f"mix must hold K - 1 = {samples_per_class - 1} coefficients, "
-                         f"got shape {tuple(mix.shape)}")
-
-    other = layout.other_classes()  # (N, C-1)
-    negative_index = layout.members[other]  # (N, C-1, K)
-    anchor_index = torch.arange(num_nodes, device=embeddings.device)
-    # Anchors and positives broadcast over (C-1, K); negatives and weights are (N, C-1, K, D).
-    anchor = embeddings.view(num_nodes, 1, 1, -1)
-    positive = gather_rows(embeddings, layout.positive_index()).view(num_nodes, 1, 1, -1)
-    weights = gather_rows(fusion_weights.reshape(num_nodes * num_nodes, -1),
-                          anchor_index.view(-1, 1, 1) * num_nodes + negative_index)
-    negatives = synthesize_negatives(anchor, positive, gather_rows(embeddings, negative_index),
-                                     weights, hardness)
-
-    synthetic = negatives[:, :, 0]
-    for k in range(1, samples_per_class):  # K is 2 or 3: a loop over samples of a class, not nodes
-        synthetic = negatives[:, :, k] + mix[k - 1] * (synthetic - negatives[:, :, k])
-    synthetic_labels = layout.classes[other]
-    anchors = anchor_index.view(-1, 1).expand_as(other)
-    return (synthetic.reshape(-1, embeddings.size(1)), synthetic_labels.reshape(-1),
-            anchors.reshape(-1))
+        mix = draw_mix(layout.samples_per_class, device=embeddings.device)
+    num_classes = layout.num_classes
+    anchor = torch.arange(num_nodes, device=embeddings.device).repeat_interleave(num_classes)
+    target_class = torch.arange(num_classes, device=embeddings.device).repeat(num_nodes)
+    if not include_own_class:
+        keep = target_class != layout.class_index[anchor]
+        anchor, target_class = anchor[keep], target_class[keep]
+    edges = anchor.unsqueeze(1) * num_nodes + layout.members[target_class]
+    weights = gather_rows(fusion_weights.reshape(num_nodes * num_nodes, -1), edges)
+    synthetic = synthesize_groups(embeddings, layout, anchor, target_class, weights, hardness, mix)
+    return synthetic, layout.classes[target_class], anchor
 
 
 def hardness_from_loss(alpha: float, mean_metric_loss: float) -> float:
@@ -129,23 +170,3 @@ def hardness_from_loss(alpha: float, mean_metric_loss: float) -> float:
     While the metric loss is high, :math:`h \approx 1` and synthetic negatives stay near the real
     ones; as it falls, :math:`h \to 0` and they are pulled in towards the positive's distance."""
     return math.exp(-alpha / mean_metric_loss)
-
-
-class HardNegativeGenerator(torch.nn.Module):
-    r"""Batch-level hard-negative synthesis with the hardness schedule of GCA-HNG.
-
-    Args:
-        alpha (float): :math:`\alpha` of the hardness :math:`h = \exp(-\alpha / \bar{J}_m)`.
-    """
-    def __init__(self, alpha: float):
-        super().__init__()
-        self.alpha = alpha
-
-    def forward(self, embeddings: Tensor, labels: Tensor, fusion_weights: Tensor,
-                mean_metric_loss: float) -> Tuple[Tensor, Tensor, Tensor]:
-        """See :func:`synthesize_batch`; :obj:`mean_metric_loss` is :math:`\\bar{J}_m`."""
-        hardness = hardness_from_loss(self.alpha, mean_metric_loss)
-        return synthesize_batch(embeddings, labels, fusion_weights, hardness)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}"

@@ -1,22 +1,31 @@
-"""Mini-batch → dense correlation graph (SPEC.md §1).
+"""Mini-batch → correlation graph (docs/method.md, "The batch graph").
 
 Every sample of a batch becomes a node; every ordered pair of samples (self-loops included) becomes an
 edge that carries the per-channel correlation of the two embeddings. The complete graph is symmetric
 (``e_ij = e_ji``), so it can also be stored *undirected*: one row per unordered pair ``{i, j}``,
-``i <= j``, which halves the edge work of :class:`~gca_pyg.nn.CorrelationNet` exactly.
+which halves the edge work of :class:`~gca_pyg.nn.CorrelationNet` exactly.
+
+Several processes share one batch graph by splitting its undirected pairs: :func:`shard_pairs`
+gives each process whole blocks of class pairs, so every (anchor, class) group that synthesis needs
+lies on one process.
 """
-from typing import Optional
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
 
+from gca_pyg.layout import ClassLayout
 from gca_pyg.utils import gather_rows
 
 __all__ = [
+    "EdgeShard",
     "build_batch_graph",
     "complete_edge_index",
     "pair_index",
+    "shard_pairs",
     "to_dense_edges",
 ]
 
@@ -76,10 +85,11 @@ def to_dense_edges(edge_values: Tensor, edge_index: Tensor, num_nodes: int, *,
 
 
 def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
-                      eps: float = 1e-12) -> Data:
-    r"""Builds the dense correlation graph of a mini-batch (SPEC.md §1).
+                      edge_index: Optional[Tensor] = None, eps: float = 1e-12) -> Data:
+    r"""Builds the correlation graph of a mini-batch (docs/method.md, "The batch graph").
 
-    Each embedding is centred by its own channel mean, :math:`\mathbf{x}_i = \mathbf{z}_i -
+    The nodes carry the embeddings :math:`\mathbf{z}_i` themselves. For the edges each embedding is
+    centred by its own channel mean, :math:`\mathbf{x}_i = \mathbf{z}_i -
     \mathrm{mean}_c(z_{i,c})`, and every pair of nodes is joined by an edge carrying the per-channel
     correlation
 
@@ -94,11 +104,14 @@ def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
         undirected (bool, optional): Store each unordered pair once (:math:`N(N+1)/2` edges, see
             :func:`complete_edge_index`) instead of all :math:`N^2` ordered pairs. Pass the same flag to
             :class:`~gca_pyg.nn.CorrelationNet`. (default: :obj:`False`)
+        edge_index (torch.Tensor, optional): The pairs to build, :math:`(2, |\mathcal{E}|)`, e.g.
+            one process's share from :func:`shard_pairs`; the complete graph if omitted.
+            (default: :obj:`None`)
         eps (float, optional): Lower bound of the norms, so that a constant embedding gives zero
             correlations instead of NaN. (default: :obj:`1e-12`)
 
     Returns:
-        :class:`torch_geometric.data.Data` with ``x`` :math:`(N, D)` the centred features,
+        :class:`torch_geometric.data.Data` with ``x`` :math:`(N, D)` the embeddings :obj:`z`,
         ``edge_index`` :math:`(2, |\mathcal{E}|)`, ``edge_attr`` :math:`(|\mathcal{E}|, D)`,
         ``neg_mask`` :math:`(|\mathcal{E}|,)` bool, True where the two labels differ, and ``y``.
         Differentiable with respect to :obj:`z`.
@@ -110,11 +123,109 @@ def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
             f"build_batch_graph expects one label per embedding: z has {z.size(0)} rows, "
             f"y has shape {tuple(y.shape)}")
     num_nodes = z.size(0)
-    x = z - z.mean(dim=1, keepdim=True)
-    unit = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
-    edge_index = complete_edge_index(num_nodes, undirected=undirected, device=z.device)
+    centred = z - z.mean(dim=1, keepdim=True)
+    unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(eps)
+    if edge_index is None:
+        edge_index = complete_edge_index(num_nodes, undirected=undirected, device=z.device)
     source, target = edge_index
     edge_attr = gather_rows(unit, source) * gather_rows(unit, target)
     neg_mask = y[source] != y[target]
-    return Data(x=x, edge_index=edge_index, edge_attr=edge_attr, neg_mask=neg_mask, y=y,
+    return Data(x=z, edge_index=edge_index, edge_attr=edge_attr, neg_mask=neg_mask, y=y,
                 num_nodes=num_nodes)
+
+
+@dataclass(frozen=True)
+class EdgeShard:
+    """One process's share of the undirected pairs of a class-balanced batch graph.
+
+    The pairs come in blocks: the :math:`K^2` pairs joining two classes, or the :math:`K(K+1)/2`
+    pairs within one class. A shard holds whole blocks, so for every anchor of a block's classes
+    it holds all :math:`K` edges to the other class of the block (or its own): one *group*, which is
+    what synthesis merges into one synthetic sample.
+
+    Attributes:
+        edge_index: The stored pairs :math:`(2, E_r)`, undirected storage (each pair once).
+        anchor: The anchor node of every group, :math:`(G_r,)`.
+        target_class: The class of every group, as a row of :attr:`ClassLayout.classes`,
+            :math:`(G_r,)`; equal to the anchor's class for the groups of same-class blocks.
+        edges: For every group, the rows of :attr:`edge_index` joining its anchor to the
+            :math:`K` samples of its class in batch order, :math:`(G_r, K)`.
+    """
+    edge_index: Tensor
+    anchor: Tensor
+    target_class: Tensor
+    edges: Tensor
+
+    @property
+    def num_edges(self) -> int:
+        return self.edge_index.size(1)
+
+
+def shard_pairs(layout: ClassLayout, rank: int = 0, world_size: int = 1) -> EdgeShard:
+    r"""Splits the undirected pairs of a class-balanced batch between `world_size` processes.
+
+    The :math:`C(C+1)/2` blocks of class pairs :math:`\{a, b\}`, :math:`a \le b`, are cut into
+    `world_size` contiguous runs of about equal edge counts; process `rank` stores its run. With one
+    process the shard is the complete graph (every pair once, self-loops included).
+
+    Args:
+        layout: The batch's :class:`~gca_pyg.layout.ClassLayout`.
+        rank: This process's rank. (default: :obj:`0`)
+        world_size: The number of processes. (default: :obj:`1`)
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    slots = _block_slots(layout.num_classes, layout.samples_per_class, rank, world_size,
+                         str(layout.members.device))
+    edge_slots, anchor_slots, target_class, edges = slots
+    nodes = layout.members.reshape(-1)
+    return EdgeShard(edge_index=nodes[edge_slots], anchor=nodes[anchor_slots],
+                     target_class=target_class, edges=edges)
+
+
+@lru_cache(maxsize=32)
+def _block_slots(num_classes: int, samples: int, rank: int, world_size: int, device: str
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`shard_pairs` in terms of slots ``class_row * K + k``; depends on sizes only."""
+    device = torch.device(device)
+    first, second = torch.triu_indices(num_classes, num_classes, device=device)
+    same = first == second
+    block_edges = torch.where(same, samples * (samples + 1) // 2, samples * samples)
+    start = torch.cumsum(block_edges, 0) - block_edges
+    owner = ((2 * start + block_edges) * world_size) // (2 * int(block_edges.sum()))
+    mine = owner.clamp_max(world_size - 1) == rank
+    first, second, same = first[mine], second[mine], same[mine]
+
+    k = torch.arange(samples, device=device)
+    # Between two classes: all K x K pairs, row p * K + q joins sample p of a to sample q of b.
+    cross_a, cross_b = first[~same], second[~same]
+    num_cross = cross_a.numel()
+    cross_base = torch.arange(num_cross, device=device) * samples * samples
+    p, q = k.repeat_interleave(samples), k.repeat(samples)
+    cross_edges = torch.stack([(cross_a * samples).unsqueeze(1) + p,
+                               (cross_b * samples).unsqueeze(1) + q]).reshape(2, -1)
+    # Within a class: the pairs p <= q, row t of triu_indices(K, K).
+    within = first[same]
+    tri_p, tri_q = torch.triu_indices(samples, samples, device=device)
+    within_base = num_cross * samples * samples + \
+        torch.arange(within.numel(), device=device) * tri_p.numel()
+    within_edges = torch.stack([(within * samples).unsqueeze(1) + tri_p,
+                                (within * samples).unsqueeze(1) + tri_q]).reshape(2, -1)
+    edge_slots = torch.cat([cross_edges, within_edges], dim=1)
+
+    # Groups: (anchor slot, target class, K edge rows).
+    rows = cross_base.view(-1, 1, 1) + (k.view(-1, 1) * samples + k.view(1, -1))  # [block, p, q]
+    anchors_a = (cross_a * samples).unsqueeze(1) + k  # [block, p]
+    anchors_b = (cross_b * samples).unsqueeze(1) + k  # [block, q]
+    triangle = torch.empty(samples, samples, dtype=torch.long, device=device)
+    triangle[tri_p, tri_q] = torch.arange(tri_p.numel(), device=device)
+    triangle[tri_q, tri_p] = torch.arange(tri_p.numel(), device=device)
+    within_rows = within_base.view(-1, 1, 1) + triangle  # [block, p, q]
+    anchor_slots = torch.cat([anchors_a.reshape(-1), anchors_b.reshape(-1),
+                              ((within * samples).unsqueeze(1) + k).reshape(-1)])
+    target_class = torch.cat([cross_b.repeat_interleave(samples),
+                              cross_a.repeat_interleave(samples),
+                              within.repeat_interleave(samples)])
+    edges = torch.cat([rows.reshape(-1, samples), rows.transpose(1, 2).reshape(-1, samples),
+                       within_rows.reshape(-1, samples)])
+    return edge_slots, anchor_slots, target_class, edges

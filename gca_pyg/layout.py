@@ -1,14 +1,14 @@
 """The class structure of a class-balanced batch, derived from its labels.
 
-GCA-HNG pairs every sample with a positive of its own class and mixes the samples of each other
-class in a fixed order (SPEC.md §4–§5). The reference code reads both off positions in a
-class-major batch; here they come from the labels, and the order of the samples within a class is
-canonical — set by their content, not by where they sit in the batch — so that shuffling a batch
-permutes every derived quantity without changing it.
+GCA-HNG pairs every sample with a positive of its own class and mixes the samples of each class in
+a fixed order (docs/method.md, "Roles within a class"). The reference code reads both off positions
+in a batch laid out sample-major; here the classes come from the labels and the roles within a class
+from the batch order of its samples (the sampler draws them at random). A permutation of the batch
+that keeps each class's internal order therefore permutes every derived quantity without changing it.
+
+The layout is derived once per training step and passed to the graph, the synthesis and the losses.
 """
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -19,7 +19,7 @@ class ClassLayout:
 
     Attributes:
         classes: The C distinct labels, ascending, shape (C,).
-        members: Batch indices of each class's samples in canonical order, shape (C, K).
+        members: Batch indices of each class's samples in batch order, shape (C, K).
         class_index: For every sample, the row of its class in :attr:`classes`, shape (N,).
         rank: For every sample, its position k within its class, shape (N,).
     """
@@ -47,14 +47,12 @@ class ClassLayout:
         return all_classes.expand(self.class_index.numel(), -1)[is_other].view(-1, self.num_classes - 1)
 
 
-def class_layout(labels: Tensor, embeddings: Optional[Tensor] = None) -> ClassLayout:
-    """Derives the :class:`ClassLayout` of a batch from its labels.
+def class_layout(labels: Tensor) -> ClassLayout:
+    """Derives the :class:`ClassLayout` of a batch from its labels: classes ascending, the samples
+    of each class in batch order (sample k of a class has sample k + 1 mod K as its positive).
 
     Args:
         labels: Labels of shape (N,).
-        embeddings: Optional (N, D) features that set the canonical order within a class (by the
-            sum of each row, a key that does not depend on where a sample sits in the batch; tied
-            rows fall back to batch order). Without them, the order is the batch order.
 
     Raises:
         ValueError: If the batch is not class-balanced with K >= 2 samples per class and at least
@@ -70,11 +68,7 @@ def class_layout(labels: Tensor, embeddings: Optional[Tensor] = None) -> ClassLa
             f"samples) but got class counts {{{described}}}; sample batches with "
             "gca_pyg.data.ClassBalancedBatchSampler")
     samples_per_class = int(counts[0])
-    key = torch.zeros(labels.numel(), dtype=torch.float64, device=labels.device)
-    if embeddings is not None:
-        key = embeddings.detach().double().sum(dim=1)
-    order_within = torch.sort(key, stable=True).indices
-    order = order_within[torch.sort(class_index[order_within], stable=True).indices]
+    order = torch.sort(class_index, stable=True).indices
     members = order.view(classes.numel(), samples_per_class)
     rank = torch.empty_like(class_index)
     rank[members] = torch.arange(samples_per_class, device=labels.device).expand_as(members)

@@ -1,19 +1,24 @@
-"""The losses of GCA-HNG (SPEC.md §5).
+"""The losses of GCA-HNG (docs/method.md, "Losses").
 
 Metric losses: the N-pair loss on real embeddings (:func:`npair_loss`, :math:`J_m`) and on synthetic
-negatives (:func:`synthetic_npair_loss`, :math:`J_{syn}`). Generator losses: synthetic negatives must
-still read as their class (:func:`synthetic_class_loss`, :math:`J_{ce}`), be close to their anchor
-(:func:`similarity_loss`, :math:`J_{sim}`), and come from diverse fusion weights
+negatives (:func:`synthetic_npair_loss`, :math:`J_{syn}`). Generator losses: synthetic samples must
+still read as their class (:func:`synthetic_class_loss`, :math:`J_{ce}`), negatives must be close to
+their anchor (:func:`similarity_loss`, :math:`J_{sim}`), and fusion weights must be diverse
 (:func:`diversity_loss`, :math:`J_{div}`). Pairings come from the labels
-(:func:`~gca_pyg.layout.class_layout`), never from positions in the batch.
+(:func:`~gca_pyg.layout.class_layout`), never from where a class sits in the batch.
+
+The losses over synthetic samples and fusion weights also take one process's share of them
+(``group``): each process passes the rows it computed, sums are combined over the processes with
+:func:`gca_pyg.distributed.all_reduce_sum`, and every process returns the loss of the whole batch.
 """
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gca_pyg.layout import class_layout
+from gca_pyg.distributed import all_reduce_sum
+from gca_pyg.layout import ClassLayout, class_layout
 from gca_pyg.utils import gather_rows
 
 __all__ = ["npair_loss", "synthetic_npair_loss", "synthetic_class_loss", "similarity_loss",
@@ -25,20 +30,23 @@ def _l2_term(l2_reg: float, *rows: Tensor) -> Tensor:
     return 0.25 * l2_reg * sum(r.square().sum(dim=-1).mean() for r in rows)
 
 
-def npair_loss(embeddings: Tensor, labels: Tensor, l2_reg: float = 3e-3) -> Tensor:
+def npair_loss(embeddings: Tensor, labels: Tensor, l2_reg: float = 3e-3, *,
+               layout: Optional[ClassLayout] = None) -> Tensor:
     r"""The multi-class N-pair loss :math:`J_m` on a class-balanced batch.
 
-    The first sample of each class is its anchor; for every other sample index :math:`k`, the
-    :math:`C` anchors are classified against the :math:`C` samples :math:`k`
-    (:math:`\mathrm{logits} = A P_k^\top`, target: the anchor's own class), averaged over :math:`k`;
-    plus :math:`0.25 \cdot \mathrm{l2\_reg} \cdot \sum_k \mathrm{mean}_i \lVert \mathbf{z}\rVert^2`.
+    The first sample of each class (in batch order) is its anchor; for every other sample index
+    :math:`k`, the :math:`C` anchors are classified against the :math:`C` samples :math:`k`
+    (:math:`\mathrm{logits} = A P_k^\top`, target: the anchor's own class), averaged over
+    :math:`k`; plus :math:`0.25 \cdot \mathrm{l2\_reg} \cdot \sum_k \mathrm{mean}_i
+    \lVert \mathbf{z}\rVert^2`.
 
     Args:
         embeddings: :math:`(N, D)`, not normalised.
         labels: :math:`(N,)`, every class exactly :math:`K \ge 2` times.
         l2_reg: Weight of the embedding-norm penalty.
+        layout: The batch's :class:`~gca_pyg.layout.ClassLayout`, if already derived.
     """
-    layout = class_layout(labels, embeddings)
+    layout = layout if layout is not None else class_layout(labels)
     samples = gather_rows(embeddings, layout.members)  # (C, K, D)
     anchors, others = samples[:, 0], samples[:, 1:].transpose(0, 1)  # (C, D), (K-1, C, D)
     logits = torch.einsum("cd,kmd->kcm", anchors, others)
@@ -47,80 +55,121 @@ def npair_loss(embeddings: Tensor, labels: Tensor, l2_reg: float = 3e-3) -> Tens
     return cross_entropy + _l2_term(l2_reg, *samples.transpose(0, 1))
 
 
-def _group_by_anchor(synthetic: Tensor, anchor_index: Tensor, num_anchors: int) -> Tensor:
-    """Rows of `synthetic` as (num_anchors, M, D), M synthetic rows per anchor."""
-    if synthetic.size(0) % num_anchors != 0:
-        raise ValueError(f"{synthetic.size(0)} synthetic rows cannot be split evenly over "
-                         f"{num_anchors} anchors")
-    per_anchor = synthetic.size(0) // num_anchors
-    order = torch.sort(anchor_index, stable=True).indices
-    expected = torch.arange(num_anchors, device=anchor_index.device).repeat_interleave(per_anchor)
-    if not torch.equal(anchor_index[order], expected):
-        raise ValueError("every anchor must have the same number of synthetic negatives")
-    return gather_rows(synthetic, order).view(num_anchors, per_anchor, -1)
-
-
 def synthetic_npair_loss(embeddings: Tensor, labels: Tensor, synthetic: Tensor,
-                         synthetic_labels: Tensor, anchor_index: Tensor,
-                         l2_reg: float = 3e-3) -> Tensor:
+                         synthetic_labels: Tensor, anchor_index: Tensor, l2_reg: float = 3e-3, *,
+                         layout: Optional[ClassLayout] = None, group=None) -> Tensor:
     r"""The N-pair loss with synthetic negatives, :math:`J_{syn}`.
 
     Every sample is an anchor once; its logits are :math:`[\mathbf{a}^\top \mathbf{p},\;
     \mathbf{a}^\top \tilde{\mathbf{n}}_c \text{ for every other class } c]` with the positive as
     target; mean over anchors, plus the L2 term of :func:`npair_loss` on the anchors and on all
-    candidates (positives and synthetic negatives).
+    :math:`N C` candidates (positives and synthetic negatives).
 
     Args:
         embeddings, labels: The real batch, :math:`(N, D)` and :math:`(N,)`.
-        synthetic, synthetic_labels, anchor_index: As returned by
-            :func:`~gca_pyg.generator.synthesize_batch`.
+        synthetic, synthetic_labels, anchor_index: Synthetic rows, the class each stands for and
+            its anchor, as :func:`~gca_pyg.generator.synthesize_batch` returns them. Every (anchor,
+            other class) must occur exactly once (over all processes); rows of the anchor's own
+            class are ignored.
         l2_reg: Weight of the embedding-norm penalty.
+        layout: The batch's :class:`~gca_pyg.layout.ClassLayout`, if already derived.
+        group: The process group whose processes hold the other synthetic rows, or :obj:`None`.
     """
-    layout = class_layout(labels, embeddings)
-    grouped = _group_by_anchor(synthetic, anchor_index, embeddings.size(0))
-    grouped_labels = _group_by_anchor(synthetic_labels.unsqueeze(-1), anchor_index,
-                                      embeddings.size(0)).squeeze(-1)
-    if bool((grouped_labels == labels.unsqueeze(-1)).any()):
-        raise ValueError("a synthetic negative has the label of its own anchor")
+    layout = layout if layout is not None else class_layout(labels)
+    num_nodes, num_classes = embeddings.size(0), layout.num_classes
+    synthetic_class = torch.searchsorted(layout.classes, synthetic_labels)
+    is_other = synthetic_class != layout.class_index[anchor_index]
+    slot = anchor_index * num_classes + synthetic_class
+    if group is None:
+        filled = torch.bincount(slot[is_other], minlength=num_nodes * num_classes)
+        expected = layout.class_index.unsqueeze(1) != torch.arange(num_classes,
+                                                                   device=labels.device)
+        if not torch.equal(filled.view(num_nodes, num_classes) == 1, expected) or \
+                bool((filled > 1).any()):
+            raise ValueError("synthetic_npair_loss needs exactly one synthetic negative per "
+                             "(anchor, other class)")
+    anchors = gather_rows(embeddings, anchor_index)
+    values = torch.where(is_other, (anchors * synthetic).sum(dim=-1), 0.0)
+    logits = torch.zeros(num_nodes * num_classes, dtype=values.dtype, device=values.device)
+    logits = all_reduce_sum(logits.index_add(0, slot, values), group).view(num_nodes, num_classes)
     positives = gather_rows(embeddings, layout.positive_index())
-    candidates = torch.cat([positives.unsqueeze(1), grouped], dim=1)  # (N, C, D)
-    logits = torch.einsum("nd,ncd->nc", embeddings, candidates)
-    target = torch.zeros(embeddings.size(0), dtype=torch.long, device=embeddings.device)
-    return F.cross_entropy(logits, target) + _l2_term(l2_reg, embeddings, candidates)
+    own = layout.class_index.unsqueeze(1)
+    logits = logits.scatter(1, own, (embeddings * positives).sum(dim=-1, keepdim=True))
+    synthetic_norms = all_reduce_sum(torch.where(is_other, synthetic.square().sum(dim=-1),
+                                                 0.0).sum(), group)
+    candidate_norms = (positives.square().sum() + synthetic_norms) / (num_nodes * num_classes)
+    return F.cross_entropy(logits, layout.class_index) + \
+        0.25 * l2_reg * (embeddings.square().sum(dim=-1).mean() + candidate_norms)
+
+
+def _global_mean(values: Tensor, group) -> Tensor:
+    """The mean of `values` over every process's rows."""
+    count = torch.tensor(float(values.numel()), dtype=values.dtype, device=values.device)
+    return all_reduce_sum(values.sum(), group) / all_reduce_sum(count, group)
 
 
 def synthetic_class_loss(synthetic: Tensor, synthetic_labels: Tensor,
-                         classifier: Callable[[Tensor], Tensor], scale: float = 20.0) -> Tensor:
-    r""":math:`J_{ce} = s \cdot \mathrm{CE}(W_s \tilde{\mathbf{n}}_{i,c}, c)`: a synthetic negative
-    must still be classified as the class it stands for."""
-    return scale * F.cross_entropy(classifier(synthetic), synthetic_labels)
+                         classifier: Callable[[Tensor], Tensor], scale: float = 20.0, *,
+                         group=None) -> Tensor:
+    r""":math:`J_{ce} = s \cdot \mathrm{CE}(W_s \tilde{\mathbf{n}}, c)`: a synthetic sample must
+    still be classified as the class it stands for (mean over the rows of all processes)."""
+    losses = F.cross_entropy(classifier(synthetic), synthetic_labels, reduction="none")
+    return scale * _global_mean(losses, group)
 
 
 def similarity_loss(embeddings: Tensor, synthetic: Tensor, anchor_index: Tensor,
-                    num_classes: int) -> Tensor:
+                    num_classes: int, *, mask: Optional[Tensor] = None, group=None) -> Tensor:
     r""":math:`J_{sim}`: mean of :math:`1 - \cos(\mathbf{a}, \tilde{\mathbf{n}})` over all
     :math:`N \cdot C` (anchor, class) pairs, the :math:`N` same-class pairs counting as 0 (the
-    reference's intent; it zeroes other entries by mistake).
+    reference's intent; its mask zeroes other entries by mistake).
 
     Args:
         embeddings: The anchors' batch :math:`(N, D)`.
-        synthetic, anchor_index: As returned by :func:`~gca_pyg.generator.synthesize_batch`.
+        synthetic, anchor_index: Synthetic negatives and their anchors, as returned by
+            :func:`~gca_pyg.generator.synthesize_batch`.
         num_classes: :math:`C`, classes in the batch.
+        mask: Bool :math:`(|\text{rows}|,)`, the rows to count (e.g. not the own-class rows);
+            all if omitted.
+        group: The process group whose processes hold the other rows, or :obj:`None`.
     """
-    cosine = F.cosine_similarity(gather_rows(embeddings, anchor_index), synthetic, dim=-1)
-    return (1.0 - cosine).sum() / (embeddings.size(0) * num_classes)
+    distance = 1.0 - F.cosine_similarity(gather_rows(embeddings, anchor_index), synthetic, dim=-1)
+    if mask is not None:
+        distance = torch.where(mask, distance, 0.0)
+    return all_reduce_sum(distance.sum(), group) / (embeddings.size(0) * num_classes)
 
 
-def diversity_loss(fusion_weights: Tensor, scale: float = 0.01, eps: float = 1e-12) -> Tensor:
+def diversity_loss(fusion_weights: Tensor, scale: float = 0.01, eps: float = 1e-12, *,
+                   edge_index: Optional[Tensor] = None, num_nodes: Optional[int] = None,
+                   group=None) -> Tensor:
     r""":math:`J_{div} = s \big(1 - \sqrt{\textstyle\sum_{ij} \lVert \boldsymbol{\lambda}_{ij} -
-    \mathrm{mean}_{j'} \boldsymbol{\lambda}_{ij'} \rVert^2 / E}\big)`: rewards fusion weights that
-    vary over each anchor's edges.
+    \mathrm{mean}_{j'} \boldsymbol{\lambda}_{ij'} \rVert^2 / N^2}\big)` over the complete graph:
+    rewards fusion weights that vary over each anchor's edges.
 
     Args:
-        fusion_weights: Dense :math:`(N, N, D)` weights of the complete graph (:math:`E = N^2`).
+        fusion_weights: Dense :math:`(N, N, D)` weights, or the weights of undirected pairs
+            :math:`(E, D)` given with :obj:`edge_index` (each pair stands for both directions).
         scale: :math:`s`.
         eps: Floor under the square root, so its gradient stays finite.
+        edge_index: The pairs :math:`(2, E)` of per-pair weights.
+        num_nodes: :math:`N`, with :obj:`edge_index`.
+        group: The process group whose processes hold the other pairs, or :obj:`None`.
     """
-    spread = fusion_weights - fusion_weights.mean(dim=1, keepdim=True)
-    num_edges = fusion_weights.size(0) * fusion_weights.size(1)
-    return scale * (1.0 - (spread.square().sum() / num_edges).clamp_min(eps).sqrt())
+    if edge_index is None:
+        spread = fusion_weights - fusion_weights.mean(dim=1, keepdim=True)
+        num_nodes = fusion_weights.size(0)
+        total = spread.square().sum()
+    else:
+        if num_nodes is None:
+            raise ValueError("diversity_loss needs num_nodes with per-pair fusion weights")
+        source, target = edge_index
+        mirrored = source != target
+        sums = torch.zeros(num_nodes, fusion_weights.size(1), dtype=fusion_weights.dtype,
+                           device=fusion_weights.device)
+        sums = sums.index_add(0, source, fusion_weights).index_add(
+            0, target[mirrored], fusion_weights[mirrored])
+        mean = all_reduce_sum(sums, group) / num_nodes
+        from_source = (fusion_weights - gather_rows(mean, source)).square().sum(dim=-1)
+        from_target = (fusion_weights - gather_rows(mean, target)).square().sum(dim=-1)
+        total = all_reduce_sum((from_source + torch.where(mirrored, from_target, 0.0)).sum(),
+                               group)
+    return scale * (1.0 - (total / (num_nodes * num_nodes)).clamp_min(eps).sqrt())

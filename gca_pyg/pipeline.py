@@ -5,11 +5,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from gca_pyg.backbones import build_backbone
 from gca_pyg.config import Config
+from gca_pyg.distributed import Context, all_gather_objects
 from gca_pyg.data import (RetrievalDataset, demo_test_transform, demo_train_transform,
                           get_dataset, test_transform, train_transform)
 from gca_pyg.errors import ConfigError, UnreadableImagesError
@@ -118,9 +120,14 @@ def build_model(config: Config, num_classes: int, device: torch.device,
                               pretrained=pretrained or config.model.pretrained,
                               frozen_bn=config.model.frozen_bn)
     model = GCAHNG(backbone, num_classes, config.model.embedding_size, net=config.net,
-                   loss=config.loss, optim=config.optim,
-                   amp_dtype=check_precision(config, device))
+                   loss=config.loss, amp_dtype=check_precision(config, device))
     return model.to(device)
+
+
+def sampler_options(config: Config) -> Dict:
+    """The keyword arguments of :class:`~gca_pyg.data.ClassBalancedBatchSampler` that the config
+    sets besides batch shape and seed."""
+    return {}
 
 
 def loader_options(config: Config, device: torch.device) -> Dict:
@@ -129,10 +136,16 @@ def loader_options(config: Config, device: torch.device) -> Dict:
             "persistent_workers": False, **({"prefetch_factor": 2} if workers else {})}
 
 
-def compute_embeddings(model: GCAHNG, dataset: RetrievalDataset, config: Config
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings (not normalised) and labels of every item of `dataset`, in order, on the CPU."""
-    loader = DataLoader(dataset, batch_size=config.eval.batch_size, shuffle=False,
+def compute_embeddings(model: GCAHNG, dataset: RetrievalDataset, config: Config,
+                       context: Optional[Context] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (not normalised) and labels of every item of `dataset`, in order, on the CPU.
+
+    Under ``torchrun`` (a `context` with several processes) each process embeds a contiguous
+    share of the items and every process receives all of them."""
+    context = context or Context(device=model.device)
+    share = np.array_split(np.arange(len(dataset)), context.world_size)[context.rank]
+    part = dataset if context.world_size == 1 else Subset(dataset, share.tolist())
+    loader = DataLoader(part, batch_size=config.eval.batch_size, shuffle=False,
                         **loader_options(config, model.device))
     embeddings: List[torch.Tensor] = []
     with one_line_unreadable_error(dataset):
@@ -140,21 +153,26 @@ def compute_embeddings(model: GCAHNG, dataset: RetrievalDataset, config: Config
             embeddings.append(model.embed(images).cpu())
     dataset.check_unreadable()
     report_unreadable(dataset, "test")
-    return torch.cat(embeddings), torch.as_tensor(dataset.labels)
+    if not embeddings:  # more processes than items
+        embeddings.append(torch.empty(0, model.embedding[1].out_features))
+    gathered = torch.cat(all_gather_objects(torch.cat(embeddings), context.group))
+    return gathered, torch.as_tensor(dataset.labels)
 
 
-def embed_test_data(model: GCAHNG, test_data: TestData, config: Config) -> Dict[str, torch.Tensor]:
+def embed_test_data(model: GCAHNG, test_data: TestData, config: Config,
+                    context: Optional[Context] = None) -> Dict[str, torch.Tensor]:
     """``embeddings``/``labels`` of the gallery, plus ``query_embeddings``/``query_labels``."""
-    gallery, gallery_labels = compute_embeddings(model, test_data.gallery, config)
+    gallery, gallery_labels = compute_embeddings(model, test_data.gallery, config, context)
     embedded = {"embeddings": gallery, "labels": gallery_labels}
     if test_data.query is not None:
-        query, query_labels = compute_embeddings(model, test_data.query, config)
+        query, query_labels = compute_embeddings(model, test_data.query, config, context)
         embedded.update(query_embeddings=query, query_labels=query_labels)
     return embedded
 
 
 def test_metrics(embedded: Dict[str, torch.Tensor], ks: List[int]) -> Dict[str, float]:
-    """Recall@K, MAP@R and RP (SPEC.md §7) of what :func:`embed_test_data` returned."""
+    """Recall@K, MAP@R and RP (docs/method.md, "Evaluation") of what :func:`embed_test_data`
+    returned."""
     return retrieval_metrics(embedded["embeddings"], embedded["labels"], ks=ks,
                              query=embedded.get("query_embeddings"),
                              query_labels=embedded.get("query_labels"))
@@ -163,9 +181,14 @@ def test_metrics(embedded: Dict[str, torch.Tensor], ks: List[int]) -> Dict[str, 
 test_metrics.__test__ = False  # not a pytest test, though its name starts with "test_"
 
 
-def evaluate(model: GCAHNG, test_data: TestData, config: Config) -> Dict[str, float]:
-    """Embeds the test split and returns its retrieval metrics."""
-    return test_metrics(embed_test_data(model, test_data, config), config.eval.ks)
+def evaluate(model: GCAHNG, test_data: TestData, config: Config,
+             context: Optional[Context] = None) -> Optional[Dict[str, float]]:
+    """Embeds the test split (in shares across processes) and returns its retrieval metrics; under
+    ``torchrun`` only rank 0 computes them and the other processes get ``None``."""
+    embedded = embed_test_data(model, test_data, config, context)
+    if context is not None and not context.is_main:
+        return None
+    return test_metrics(embedded, config.eval.ks)
 
 
 def format_metrics(columns: Dict[str, Dict[str, float]]) -> str:

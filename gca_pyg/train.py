@@ -6,10 +6,14 @@ variants, ``folder``, ``demo``) or a YAML file; evaluates every ``train.eval_eve
 run folder (and TensorBoard events when tensorboard is installed). ``--resume RUN_DIR`` continues a
 run where it stopped; Ctrl-C saves and exits (a second Ctrl-C exits at once, keeping the last save).
 Errors a user can fix print one line and exit with status 2.
+
+``torchrun --nproc-per-node W -m gca_pyg.train ...`` trains with W processes on one batch graph
+(see :mod:`gca_pyg.distributed`); rank 0 alone prints, logs and writes checkpoints.
 """
 import argparse
 import csv
 import json
+import os
 import random
 import signal
 import sys
@@ -28,11 +32,13 @@ from tqdm import tqdm
 from gca_pyg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gca_pyg.config import Config, apply_overrides, available_configs, load_config
 from gca_pyg.data import ClassBalancedBatchSampler
+from gca_pyg.distributed import Context, all_gather_objects, any_process, setup, teardown
 from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError
 from gca_pyg.pipeline import (build_model, build_test_data, build_train_dataset, evaluate,
                               format_metrics, loader_options, one_line_unreadable_error,
-                              report_unreadable, resolve_device)
+                              report_unreadable, resolve_device, sampler_options)
 from gca_pyg.runtime import retain_freed_memory
+from gca_pyg.trainer import AlternatingTrainer
 
 #: Exit status of a run stopped by Ctrl-C after saving (128 + SIGINT, as shells report it).
 INTERRUPTED = 130
@@ -52,20 +58,29 @@ class _SkipBatches(Sampler):
         return len(self.batch_sampler) - self.skip
 
 
-class Trainer:
-    """One training run: data, model, the epoch loop, evaluation, logs and checkpoints."""
+class TrainingRun:
+    """One training run: data, model and trainer, the epoch loop, evaluation, logs and checkpoints.
 
-    def __init__(self, config: Config, run_dir: Path, resume_state: Optional[Dict] = None):
+    Under ``torchrun`` every process runs it on its share of each batch (whole classes); rank 0
+    alone prints, logs and writes checkpoints."""
+
+    def __init__(self, config: Config, run_dir: Path, resume_state: Optional[Dict] = None,
+                 context: Optional[Context] = None):
         self.config = config
         self.run_dir = run_dir
-        self.device = resolve_device(config.train.device)
+        self.context = context or Context(device=resolve_device(config.train.device))
+        self.device = self.context.device
+        self.is_main = self.context.is_main
         _seed_everything(config.train.seed)
         self.train_data = build_train_dataset(config)
         self.test_data = build_test_data(config)
         self.sampler = ClassBalancedBatchSampler(
             self.train_data.labels, config.data.classes_per_batch, config.data.samples_per_class,
-            seed=config.train.seed)
+            seed=config.train.seed, num_replicas=self.context.world_size, rank=self.context.rank,
+            **sampler_options(config))
         self.model = build_model(config, self.train_data.num_classes, self.device)
+        self.trainer = AlternatingTrainer(self.model, config.optim, context=self.context,
+                                          seed=config.train.seed)
         self.batch_in_epoch = 0
         self.best = {"recall@1": -1.0, "epoch": 0}
         self.last_metrics: Optional[Dict[str, float]] = None
@@ -73,35 +88,42 @@ class Trainer:
         self.reported_unreadable = 0
         if resume_state is not None:
             self._restore(resume_state)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        self.tensorboard = _tensorboard_writer(run_dir)
+        self.tensorboard = None
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            if resume_state is not None:
+                self._forget_logs_after_checkpoint()
+            self.tensorboard = _tensorboard_writer(run_dir, purge_step=self._global_step() + 1)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> int:
         """Trains to ``optim.epochs``; returns the exit status (0, or 130 after Ctrl-C)."""
         cfg = self.config
-        print(f"gca_pyg: training {cfg.name} on {self.device} — {len(self.train_data)} images of "
-              f"{self.train_data.num_classes} classes; testing on {self.test_data.describe()}; "
-              f"run folder {self.run_dir}", file=sys.stderr)
+        processes = (f" in {self.context.world_size} processes"
+                     if self.context.world_size > 1 else "")
+        self._print(f"gca_pyg: training {cfg.name} on {self.device}{processes} — "
+                    f"{len(self.train_data)} images of {self.train_data.num_classes} classes; "
+                    f"testing on {self.test_data.describe()}; run folder {self.run_dir}")
         with self._ctrl_c_saves():
-            while self.model.epoch < cfg.optim.epochs:
-                epoch = self.model.epoch + 1
+            while self.trainer.epoch < cfg.optim.epochs:
+                epoch = self.trainer.epoch + 1
                 started = time.perf_counter()
-                losses = self._train_epoch(epoch)
+                self._train_epoch(epoch)
                 if self.stop_requested:
                     self._save("last.pt")
-                    print(f"\nInterrupted in epoch {epoch} after {self.batch_in_epoch} batches; saved "
-                          f"{self.run_dir / 'last.pt'}. Continue with: python -m gca_pyg.train "
-                          f"--resume {self.run_dir}", file=sys.stderr)
+                    self._print(f"\nInterrupted in epoch {epoch} after {self.batch_in_epoch} "
+                                f"batches; saved {self.run_dir / 'last.pt'}. Continue with: "
+                                f"{_command()} --resume {self.run_dir}")
                     return INTERRUPTED
-                self.model.end_epoch()
+                schedule = {"hardness": self.trainer.hardness,
+                            "synthetic_weight": self.trainer.synthetic_weight}
+                losses = self.trainer.end_epoch()
                 self.batch_in_epoch = 0
                 self.reported_unreadable = report_unreadable(self.train_data, "training",
                                                              self.reported_unreadable)
                 record = {"epoch": epoch, "seconds": round(time.perf_counter() - started, 2),
-                          **losses, "lr_metric": self.model.metric_optimizer.param_groups[0]["lr"],
-                          "lr_net": self.model.net_optimizer.param_groups[0]["lr"],
+                          **losses, **schedule, **self.trainer.learning_rates,
                           "unreadable_images": self.train_data.unreadable_count}
                 if epoch % cfg.train.eval_every == 0 or epoch == cfg.optim.epochs:
                     record.update(self._evaluate(epoch))
@@ -110,38 +132,41 @@ class Trainer:
         self._print_results()
         return 0
 
-    def _train_epoch(self, epoch: int) -> Dict[str, float]:
+    def _train_epoch(self, epoch: int):
         self.sampler.set_epoch(epoch - 1)
         batches = _SkipBatches(self.sampler, self.batch_in_epoch)
         generator = torch.Generator().manual_seed(self.config.train.seed * 100_003 + epoch)
         loader = DataLoader(self.train_data, batch_sampler=batches, generator=generator,
                             worker_init_fn=_seed_worker, **loader_options(self.config, self.device))
-        sums: Dict[str, float] = {}
         progress = tqdm(loader, desc=f"epoch {epoch}/{self.config.optim.epochs}",
                         total=len(self.sampler), initial=self.batch_in_epoch, leave=False,
-                        dynamic_ncols=True, file=sys.stderr)
+                        dynamic_ncols=True, file=sys.stderr, disable=not self.is_main)
         with one_line_unreadable_error(self.train_data), progress:
             for images, labels in progress:
                 logs = self._step(images, labels, epoch)
                 self.batch_in_epoch += 1
-                for name, value in logs.items():
-                    sums[name] = sums.get(name, 0.0) + value
                 progress.set_postfix({k: f"{logs[k]:.3g}" for k in ("J_m", "J_metric", "J_gen")
                                       if k in logs})
+                self.stop_requested = any_process(self.stop_requested, self.context.group,
+                                                  self.device)
                 if self.stop_requested:
                     break
-        steps = max(len(loader), 1)
-        return {name: total / steps for name, total in sums.items()}
+
+    def _global_step(self) -> int:
+        """The number of training steps done so far in this run."""
+        return self.trainer.epoch * len(self.sampler) + self.batch_in_epoch
 
     def _step(self, images, labels, epoch: int) -> Dict[str, float]:
         try:
-            logs = self.model.training_step(images, labels)
+            logs = self.trainer.training_step(images, labels)
         except NonFiniteLossError as error:
             last = self.run_dir / "last.pt"
-            kept = (f"the last good checkpoint is {last} (end of epoch {self.model.epoch})"
+            kept = (f"the last good checkpoint is {last} (end of epoch {self.trainer.epoch})"
                     if last.exists() else "no checkpoint was written yet")
             raise NonFiniteLossError(f"{error}; stopped, {kept}") from None
-        step = (epoch - 1) * len(self.sampler) + self.batch_in_epoch + 1
+        if not self.is_main:
+            return logs
+        step = self._global_step() + 1
         with open(self.run_dir / "steps.csv", "a", newline="") as handle:
             writer = csv.writer(handle)
             if handle.tell() == 0:
@@ -153,7 +178,9 @@ class Trainer:
         return logs
 
     def _evaluate(self, epoch: int) -> Dict[str, float]:
-        metrics = evaluate(self.model, self.test_data, self.config)
+        metrics = evaluate(self.model, self.test_data, self.config, self.context)
+        if metrics is None:  # not rank 0
+            return {}
         self.last_metrics = {"epoch": epoch, **metrics}
         summary = "  ".join(f"{name.replace('recall@', 'R@')} {100 * value:.2f}"
                             for name, value in metrics.items())
@@ -167,6 +194,8 @@ class Trainer:
         return {f"test/{name}": value for name, value in metrics.items()}
 
     def _print_results(self):
+        if not self.is_main:
+            return
         if self.last_metrics is None:
             print("No evaluation was run.")
             return
@@ -178,15 +207,24 @@ class Trainer:
         print(format_metrics(columns))
         print(f"\ncheckpoints: {self.run_dir / 'last.pt'}, {self.run_dir / 'best.pt'}")
 
+    def _print(self, message: str):
+        if self.is_main:
+            print(message, file=sys.stderr)
+
     # -- state ---------------------------------------------------------------------------------
     def _save(self, name: str):
+        """Writes a checkpoint (rank 0; every process must call it: it gathers their RNG states)."""
+        rng = all_gather_objects(rng_state(), self.context.group)
+        if not self.is_main:
+            return
         save_checkpoint({
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
-            "training": self.model.training_state_dict(),
+            "training": self.trainer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "batch_in_epoch": self.batch_in_epoch,
-            "rng": rng_state(),
+            "rng": rng[0],
+            "rng_per_process": rng,
             "best": {k: v for k, v in self.best.items() if k != "metrics"},
             "best_metrics": self.best.get("metrics", {}),
             "last_metrics": self.last_metrics or {},
@@ -194,19 +232,36 @@ class Trainer:
         }, self.run_dir / name)
 
     def _restore(self, state: Dict):
+        saved_processes = len(state["rng_per_process"])
+        if saved_processes != self.context.world_size:
+            raise ConfigError(
+                f"the checkpoint was written by a run of {saved_processes} process(es) but this run "
+                f"has {self.context.world_size}; resume with the same number of processes "
+                f"(torchrun --nproc-per-node {saved_processes})" if saved_processes > 1 else
+                "the checkpoint was written by a single-process run; resume it without torchrun")
         self.model.load_state_dict(state["model"])
-        self.model.load_training_state_dict(state["training"])
+        self.trainer.load_state_dict(state["training"])
         self.sampler.load_state_dict(state["sampler"])
         self.batch_in_epoch = state["batch_in_epoch"]
         self.best = dict(state["best"])
         if state["best_metrics"]:
             self.best["metrics"] = dict(state["best_metrics"])
         self.last_metrics = dict(state["last_metrics"]) or None
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng_per_process"][self.context.rank])
+
+    def _forget_logs_after_checkpoint(self):
+        """Drops the log lines written after the checkpoint a resumed run starts from, so that every
+        step and epoch appears exactly once however the previous process ended."""
+        steps, epochs = self._global_step(), self.trainer.epoch
+        _keep_lines(self.run_dir / "steps.csv", lambda line, first: first or
+                    int(line.split(",", 1)[0]) <= steps)
+        _keep_lines(self.run_dir / "log.jsonl", lambda line, first:
+                    json.loads(line)["epoch"] <= epochs)
 
     def _log_epoch(self, record: Dict):
-        with open(self.run_dir / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if self.is_main:
+            with open(self.run_dir / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
 
     @contextmanager
     def _ctrl_c_saves(self):
@@ -215,14 +270,36 @@ class Trainer:
             if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = True
-            tqdm.write("Ctrl-C: saving after this step (press again to quit without saving)",
-                       file=sys.stderr)
+            if self.is_main:
+                tqdm.write("Ctrl-C: saving after this step (press again to quit without saving)",
+                           file=sys.stderr)
 
         previous = signal.signal(signal.SIGINT, request_stop)
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+def _keep_lines(path: Path, keep):
+    """Rewrites the text file `path` (atomically) with the lines for which ``keep(line, first)``
+    holds."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for index, line in enumerate(lines) if line.strip() and keep(line, index == 0)]
+    if len(kept) != len(lines):
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+
+
+def _command() -> str:
+    """How this process was started, for the messages that say how to continue."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return (f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '?')} "
+                "-m gca_pyg.train")
+    return "python -m gca_pyg.train"
 
 
 def _seed_everything(seed: int):
@@ -237,12 +314,13 @@ def _seed_worker(worker_id: int):
     np.random.seed(seed)
 
 
-def _tensorboard_writer(run_dir: Path):
+def _tensorboard_writer(run_dir: Path, purge_step: Optional[int] = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is an optional extra
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    # purge_step drops events a crashed process logged after the checkpoint this run resumes from.
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def _new_run_dir(config: Config) -> Path:
@@ -272,6 +350,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     retain_freed_memory()
+    context = None
     try:
         if args.resume:
             state = load_checkpoint(args.resume)
@@ -282,18 +361,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_dir = Path(args.resume)
             if run_dir.is_file():
                 run_dir = run_dir.parent
-            return Trainer(config, run_dir, resume_state=state).fit()
-        if args.config is None:
-            raise ConfigError("name a config (e.g. python -m gca_pyg.train demo) or pass "
-                              "--resume RUN_DIR")
-        config = load_config(args.config, args.overrides, args.data_root)
-        return Trainer(config, _new_run_dir(config)).fit()
+        else:
+            if args.config is None:
+                raise ConfigError("name a config (e.g. python -m gca_pyg.train demo) or pass "
+                                  "--resume RUN_DIR")
+            config, state = load_config(args.config, args.overrides, args.data_root), None
+        context = setup(resolve_device(config.train.device), config.train.dist_backend,
+                        config.train.dist_timeout)
+        if state is None:  # rank 0 names the folder: the processes' clocks may differ
+            run_dir = all_gather_objects(_new_run_dir(config) if context.is_main else None,
+                                         context.group)[0]
+        return TrainingRun(config, run_dir, resume_state=state, context=context).fit()
     except GcaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nStopped without saving; the last checkpoint is unchanged.", file=sys.stderr)
         return INTERRUPTED
+    finally:
+        if context is not None:
+            teardown(context)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from gca_pyg.generator import (HardNegativeGenerator, hardness_from_loss, synthesize_batch,
+from gca_pyg.generator import (draw_mix, hardness_from_loss, synthesize_batch,
                                synthesize_negatives)
+from gca_pyg.layout import class_layout
 
 
 def row(*values):
@@ -70,28 +71,75 @@ def test_batch_synthesis_by_hand_for_two_samples_per_class():
     z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 4.0], [4.0, 4.0]], dtype=torch.float64)
     y = torch.tensor([0, 0, 1, 1])
     fusion = torch.full((4, 4, 2), 0.5, dtype=torch.float64)
-    mix = torch.tensor([0.25], dtype=torch.float64)
+    mix = torch.tensor([[0.25], [0.75]], dtype=torch.float64)  # one u per (anchor block, k)
     synthetic, synthetic_labels, anchor_index = synthesize_batch(z, y, fusion, 1.0, mix=mix)
-    # Anchor 0: positive 1 (d+ = 1); class 1 in canonical (sum) order: sample 2 then sample 3.
-    n0 = synthesize_negatives(z[:1], z[1:2], z[2:3], fusion[0, 2:3], 1.0)
-    n1 = synthesize_negatives(z[:1], z[1:2], z[3:4], fusion[0, 3:4], 1.0)
-    expected = n1 + 0.25 * (n0 - n1)
-    assert torch.allclose(synthetic[0], expected[0])
+    # Anchor 0 (first of its class: block 0), positive 1; class 1 in batch order: 2 then 3.
+    n2 = synthesize_negatives(z[:1], z[1:2], z[2:3], fusion[0, 2:3], 1.0)
+    n3 = synthesize_negatives(z[:1], z[1:2], z[3:4], fusion[0, 3:4], 1.0)
+    assert torch.allclose(synthetic[0], (n3 + 0.25 * (n2 - n3))[0])
     assert synthetic_labels[0] == 1 and anchor_index[0] == 0
+    # Anchor 1 (second of its class: block 1) takes its own coefficient, and sample 0 as positive.
+    n2 = synthesize_negatives(z[1:2], z[:1], z[2:3], fusion[1, 2:3], 1.0)
+    n3 = synthesize_negatives(z[1:2], z[:1], z[3:4], fusion[1, 3:4], 1.0)
+    assert torch.allclose(synthetic[1], (n3 + 0.75 * (n2 - n3))[0])
 
 
-def test_shuffling_the_batch_permutes_but_does_not_change_the_synthetic_set():
+def test_three_samples_per_class_roles_and_merge_order_by_hand():
+    # Batch order, not values, sets the roles: class 5 is rows 0, 2, 4; class 8 is rows 1, 3, 5.
+    y = torch.tensor([5, 8, 5, 8, 5, 8])
+    layout = class_layout(y)
+    assert layout.members.tolist() == [[0, 2, 4], [1, 3, 5]]
+    assert layout.rank.tolist() == [0, 0, 1, 1, 2, 2]
+    assert layout.positive_index().tolist() == [2, 3, 4, 5, 0, 1]  # sample k -> sample k+1 mod 3
+    z = torch.tensor([[0.0, 1.0], [5.0, 5.0], [1.0, 0.0], [6.0, 4.0], [0.5, 0.5], [4.0, 7.0]],
+                     dtype=torch.float64)
+    fusion = torch.rand(6, 6, 2, dtype=torch.float64)
+    mix = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], dtype=torch.float64)
+    synthetic, labels, anchors = synthesize_batch(z, y, fusion, 0.9, mix=mix)
+    # Anchor 2 is sample 1 of class 5 (block 1): positive row 4, negatives rows 1, 3, 5 in order.
+    n1, n3, n5 = (synthesize_negatives(z[2], z[4], z[j], fusion[2, j], 0.9) for j in (1, 3, 5))
+    merged = n3 + 0.3 * (n1 - n3)
+    merged = n5 + 0.4 * (merged - n5)
+    row = int(((anchors == 2) & (labels == 8)).nonzero())
+    assert torch.allclose(synthetic[row], merged)
+
+
+def test_own_class_rows_mix_the_classmates():
+    z, y = balanced_batch()
+    fusion = torch.rand(12, 12, 6, dtype=torch.float64)
+    mix = draw_mix(3)
+    others = synthesize_batch(z, y, fusion, 0.6, mix=mix)
+    everything = synthesize_batch(z, y, fusion, 0.6, mix=mix, include_own_class=True)
+    assert everything[0].shape == (12 * 4, 6)
+    own = everything[1] == y[everything[2]]
+    assert int(own.sum()) == 12
+    assert torch.equal(everything[0][~own], others[0])
+    # Anchor 0's own-class row: itself (d- = 0, unchanged), then its classmates 1 and 2.
+    n = [synthesize_negatives(z[0], z[1], z[j], fusion[0, j], 0.6) for j in range(3)]
+    assert torch.equal(n[0], z[0])
+    merged = n[1] + mix[0, 0] * (n[0] - n[1])
+    merged = n[2] + mix[0, 1] * (merged - n[2])
+    assert torch.allclose(everything[0][own][0], merged)
+
+
+def test_a_permutation_keeping_each_class_order_permutes_the_synthetic_set():
     z, y = balanced_batch()
     fusion = torch.rand(12, 12, 6, dtype=torch.float64)
     fusion = (fusion + fusion.transpose(0, 1)) / 2
-    mix = torch.rand(2, dtype=torch.float64)
+    mix = torch.rand(3, 2, dtype=torch.float64)
     synthetic, labels, anchors = synthesize_batch(z, y, fusion, 0.8, mix=mix)
-    perm = torch.randperm(12)
-    synthetic_p, labels_p, anchors_p = synthesize_batch(
-        z[perm], y[perm], fusion[perm][:, perm], 0.8, mix=mix)
     original = {(int(a), int(c)): s for a, c, s in zip(anchors, labels, synthetic)}
+    interleaved = torch.arange(12).view(4, 3).t().reshape(-1)  # classes interleaved, order kept
+    synthetic_p, labels_p, anchors_p = synthesize_batch(
+        z[interleaved], y[interleaved], fusion[interleaved][:, interleaved], 0.8, mix=mix)
     for a, c, s in zip(anchors_p, labels_p, synthetic_p):
-        assert torch.allclose(s, original[(int(perm[a]), int(c))], atol=1e-12)
+        assert torch.allclose(s, original[(int(interleaved[a]), int(c))], atol=1e-12)
+    # Reordering samples within a class changes their roles, hence the synthetic set.
+    swapped = torch.tensor([1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    synthetic_s, labels_s, anchors_s = synthesize_batch(
+        z[swapped], y[swapped], fusion[swapped][:, swapped], 0.8, mix=mix)
+    assert not all(torch.allclose(s, original[(int(swapped[a]), int(c))])
+                   for a, c, s in zip(anchors_s, labels_s, synthetic_s))
 
 
 @pytest.mark.parametrize("labels", [
@@ -110,19 +158,16 @@ def test_wrong_fusion_shape_and_mix_fail_clearly():
     z, y = balanced_batch()
     with pytest.raises(ValueError, match="dense"):
         synthesize_batch(z, y, torch.rand(144, 6), 1.0)
-    with pytest.raises(ValueError, match="K - 1 = 2"):
-        synthesize_batch(z, y, torch.rand(12, 12, 6), 1.0, mix=torch.rand(3))
+    with pytest.raises(ValueError, match=r"\(K, K - 1\) = \(3, 2\)"):
+        synthesize_batch(z, y, torch.rand(12, 12, 6), 1.0, mix=torch.rand(2))
 
 
-def test_hardness_schedule_and_module():
+def test_hardness_schedule():
     assert hardness_from_loss(5.0, 1e6) == pytest.approx(1.0, abs=1e-5)
     assert hardness_from_loss(5.0, 5.0) == pytest.approx(torch.e**-1)
-    z, y = balanced_batch()
-    generator = HardNegativeGenerator(alpha=5.0)
-    assert "alpha=5.0" in repr(generator)
-    fusion = torch.rand(12, 12, 6, dtype=torch.float64)
-    torch.manual_seed(1)
-    out = generator(z, y, fusion, mean_metric_loss=5.0)
-    torch.manual_seed(1)
-    expected = synthesize_batch(z, y, fusion, torch.e**-1)
-    assert torch.allclose(out[0], expected[0])
+
+
+def test_mix_draws_come_from_the_given_generator():
+    first = draw_mix(3, torch.Generator().manual_seed(4))
+    assert first.shape == (3, 2) and bool(((first > 0) & (first < 1)).all())
+    assert torch.equal(first, draw_mix(3, torch.Generator().manual_seed(4)))

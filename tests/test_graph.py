@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from gca_pyg.graph import build_batch_graph, complete_edge_index, pair_index, to_dense_edges
+from gca_pyg.graph import (build_batch_graph, complete_edge_index, pair_index, shard_pairs,
+                           to_dense_edges)
+from gca_pyg.layout import class_layout
 
 
 def test_complete_edge_index_orders_pairs_row_major():
@@ -22,7 +24,7 @@ def test_batch_graph_shapes_and_masks(device):
     source, target = data.edge_index
     assert torch.equal(data.neg_mask, y[source] != y[target])
     assert data.num_nodes == 6
-    assert torch.allclose(data.x.mean(dim=1), torch.zeros(6, device=device), atol=1e-6)
+    assert torch.equal(data.x, z)  # nodes carry the embeddings; only the edges are centred
 
 
 def test_channel_sum_is_pearson_correlation():
@@ -75,3 +77,29 @@ def test_pair_index_and_to_dense_reject_incomplete_graphs():
 def test_batch_graph_rejects_bad_shapes(z, y, match):
     with pytest.raises(ValueError, match=match):
         build_batch_graph(z, y)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_shards_cover_every_pair_once_and_hold_whole_groups(world_size):
+    classes, samples = 5, 3
+    labels = torch.tensor([3, 1, 4, 1, 5, 9, 3, 4, 9, 5, 5, 1, 4, 3, 9])
+    layout = class_layout(labels)
+    nodes = labels.numel()
+    covered = torch.zeros(nodes, nodes, dtype=torch.long)
+    groups, counts = set(), []
+    for rank in range(world_size):
+        shard = shard_pairs(layout, rank, world_size)
+        source, target = shard.edge_index
+        covered[source, target] += 1
+        covered[target, source] += (source != target).long()
+        counts.append(shard.num_edges)
+        members = layout.members[shard.target_class]  # (G, K)
+        ends = shard.edge_index[:, shard.edges]  # (2, G, K)
+        anchor = shard.anchor.unsqueeze(1)
+        assert bool((((ends[0] == anchor) & (ends[1] == members)) |
+                     ((ends[1] == anchor) & (ends[0] == members))).all())
+        groups.update(zip(shard.anchor.tolist(), shard.target_class.tolist()))
+    assert bool((covered == 1).all())  # every ordered pair, self-loops included, exactly once
+    assert len(groups) == nodes * classes  # every (anchor, class) group on exactly one process
+    assert sum(counts) == nodes * (nodes + 1) // 2
+    assert max(counts) - min(counts) <= samples * samples  # balanced to within one block

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import gca_pyg.model
+import gca_pyg.trainer
 from gca_pyg import evaluate as evaluate_cli
 from gca_pyg import train as train_cli
 from gca_pyg.checkpoint import load_checkpoint
@@ -88,17 +88,17 @@ def test_ctrl_c_saves_and_resume_continues_exactly(image_folder, tmp_path, monke
     assert train_cli.main(folder_args(image_folder, straight)) == 0
     expected = load_checkpoint(only_run_dir(straight) / "last.pt")
 
-    original_step = gca_pyg.model.GCAHNG.training_step
+    original_step = gca_pyg.trainer.AlternatingTrainer.training_step
     calls = []
 
-    def interrupted_step(model, images, labels):
-        logs = original_step(model, images, labels)
+    def interrupted_step(trainer, images, labels):
+        logs = original_step(trainer, images, labels)
         calls.append(1)
         if len(calls) == 3:  # Ctrl-C during the 3rd of 8 steps
             signal.raise_signal(signal.SIGINT)
         return logs
 
-    monkeypatch.setattr(gca_pyg.model.GCAHNG, "training_step", interrupted_step)
+    monkeypatch.setattr(gca_pyg.trainer.AlternatingTrainer, "training_step", interrupted_step)
     interrupted = tmp_path / "interrupted"
     assert train_cli.main(folder_args(image_folder, interrupted)) == train_cli.INTERRUPTED
     err = capsys.readouterr().err

@@ -14,7 +14,7 @@ class CorrelationNet(torch.nn.Module):
     Generation" <https://arxiv.org/abs/2411.13145>`_ paper (IJCV 2025).
 
     An input projection of the nodes, :obj:`num_layers` :class:`EdgeNodeConv` layers, and two heads
-    on the final graph (SPEC.md §3): per-channel fusion weights for every edge and class logits for
+    on the final graph (docs/method.md, "Heads"): per-channel fusion weights for every edge and class logits for
     every node,
 
     .. math::
@@ -65,7 +65,7 @@ class CorrelationNet(torch.nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
                 attn_mask: Optional[Tensor] = None, *, undirected: bool = False,
-                detach_fusion: bool = False) -> Tuple[Tensor, Tensor]:
+                detach_fusion: bool = False, group=None) -> Tuple[Tensor, Tensor]:
         r"""Computes node logits and per-channel fusion weights.
 
         Args:
@@ -80,6 +80,9 @@ class CorrelationNet(torch.nn.Module):
             detach_fusion (bool, optional): Compute the fusion weights without autograd, for callers
                 that only need gradients through the node logits: the last edge update then stores
                 no activations. (default: :obj:`False`)
+            group (optional): A :mod:`torch.distributed` process group whose processes each hold a
+                share of the edges and the same nodes (see :class:`EdgeNodeConv`); the edge batch
+                norm then takes its statistics over all of them. (default: :obj:`None`)
 
         Returns:
             ``(node_logits, fusion_weights)``; the fusion weights are in :math:`(0, 1)` and, with
@@ -87,16 +90,19 @@ class CorrelationNet(torch.nn.Module):
         """
         h = self.lin_in(x)
         for conv in self.convs[:-1]:
-            h, edge_attr = conv(h, edge_index, edge_attr, attn_mask, undirected=undirected)
+            h, edge_attr = conv(h, edge_index, edge_attr, attn_mask, undirected=undirected,
+                                group=group)
         last = self.convs[-1]
-        h = last.update_nodes(h, edge_index, edge_attr, attn_mask, undirected=undirected)
+        h = last.update_nodes(h, edge_index, edge_attr, attn_mask, undirected=undirected,
+                              group=group)
         node_logits = self.lin_classifier(self.node_norm(h))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_fusion):
             edge_attr = last.update_edges(h, edge_index, edge_attr)
             row_weight = None
             if undirected:
                 row_weight = 2.0 - (edge_index[0] == edge_index[1]).to(edge_attr.dtype)
-            fusion_weights = torch.sigmoid(self.lin_fusion(self.edge_norm(edge_attr, row_weight)))
+            fusion_weights = torch.sigmoid(
+                self.lin_fusion(self.edge_norm(edge_attr, row_weight, group)))
         return node_logits, fusion_weights
 
     def __repr__(self) -> str:

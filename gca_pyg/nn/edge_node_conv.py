@@ -9,8 +9,10 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.utils import scatter
 
+from gca_pyg.distributed import all_reduce_max, all_reduce_sum
 
-def softmax_with_sink(src: Tensor, index: Tensor, num_nodes: int) -> Tensor:
+
+def softmax_with_sink(src: Tensor, index: Tensor, num_nodes: int, group=None) -> Tensor:
     r"""Sparse softmax over the edges entering each node, plus one constant zero logit.
 
     .. math::
@@ -25,10 +27,14 @@ def softmax_with_sink(src: Tensor, index: Tensor, num_nodes: int) -> Tensor:
         src (torch.Tensor): Edge logits of shape :math:`(|\mathcal{E}|, \ast)`.
         index (torch.Tensor): Target node of every edge, shape :math:`(|\mathcal{E}|,)`.
         num_nodes (int): Number of target nodes.
+        group (optional): A process group whose processes hold the other edges of the graph: the
+            maximum and the denominator are then taken over all of them. (default: :obj:`None`)
     """
     src_max = scatter(src.detach(), index, 0, dim_size=num_nodes, reduce="max").clamp_min(0.0)
+    src_max = all_reduce_max(src_max, group)
     out = (src - src_max[index]).exp()
-    denominator = scatter(out, index, 0, dim_size=num_nodes, reduce="sum") + (-src_max).exp()
+    denominator = all_reduce_sum(scatter(out, index, 0, dim_size=num_nodes, reduce="sum"), group)
+    denominator = denominator + (-src_max).exp()
     return out / denominator[index]
 
 
@@ -148,8 +154,8 @@ class EdgeNodeConv(MessagePassing):
                 module.reset_parameters()
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
-                attn_mask: Optional[Tensor] = None, *,
-                undirected: bool = False) -> Tuple[Tensor, Tensor]:
+                attn_mask: Optional[Tensor] = None, *, undirected: bool = False,
+                group=None) -> Tuple[Tensor, Tensor]:
         r"""Runs one joint node and edge update.
 
         Args:
@@ -163,15 +169,22 @@ class EdgeNodeConv(MessagePassing):
                 :math:`i \ne j` stands for both :math:`i \to j` and :math:`j \to i`, sharing one
                 feature row (which must then be symmetric); a self-loop stands once. Exactly equal to
                 running on the directed graph with both directions stored. (default: :obj:`False`)
+            group (optional): A :mod:`torch.distributed` process group whose processes each hold a
+                share of the edges (and the same node features): the attention normalisation and
+                the edge-to-node sums are combined over them, so every process gets the node
+                features of the whole graph and its own share of the updated edges.
+                (default: :obj:`None`)
 
         Returns:
             The updated node features and edge features.
         """
-        h = self.update_nodes(x, edge_index, edge_attr, attn_mask, undirected=undirected)
+        h = self.update_nodes(x, edge_index, edge_attr, attn_mask, undirected=undirected,
+                              group=group)
         return h, self.update_edges(h, edge_index, edge_attr)
 
     def update_nodes(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
-                     attn_mask: Optional[Tensor] = None, *, undirected: bool = False) -> Tensor:
+                     attn_mask: Optional[Tensor] = None, *, undirected: bool = False,
+                     group=None) -> Tensor:
         """The node half of :meth:`forward` (same arguments); returns the new node features."""
         num_nodes = x.size(0)
         source, target = self._source_target(edge_index)
@@ -181,7 +194,7 @@ class EdgeNodeConv(MessagePassing):
         key = self.lin_key(x).view(num_nodes, self.heads, head_size)
         value = self.lin_value(x).view(num_nodes, self.heads, head_size)
         off_diagonal = source != target
-        if undirected and self._is_complete(source, target, num_nodes):
+        if group is None and undirected and self._is_complete(source, target, num_nodes):
             # The complete graph: attention as small dense matmuls instead of N^2 gathers.
             message = self._dense_attention(query, key, value, source, target, attn_mask)
         else:
@@ -191,7 +204,9 @@ class EdgeNodeConv(MessagePassing):
                 if attn_mask is not None:
                     directed_mask = torch.cat([attn_mask, attn_mask[off_diagonal]])
             message = self.propagate(directed_index, query=query, key=key, value=value,
-                                     attn_mask=directed_mask, size=(num_nodes, num_nodes))
+                                     attn_mask=directed_mask, group=group,
+                                     size=(num_nodes, num_nodes))
+            message = all_reduce_sum(message, group)
         h = self.norm_attention(F.gelu(x + self.lin_out(message.reshape(num_nodes, -1))))
 
         edge_to_node = F.gelu(self.lin_edge_to_node(edge_attr))
@@ -199,6 +214,7 @@ class EdgeNodeConv(MessagePassing):
         if undirected:
             outgoing = outgoing + scatter(edge_to_node[off_diagonal], target[off_diagonal], 0,
                                           dim_size=num_nodes, reduce="sum")
+        outgoing = all_reduce_sum(outgoing, group)
         h = self.norm_edge_to_node(F.gelu(h + outgoing))
         return self.norm_node_ffn(F.gelu(h + self.node_ffn(h)))
 
@@ -248,11 +264,11 @@ class EdgeNodeConv(MessagePassing):
         return edge_index[1], edge_index[0]
 
     def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor,
-                attn_mask: Optional[Tensor], index: Tensor, size_i: int) -> Tensor:
+                attn_mask: Optional[Tensor], index: Tensor, size_i: int, group=None) -> Tensor:
         score = (query_i * key_j).sum(dim=-1) / math.sqrt(query_i.size(-1))
         if attn_mask is not None:
             score = score.masked_fill(~attn_mask.view(-1, 1), float("-inf"))
-        alpha = softmax_with_sink(score, index, size_i)
+        alpha = softmax_with_sink(score, index, size_i, group)
         return alpha.unsqueeze(-1) * value_j
 
     def edge_update(self, edge_attr: Tensor, key_i: Tensor, key_j: Tensor, key_bias_i: Tensor,

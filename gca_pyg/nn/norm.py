@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import BatchNorm1d
 
+from gca_pyg.distributed import all_reduce_sum
+
 
 class WeightedBatchNorm1d(BatchNorm1d):
     r""":class:`torch.nn.BatchNorm1d` whose batch statistics may count rows with multiplicities.
@@ -25,18 +27,22 @@ class WeightedBatchNorm1d(BatchNorm1d):
         - **input:** :math:`(R, F)`, row weights :math:`(R,)` *(optional)*
         - **output:** :math:`(R, F)`
     """
-    def forward(self, input: Tensor, row_weight: Optional[Tensor] = None) -> Tensor:
-        if row_weight is None:
+    def forward(self, input: Tensor, row_weight: Optional[Tensor] = None, group=None) -> Tensor:
+        """Normalises `input`; with a process `group`, the batch is the rows of all its processes
+        (statistics summed over them), as when a graph's edges are split between processes."""
+        if row_weight is None and group is None:
             return super().forward(input)
+        if row_weight is None:
+            row_weight = input.new_ones(input.size(0))
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats:
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
 
         weight = row_weight.to(input.dtype).unsqueeze(-1)
-        count = weight.sum()
-        mean = (weight * input).sum(dim=0) / count
-        var = (weight * (input - mean).square()).sum(dim=0) / count
+        count = all_reduce_sum(weight.sum(), group)
+        mean = all_reduce_sum((weight * input).sum(dim=0), group) / count
+        var = all_reduce_sum((weight * (input - mean).square()).sum(dim=0), group) / count
         if self.training and self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), count.detach())
         out = (input - mean) * torch.rsqrt(var + self.eps)

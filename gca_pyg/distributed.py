@@ -1,0 +1,204 @@
+"""Several processes, one batch graph: the process group and the collectives GCA-HNG needs.
+
+Under ``torchrun`` every process embeds its own share of the global batch (whole classes), the
+embeddings are gathered with autograd, and the graph's edge pairs are split between the processes
+(:func:`gca_pyg.graph.shard_pairs`). Every process then computes the same global losses; the
+collectives below sum in both directions (forward values and backward gradients), so after
+``loss.backward()`` the gradients averaged over the processes (:func:`average_gradients`) are
+exactly the single-process gradients of the global batch.
+
+Without ``torchrun`` (or with one process) :func:`setup` returns a context whose ``group`` is
+``None`` and every collective here is the identity.
+"""
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gca_pyg.errors import ConfigError
+
+__all__ = ["Context", "setup", "teardown", "all_reduce_sum", "all_reduce_max", "gather_rows",
+           "average_gradients", "broadcast_parameters", "world_size"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: its rank among ``world_size`` processes and its device.
+
+    Attributes:
+        rank: This process's rank, 0 for the single-process case.
+        world_size: The number of processes (1 without ``torchrun``).
+        device: This process's device.
+        group: The process group of the collectives, or ``None`` for one process.
+    """
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    group: Optional[dist.ProcessGroup] = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints, logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def setup(device: torch.device, backend: str = "auto", timeout_seconds: float = 600.0) -> Context:
+    """Starts the process group when launched by ``torchrun`` and picks this process's device.
+
+    Args:
+        device: The device the config asks for (CUDA devices are spread over the processes of a
+            node by ``LOCAL_RANK``).
+        backend: ``auto`` (NCCL on CUDA, gloo on the CPU), ``gloo`` or ``nccl``.
+        timeout_seconds: How long a collective waits for a missing process before it fails, so a
+            process that died makes the others exit with an error instead of hanging.
+
+    Raises:
+        ConfigError: If the backend does not fit the device, or a process has no GPU of its own.
+    """
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return Context(device=device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes "
+                              f"on this node but it has {torch.cuda.device_count()} CUDA device(s); "
+                              "start at most one process per GPU (--nproc-per-node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("train.dist_backend is 'nccl' but training runs on the CPU; use "
+                          "--set train.dist_backend=gloo (or auto)")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return Context(rank=rank, world_size=world, device=device, group=dist.group.WORLD)
+
+
+def teardown(context: Context):
+    """Leaves the process group (a no-op for one process)."""
+    if context.group is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size(group: Optional[dist.ProcessGroup]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient is summed over processes too."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """Concatenation of every process's rows (equal counts); each process's rows receive the
+    gradient summed over processes."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.rows = tensor.size(0)
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+def all_reduce_sum(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """The sum of `tensor` over the processes of `group`, differentiable; identity for ``None``."""
+    if group is None:
+        return tensor
+    return _AllReduceSum.apply(tensor, group)
+
+
+def all_reduce_max(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """The elementwise maximum over processes, without gradient (for numerical stabilisers)."""
+    if group is None:
+        return tensor
+    out = tensor.detach().clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+def gather_rows(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """Every process's rows, rank by rank, differentiable (each process must hold as many rows)."""
+    if group is None:
+        return tensor
+    if tensor.requires_grad:
+        return _GatherRows.apply(tensor, group)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter],
+                      group: Optional[dist.ProcessGroup] = None):
+    """Replaces every gradient by its mean over the processes (one flat all-reduce)."""
+    if group is None:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def broadcast_parameters(module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None):
+    """Copies rank 0's parameters and buffers to every process."""
+    if group is None:
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0, group=group)
+
+
+def all_gather_objects(value, group: Optional[dist.ProcessGroup] = None) -> List:
+    """Every process's `value` (any picklable object), rank by rank."""
+    if group is None:
+        return [value]
+    values = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
+    return values
+
+
+def any_process(flag: bool, group: Optional[dist.ProcessGroup] = None,
+                device: torch.device = torch.device("cpu")) -> bool:
+    """True on every process if `flag` is True on any of them (e.g. a Ctrl-C seen by one)."""
+    if group is None:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())

@@ -1,0 +1,72 @@
+"""A tiny GCA-HNG set-up for the multi-process tests: the same model, batches and trainer in one
+process or in each of several (gloo) processes."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from gca_pyg.distributed import Context
+from gca_pyg.model import GCAHNG, LossConfig, NetConfig
+from gca_pyg.trainer import AlternatingTrainer, OptimConfig
+
+CLASSES, SAMPLES, TRAIN_CLASSES, INPUT, STEPS = 6, 3, 12, 16, 3
+
+
+class Features(torch.nn.Linear):
+    """A backbone without BatchNorm: its output is the same whether one process or several run it."""
+    def __init__(self):
+        super().__init__(INPUT, 24)
+        self.out_features = 24
+
+
+def build(context: Context) -> AlternatingTrainer:
+    torch.manual_seed(0)
+    model = GCAHNG(Features(), TRAIN_CLASSES, 16, net=NetConfig(num_layers=2, heads=2, dropout=0.0),
+                   loss=LossConfig())
+    trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0, metric_lr=1e-3, net_lr=1e-3),
+                                 context=context, seed=0)
+    # Past the first epoch: hardness below 1 and J_syn at full weight.
+    trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 0.5
+    return trainer
+
+
+def global_batch(step: int):
+    """A class-major batch of CLASSES × SAMPLES inputs (rows of one class together)."""
+    generator = torch.Generator().manual_seed(100 + step)
+    classes = torch.randperm(TRAIN_CLASSES, generator=generator)[:CLASSES]
+    labels = classes.repeat_interleave(SAMPLES)
+    inputs = torch.randn(CLASSES * SAMPLES, INPUT, generator=generator) + labels.unsqueeze(1)
+    return inputs.to(torch.get_default_dtype()), labels
+
+
+def train(context: Context):
+    """STEPS training steps; this process's share of every batch is its contiguous block of
+    classes. Returns the final parameters/buffers, the losses and the stored edge counts."""
+    trainer = build(context)
+    share = CLASSES * SAMPLES // context.world_size
+    rows = slice(context.rank * share, (context.rank + 1) * share)
+    losses, edges = [], []
+    for step in range(STEPS):
+        inputs, labels = global_batch(step)
+        losses.append(trainer.training_step(inputs[rows], labels[rows]))
+        edges.append(trainer.prepare(labels[rows].to(trainer.model.device))[2].num_edges)
+    state = {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+    return {"state": state, "losses": losses, "edges": edges}
+
+
+def worker(rank: int, world_size: int, folder: str):
+    """Entry point of a spawned process: gloo group through a file, float64, one thread."""
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}",
+                            rank=rank, world_size=world_size)
+    try:
+        context = Context(rank=rank, world_size=world_size, group=dist.group.WORLD)
+        torch.save(train(context), os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

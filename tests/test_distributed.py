@@ -1,0 +1,33 @@
+"""Several processes train on one batch graph exactly as one process does (gloo, 2 CPU processes)."""
+import torch
+import torch.multiprocessing as mp
+
+import distributed_helpers as helpers
+from gca_pyg.distributed import Context
+
+
+def test_two_processes_train_like_one_on_the_global_batch(tmp_path):
+    mp.spawn(helpers.worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        single = helpers.train(Context())
+    finally:
+        torch.set_default_dtype(default)
+
+    for name, expected in single["state"].items():
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+        torch.testing.assert_close(ranks[0]["state"][name], expected, rtol=1e-7, atol=1e-9,
+                                   msg=name)
+    for step_single, step_ranks in zip(single["losses"], ranks[0]["losses"]):
+        assert step_single.keys() == step_ranks.keys()
+        for name, value in step_single.items():
+            assert abs(step_ranks[name] - value) <= 1e-7 * max(1.0, abs(value)), name
+    # The edge work is split: each process stores about half of the pairs, all of them together.
+    for step in range(helpers.STEPS):
+        counts = [ranks[rank]["edges"][step] for rank in range(2)]
+        assert sum(counts) == single["edges"][step]
+        assert all(abs(count - single["edges"][step] / 2) <= 0.1 * single["edges"][step]
+                   for count in counts)

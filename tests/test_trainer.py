@@ -1,0 +1,287 @@
+"""GCA-HNG's networks (GCAHNG) and their alternating optimisation (AlternatingTrainer)."""
+import copy
+
+import pytest
+import torch
+
+from gca_pyg.errors import NonFiniteLossError
+from gca_pyg.generator import synthesize_batch
+from gca_pyg.graph import to_dense_edges
+from gca_pyg.losses import synthetic_npair_loss
+from gca_pyg.model import GCAHNG, LossConfig, NetConfig
+from gca_pyg.trainer import AlternatingTrainer, OptimConfig, adamw_options
+
+
+class TinyBackbone(torch.nn.Module):
+    """Stands in for a CNN: a linear map of fixed random 'images' (feature vectors)."""
+    out_features = 24
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(20, self.out_features)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+def make_trainer(warmup_epochs=0, synthesis=True, amp_dtype=None, **optim):
+    torch.manual_seed(0)
+    model = GCAHNG(TinyBackbone(), num_classes=6, embedding_size=16,
+                   net=NetConfig(num_layers=2, heads=4, dropout=0.1),
+                   loss=LossConfig(synthesis=synthesis), amp_dtype=amp_dtype)
+    return AlternatingTrainer(model, OptimConfig(warmup_epochs=warmup_epochs, epochs=10, **optim))
+
+
+def batch(num_classes=4, per_class=3):
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    images = torch.randn(labels.numel(), 20, generator=generator) + labels.unsqueeze(1) * 0.3
+    return images, labels
+
+
+def snapshot(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def parts(model):
+    return {"backbone": model.backbone, "embedding": model.embedding, "net": model.net,
+            "classifier": model.classifier}
+
+
+def changed_parts(model, before):
+    return {part for part, module in parts(model).items()
+            if any(not torch.equal(p, before[part][name]) for name, p in module.named_parameters())}
+
+
+def snapshots(model):
+    return {part: snapshot(module) for part, module in parts(model).items()}
+
+
+def test_each_update_changes_exactly_the_parameters_it_owns():
+    trainer = make_trainer()
+    model = trainer.model
+    images, labels = batch()
+    labels, layout, shard = trainer.prepare(labels)
+    model.train()
+    embeddings = model(images)
+    schedule = {"hardness": 0.5, "mix": torch.rand(3, 2)}
+
+    before = snapshots(model)
+    losses = model.generator_loss(embeddings, labels, layout, shard, **schedule)
+    trainer._update(losses["J_gen"], "J_gen", [trainer.net_optimizer], clip=[model.net])
+    assert changed_parts(model, before) == {"net"}
+    assert model.classifier.weight.grad is None  # J_ce reads the classifier as a fixed function
+
+    before = snapshots(model)
+    losses = model.classifier_loss(embeddings, labels)
+    trainer._update(losses["J_cls"], "J_cls", [trainer.classifier_optimizer], clip=[])
+    assert changed_parts(model, before) == {"classifier"}
+
+    before = snapshots(model)
+    losses = model.metric_loss(embeddings, labels, layout, shard, synthetic_weight=1.0, **schedule)
+    trainer._update(losses["J_metric"], "J_metric",
+                    [trainer.metric_optimizer, trainer.net_optimizer],
+                    clip=[model.backbone, model.embedding, model.net])
+    assert changed_parts(model, before) == {"backbone", "embedding", "net"}
+
+
+def test_j_syn_trains_the_embeddings_through_the_synthetic_negatives_not_the_net():
+    trainer = make_trainer()
+    model = trainer.model
+    images, labels = batch()
+    labels, layout, shard = trainer.prepare(labels)
+    model.train()
+    embeddings = model(images).detach().requires_grad_(True)
+    mix = torch.rand(3, 2)
+    torch.manual_seed(7)
+    j_syn = model.metric_loss(embeddings, labels, layout, shard, hardness=0.4,
+                              synthetic_weight=1.0, mix=mix)["J_syn"]
+    grad, = torch.autograd.grad(j_syn, embeddings, retain_graph=True)
+    net_grads = torch.autograd.grad(j_syn, list(model.net.parameters()), allow_unused=True)
+    assert all(g is None or not g.any() for g in net_grads)
+
+    # The same J_syn from the public functions, synthetic negatives differentiable in z.
+    torch.manual_seed(7)
+    _, fusion = model.correlate(embeddings, labels, shard, detach_fusion=True)
+    dense = to_dense_edges(fusion, shard.edge_index, labels.numel(), undirected=True)
+    synthetic = synthesize_batch(embeddings, labels, dense, 0.4, mix=mix, layout=layout)
+    expected = synthetic_npair_loss(embeddings, labels, *synthetic, layout=layout)
+    expected_grad, = torch.autograd.grad(expected, embeddings)
+    assert torch.allclose(j_syn, expected)
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
+    # Through the negatives alone the gradient is far from zero.
+    detached = synthetic_npair_loss(embeddings, labels, synthetic[0].detach(), *synthetic[1:],
+                                    layout=layout)
+    detached_grad, = torch.autograd.grad(detached, embeddings)
+    assert (grad - detached_grad).abs().max() > 1e-3
+
+
+def test_j_syn_weighs_in_once_the_generator_loss_is_small():
+    trainer = make_trainer()
+    images, labels = batch()
+    trainer.mean_generator_loss = 1e-3  # w = 1 - exp(-20 / 1e-3) = 1
+    assert trainer.synthetic_weight == pytest.approx(1.0)
+    logs = trainer.training_step(images, labels)
+    assert logs["J_metric"] == pytest.approx(logs["J_m"] + logs["J_gce"] + logs["J_syn"], rel=1e-5)
+
+
+def test_training_lowers_the_metric_loss_and_stays_finite():
+    trainer = make_trainer()
+    images, labels = batch()
+    first = trainer.training_step(images, labels)
+    expected_keys = {"J_m", "J_gce", "J_syn", "J_metric", "J_cls", "J_gen", "J_ce", "J_sim", "J_div"}
+    assert set(first) == expected_keys
+    logs = [first] + [trainer.training_step(images, labels) for _ in range(29)]
+    assert all(torch.isfinite(torch.tensor(list(log.values()))).all() for log in logs)
+    assert logs[-1]["J_m"] < 0.7 * first["J_m"]
+
+
+def test_warmup_freezes_the_backbone_only():
+    trainer = make_trainer(warmup_epochs=1)
+    images, labels = batch()
+    before = snapshots(trainer.model)
+    trainer.training_step(images, labels)
+    assert changed_parts(trainer.model, before) == {"embedding", "net", "classifier"}
+    trainer.end_epoch()
+    before = snapshots(trainer.model)
+    trainer.training_step(images, labels)
+    assert "backbone" in changed_parts(trainer.model, before)
+
+
+def test_synthesis_off_is_the_same_model_without_generator():
+    trainer = make_trainer(synthesis=False)
+    images, labels = batch()
+    before = snapshots(trainer.model)
+    logs = trainer.training_step(images, labels)
+    assert set(logs) == {"J_m", "J_gce", "J_metric", "J_cls"}
+    assert logs["J_metric"] == pytest.approx(logs["J_m"] + logs["J_gce"], rel=1e-6)
+    assert changed_parts(trainer.model, before) == {"backbone", "embedding", "net", "classifier"}
+
+
+def test_end_epoch_rolls_running_means_and_schedules():
+    trainer = make_trainer(metric_lr_step=1, metric_lr_gamma=0.5)
+    images, labels = batch()
+    assert trainer.synthetic_weight == pytest.approx(0.0, abs=1e-4)
+    assert trainer.hardness == pytest.approx(1.0, abs=1e-5)
+    logs = [trainer.training_step(images, labels) for _ in range(3)]
+    means = trainer.end_epoch()
+    assert trainer.epoch == 1
+    assert trainer.mean_metric_loss == pytest.approx(sum(log["J_m"] for log in logs) / 3)
+    assert trainer.mean_generator_loss == pytest.approx(sum(log["J_gen"] for log in logs) / 3)
+    assert means["J_cls"] == pytest.approx(sum(log["J_cls"] for log in logs) / 3)
+    assert set(means) == set(logs[0])
+    assert trainer.metric_optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4 / 2)
+    assert trainer.net_optimizer.param_groups[0]["lr"] < 1.5e-4
+    assert 0 < trainer.synthetic_weight < 1 and 0 < trainer.hardness < 1
+
+
+def test_epoch_means_span_a_resume_in_the_middle_of_the_epoch():
+    trainer = make_trainer()
+    images, labels = batch()
+    logs = [trainer.training_step(images, labels)]
+    resumed = make_trainer()
+    resumed.model.load_state_dict(trainer.model.state_dict())
+    resumed.load_state_dict(copy.deepcopy(trainer.state_dict()))
+    logs += [resumed.training_step(images, labels) for _ in range(2)]
+    means = resumed.end_epoch()
+    assert means["J_m"] == pytest.approx(sum(log["J_m"] for log in logs) / 3)
+
+
+def test_non_finite_loss_stops_before_any_update():
+    trainer = make_trainer()
+    images, labels = batch()
+    images[0, 0] = float("nan")
+    before = snapshots(trainer.model)
+    with pytest.raises(NonFiniteLossError, match="J_metric became nan at epoch 1, iteration 1"):
+        trainer.training_step(images, labels)
+    assert changed_parts(trainer.model, before) == set()
+
+
+def test_unbalanced_batch_fails_clearly():
+    trainer = make_trainer()
+    images, _ = batch()
+    with pytest.raises(ValueError, match="class-balanced"):
+        trainer.training_step(images, torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3]))
+
+
+def test_training_state_round_trip_continues_identically():
+    trainer = make_trainer()
+    images, labels = batch()
+    for _ in range(2):
+        trainer.training_step(images, labels)
+    trainer.end_epoch()
+    trainer.training_step(images, labels)
+
+    resumed = make_trainer()
+    resumed.model.load_state_dict(copy.deepcopy(trainer.model.state_dict()))
+    resumed.load_state_dict(copy.deepcopy(trainer.state_dict()))
+    torch.manual_seed(5)
+    expected = trainer.training_step(images, labels)
+    torch.manual_seed(5)
+    actual = resumed.training_step(images, labels)
+    assert actual == expected
+    for (name, p), q in zip(trainer.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_moves_to_a_device_and_trains_there(device):
+    torch.manual_seed(0)
+    model = GCAHNG(TinyBackbone(), num_classes=6, embedding_size=16).to(device)
+    trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0))
+    images, labels = batch()
+    logs = trainer.training_step(images, labels)  # inputs are moved to the model's device
+    assert model.device.type == device.type
+    assert all(torch.isfinite(torch.tensor(list(logs.values()))))
+
+
+def test_embed_is_deterministic_and_keeps_the_mode():
+    model = make_trainer().model
+    images, _ = batch()
+    model.train()
+    first = model.embed(images)
+    assert model.training and not first.requires_grad
+    assert torch.equal(first, model.embed(images))
+    assert first.shape == (12, 16)
+
+
+def test_seeded_training_repeats_bit_for_bit():
+    def train_a_little():
+        torch.manual_seed(3)
+        model = GCAHNG(TinyBackbone(), num_classes=27, embedding_size=64)
+        trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0))
+        images = torch.randn(81, 20)
+        labels = torch.arange(27).repeat_interleave(3)
+        for _ in range(2):
+            trainer.training_step(images, labels)
+        return model.state_dict()
+
+    first, second = train_a_little(), train_a_little()
+    for name, tensor in first.items():
+        assert torch.equal(second[name], tensor), name
+
+
+def test_adamw_is_fused_where_this_torch_supports_it():
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    assert adamw_options(torch.device("cpu")) == ({"fused": True} if version >= (2, 4) else {})
+    trainer = make_trainer()
+    assert trainer.net_optimizer.defaults.get("fused") == (version >= (2, 4))
+
+
+def _cpu_bf16_reason():
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no bf16 support (no AVX512-BF16/AMX, not even emulated by oneDNN)"
+    return None
+
+
+@pytest.mark.skipif(_cpu_bf16_reason() is not None, reason=str(_cpu_bf16_reason()))
+def test_a_bf16_training_step_stays_close_to_fp32():
+    images, labels = batch()
+    fp32, bf16 = make_trainer(), make_trainer(amp_dtype=torch.bfloat16)
+    for trainer in (fp32, bf16):
+        trainer.model.net.convs.apply(lambda m: setattr(m, "dropout", 0.0))
+        trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 1.0
+    expected, actual = fp32.training_step(images, labels), bf16.training_step(images, labels)
+    for name, value in expected.items():
+        assert actual[name] == pytest.approx(value, rel=0.05, abs=0.02), name
+    assert actual["J_gen"] != expected["J_gen"]  # autocast really ran in bf16
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
