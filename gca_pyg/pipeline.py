@@ -10,15 +10,15 @@ from torch.utils.data import DataLoader
 
 from gca_pyg.backbones import build_backbone
 from gca_pyg.config import Config
-from gca_pyg.data import (RetrievalDataset, demo_test_transform, demo_train_transform,
-                          get_dataset, test_transform, train_transform)
+from gca_pyg.data import (ClassBalancedBatchSampler, RetrievalDataset, demo_test_transform,
+                          demo_train_transform, get_dataset, test_transform, train_transform)
 from gca_pyg.errors import ConfigError, UnreadableImagesError
 from gca_pyg.metrics import retrieval_metrics
 from gca_pyg.model import GCAHNG
 
-__all__ = ["TestData", "resolve_device", "build_train_dataset", "build_test_data", "build_model",
-           "compute_embeddings", "embed_test_data", "test_metrics", "evaluate", "format_metrics",
-           "one_line_unreadable_error", "report_unreadable", "warn"]
+__all__ = ["TestData", "resolve_device", "build_train_dataset", "build_train_sampler",
+           "build_test_data", "build_model", "compute_embeddings", "embed_test_data", "test_metrics",
+           "evaluate", "format_metrics", "one_line_unreadable_error", "report_unreadable", "warn"]
 
 
 @dataclass
@@ -101,6 +101,16 @@ def build_train_dataset(config: Config) -> RetrievalDataset:
     return get_dataset(config.data.dataset, config.data.root, "train", train)
 
 
+def build_train_sampler(config: Config, labels, num_replicas: int = 1,
+                        rank: int = 0) -> ClassBalancedBatchSampler:
+    """The class-balanced batches of `config` over the training `labels`; with `num_replicas`
+    processes, this `rank`'s share (whole classes) of every global batch."""
+    data = config.data
+    return ClassBalancedBatchSampler(labels, data.classes_per_batch, data.samples_per_class,
+                                     class_sampling=data.class_sampling, seed=config.train.seed,
+                                     num_replicas=num_replicas, rank=rank)
+
+
 def build_test_data(config: Config) -> TestData:
     _, test = _transforms(config)
     data = config.data
@@ -154,7 +164,8 @@ def embed_test_data(model: GCAHNG, test_data: TestData, config: Config) -> Dict[
 
 
 def test_metrics(embedded: Dict[str, torch.Tensor], ks: List[int]) -> Dict[str, float]:
-    """Recall@K, MAP@R and RP (SPEC.md §7) of what :func:`embed_test_data` returned."""
+    """Recall@K, MAP@R and RP (docs/method.md, "Evaluation") of what :func:`embed_test_data`
+    returned."""
     return retrieval_metrics(embedded["embeddings"], embedded["labels"], ks=ks,
                              query=embedded.get("query_embeddings"),
                              query_labels=embedded.get("query_labels"))

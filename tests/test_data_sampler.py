@@ -129,7 +129,8 @@ def test_ranks_share_every_batch_by_whole_classes(scheme):
 
 def test_classes_that_ranks_cannot_split_evenly_are_a_clear_error():
     with pytest.raises(ValueError, match="classes_per_batch=5 is not divisible by num_replicas=2: "
-                                         ".*set classes_per_batch to a multiple of 2"):
+                                         ".*set classes_per_batch \\(data.classes_per_batch\\) to a "
+                                         "multiple of 2"):
         ClassBalancedBatchSampler(uneven_labels(), 5, 2, num_replicas=2, rank=0)
 
 
@@ -220,3 +221,18 @@ def test_works_as_a_dataloader_batch_sampler():
                                          batch_sampler=ClassBalancedBatchSampler(labels, 4, 2))
     _, batch_labels = next(iter(loader))
     assert batch_labels.view(4, 2).unique(dim=0).shape == (4, 2)
+
+
+@pytest.mark.parametrize("recipe, scheme, replicas", [("sop", "uniform", 2), ("cub", "balanced", 3)])
+def test_the_config_sets_the_scheme_and_the_ranks(recipe, scheme, replicas):
+    from gca_pyg.config import load_config
+    from gca_pyg.pipeline import build_train_sampler
+
+    config = load_config(recipe, ["train.seed=3"])
+    labels = np.repeat(np.arange(60), 6)
+    sampler = build_train_sampler(config, labels, num_replicas=replicas, rank=1)
+    C, K = config.data.classes_per_batch, config.data.samples_per_class
+    assert (sampler.class_sampling, sampler.seed) == (scheme, 3)
+    share = C // replicas * K
+    expected = ClassBalancedBatchSampler(labels, C, K, class_sampling=scheme, seed=3)
+    assert [batch[share:2 * share] for batch in expected] == list(sampler)

@@ -70,7 +70,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         if classes_per_batch % num_replicas:
             raise ValueError(f"classes_per_batch={classes_per_batch} is not divisible by "
                              f"num_replicas={num_replicas}: every process holds whole classes of "
-                             f"a batch; set classes_per_batch to a multiple of {num_replicas}")
+                             f"a batch; set classes_per_batch (data.classes_per_batch) to a "
+                             f"multiple of {num_replicas}")
         classes, self._class_of, sizes = np.unique(labels, return_inverse=True, return_counts=True)
         if len(classes) < classes_per_batch:
             raise ValueError(f"the labels hold {len(classes)} classes, fewer than "
