@@ -17,8 +17,9 @@ from gca_pyg.metrics import retrieval_metrics
 from gca_pyg.model import GCAHNG
 
 __all__ = ["TestData", "resolve_device", "build_train_dataset", "build_train_sampler",
-           "build_test_data", "build_model", "compute_embeddings", "embed_test_data", "test_metrics",
-           "evaluate", "format_metrics", "one_line_unreadable_error", "report_unreadable", "warn"]
+           "build_test_data", "build_model", "compute_embeddings", "embed_test_data",
+           "test_metrics", "evaluate", "format_metrics", "one_line_unreadable_error",
+           "report_unreadable", "warn"]
 
 
 @dataclass

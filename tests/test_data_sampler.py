@@ -128,9 +128,9 @@ def test_ranks_share_every_batch_by_whole_classes(scheme):
 
 
 def test_classes_that_ranks_cannot_split_evenly_are_a_clear_error():
-    with pytest.raises(ValueError, match="classes_per_batch=5 is not divisible by num_replicas=2: "
-                                         ".*set classes_per_batch \\(data.classes_per_batch\\) to a "
-                                         "multiple of 2"):
+    message = (r"classes_per_batch=5 is not divisible by num_replicas=2: .*set classes_per_batch "
+               r"\(data.classes_per_batch\) to a multiple of 2")
+    with pytest.raises(ValueError, match=message):
         ClassBalancedBatchSampler(uneven_labels(), 5, 2, num_replicas=2, rank=0)
 
 
@@ -223,7 +223,8 @@ def test_works_as_a_dataloader_batch_sampler():
     assert batch_labels.view(4, 2).unique(dim=0).shape == (4, 2)
 
 
-@pytest.mark.parametrize("recipe, scheme, replicas", [("sop", "uniform", 2), ("cub", "balanced", 3)])
+@pytest.mark.parametrize("recipe, scheme, replicas",
+                         [("sop", "uniform", 2), ("cub", "balanced", 3)])
 def test_the_config_sets_the_scheme_and_the_ranks(recipe, scheme, replicas):
     from gca_pyg.config import load_config
     from gca_pyg.pipeline import build_train_sampler
