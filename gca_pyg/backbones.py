@@ -145,8 +145,8 @@ def build_backbone(name, pretrained="imagenet", frozen_bn=False):
         trunk.dropout = nn.Identity()
         out_features = 1024
     # torchvision's forward pools with `avgpool`, flattens, then applies `fc`. ResNet-50 sums
-    # average and max pooling; GoogLeNet keeps average pooling, as the authors' code (docs/method.md,
-    # "Backbone and embedding").
+    # average and max pooling; GoogLeNet keeps average pooling, as the authors' code
+    # (docs/method.md, "Backbone and embedding").
     if name == "resnet50":
         trunk.avgpool = GlobalAvgMaxPool2d()
     trunk.fc = nn.Identity()
