@@ -1,4 +1,5 @@
-"""Image backbones: a batch of images to one pooled feature vector per image (SPEC.md §6).
+"""Image backbones: a batch of images to one pooled feature vector per image (docs/method.md,
+"Backbone and embedding").
 
 ResNet-50 and the small CNN pool their last feature map by global average plus global max pooling,
 summed; GoogLeNet by global average pooling, as in the authors' code. Each reports the size of its
@@ -41,15 +42,27 @@ class GlobalAvgMaxPool2d(nn.Module):
 
 
 class Backbone(nn.Module):
-    r"""An image trunk ending in a pooled feature vector, optionally with frozen BatchNorm2d.
+    r"""An image trunk ending in a pooled feature vector, optionally with frozen BatchNorm2d
+    statistics.
 
-    Frozen BatchNorm2d layers keep their running statistics and affine parameters: they stay in
-    eval mode when the backbone is put in training mode, and their parameters do not require grad.
+    Frozen BatchNorm2d layers keep their running statistics: they stay in eval mode when the
+    backbone is put in training mode, so they normalise with the (ImageNet) statistics they were
+    loaded with,
+
+    .. math::
+        \mathrm{BN}(\mathbf{x}) = \boldsymbol{\gamma} \odot
+        \frac{\mathbf{x} - \boldsymbol{\mu}_{\mathrm{running}}}
+        {\sqrt{\boldsymbol{\sigma}^2_{\mathrm{running}} + \epsilon}} + \boldsymbol{\beta},
+
+    while their affine parameters :math:`\boldsymbol{\gamma}, \boldsymbol{\beta}` require grad
+    like every other backbone parameter, as in the authors' code after warm-up (during the warm-up
+    epochs the training step runs the whole backbone without gradients).
 
     Args:
         trunk (torch.nn.Module): Maps images to ``(N, out_features)`` features.
         out_features (int): Size of the feature vector.
-        frozen_bn (bool, optional): Freeze every BatchNorm2d of the trunk. (default: ``False``)
+        frozen_bn (bool, optional): Keep every BatchNorm2d of the trunk in eval mode.
+            (default: ``False``)
 
     Shapes:
         - **input:** images :math:`(N, 3, H, W)`
@@ -61,8 +74,6 @@ class Backbone(nn.Module):
         self.trunk = trunk
         self.out_features = out_features
         self.frozen_bn = frozen_bn
-        for norm in self._frozen_norms():
-            norm.requires_grad_(False)
         self.train(self.training)
 
     def _frozen_norms(self):
@@ -92,7 +103,8 @@ def build_backbone(name, pretrained="imagenet", frozen_bn=False):
         pretrained (str, optional): ``"imagenet"`` for torchvision's ImageNet weights (downloaded
             into the torch hub cache when missing), ``"none"`` for random initialisation; the
             small CNN has no pretrained weights. (default: ``"imagenet"``)
-        frozen_bn (bool, optional): Freeze BatchNorm2d (SPEC.md §6: CUB and Cars).
+        frozen_bn (bool, optional): Keep the running statistics of every BatchNorm2d frozen (eval
+            mode); their affine parameters still train. The CUB and Cars recipes set it.
             (default: ``False``)
 
     Returns:
@@ -133,7 +145,8 @@ def build_backbone(name, pretrained="imagenet", frozen_bn=False):
         trunk.dropout = nn.Identity()
         out_features = 1024
     # torchvision's forward pools with `avgpool`, flattens, then applies `fc`. ResNet-50 sums
-    # average and max pooling (SPEC.md §6); GoogLeNet keeps average pooling, as the authors' code.
+    # average and max pooling; GoogLeNet keeps average pooling, as the authors' code
+    # (docs/method.md, "Backbone and embedding").
     if name == "resnet50":
         trunk.avgpool = GlobalAvgMaxPool2d()
     trunk.fc = nn.Identity()

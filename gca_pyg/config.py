@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from gca_pyg.backbones import BACKBONE_NAMES, PRETRAINED_CHOICES
-from gca_pyg.data import DATASETS
+from gca_pyg.data import CLASS_SAMPLING, DATASETS
 from gca_pyg.errors import ConfigError
 from gca_pyg.model import LossConfig, NetConfig
 from gca_pyg.trainer import OptimConfig
@@ -32,13 +32,15 @@ class DataConfig:
     image_size: int = 224  # train crop and test centre crop
     resize: int = 256  # test resize before the centre crop
     num_workers: int = 4
+    # balanced: each sample about once an epoch | uniform: C classes drawn uniformly for each batch
+    class_sampling: str = "balanced"
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"
     pretrained: str = "imagenet"  # imagenet | none
-    frozen_bn: bool = True  # BatchNorm2d in eval mode, no grad (CUB/Cars)
+    frozen_bn: bool = True  # BatchNorm2d running statistics frozen, gamma/beta train (CUB/Cars)
     embedding_size: int = 512
 
 
@@ -226,6 +228,7 @@ def _check_values(config: Config, source: str):
     """Checks that need more than a type: choices and ranges."""
     choices = {
         "data.dataset": (config.data.dataset, tuple(DATASETS)),
+        "data.class_sampling": (config.data.class_sampling, CLASS_SAMPLING),
         "model.backbone": (config.model.backbone, BACKBONE_NAMES),
         "model.pretrained": (config.model.pretrained, PRETRAINED_CHOICES),
         "train.precision": (config.train.precision, ("fp32", "bf16")),

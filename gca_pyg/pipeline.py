@@ -11,16 +11,17 @@ from torch.utils.data import DataLoader, Subset
 
 from gca_pyg.backbones import build_backbone
 from gca_pyg.config import Config
+from gca_pyg.data import (ClassBalancedBatchSampler, RetrievalDataset, demo_test_transform,
+                          demo_train_transform, get_dataset, test_transform, train_transform)
 from gca_pyg.distributed import Context, all_gather_objects
-from gca_pyg.data import (RetrievalDataset, demo_test_transform, demo_train_transform,
-                          get_dataset, test_transform, train_transform)
 from gca_pyg.errors import ConfigError, UnreadableImagesError
 from gca_pyg.metrics import retrieval_metrics
 from gca_pyg.model import GCAHNG
 
-__all__ = ["TestData", "resolve_device", "build_train_dataset", "build_test_data", "build_model",
-           "compute_embeddings", "embed_test_data", "test_metrics", "evaluate", "format_metrics",
-           "one_line_unreadable_error", "report_unreadable", "warn"]
+__all__ = ["TestData", "resolve_device", "build_train_dataset", "build_train_sampler",
+           "build_test_data", "build_model", "compute_embeddings", "embed_test_data",
+           "test_metrics", "evaluate", "format_metrics", "one_line_unreadable_error",
+           "report_unreadable", "warn"]
 
 
 @dataclass
@@ -103,6 +104,16 @@ def build_train_dataset(config: Config) -> RetrievalDataset:
     return get_dataset(config.data.dataset, config.data.root, "train", train)
 
 
+def build_train_sampler(config: Config, labels, num_replicas: int = 1,
+                        rank: int = 0) -> ClassBalancedBatchSampler:
+    """The class-balanced batches of `config` over the training `labels`; with `num_replicas`
+    processes, this `rank`'s share (whole classes) of every global batch."""
+    data = config.data
+    return ClassBalancedBatchSampler(labels, data.classes_per_batch, data.samples_per_class,
+                                     class_sampling=data.class_sampling, seed=config.train.seed,
+                                     num_replicas=num_replicas, rank=rank)
+
+
 def build_test_data(config: Config) -> TestData:
     _, test = _transforms(config)
     data = config.data
@@ -122,12 +133,6 @@ def build_model(config: Config, num_classes: int, device: torch.device,
     model = GCAHNG(backbone, num_classes, config.model.embedding_size, net=config.net,
                    loss=config.loss, amp_dtype=check_precision(config, device))
     return model.to(device)
-
-
-def sampler_options(config: Config) -> Dict:
-    """The keyword arguments of :class:`~gca_pyg.data.ClassBalancedBatchSampler` that the config
-    sets besides batch shape and seed."""
-    return {}
 
 
 def loader_options(config: Config, device: torch.device) -> Dict:

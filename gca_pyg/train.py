@@ -31,12 +31,11 @@ from tqdm import tqdm
 
 from gca_pyg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gca_pyg.config import Config, apply_overrides, available_configs, load_config
-from gca_pyg.data import ClassBalancedBatchSampler
 from gca_pyg.distributed import Context, all_gather_objects, any_process, setup, teardown
 from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError
 from gca_pyg.pipeline import (build_model, build_test_data, build_train_dataset, evaluate,
                               format_metrics, loader_options, one_line_unreadable_error,
-                              report_unreadable, resolve_device, sampler_options)
+                              report_unreadable, resolve_device, build_train_sampler)
 from gca_pyg.runtime import retain_freed_memory
 from gca_pyg.trainer import AlternatingTrainer
 
@@ -74,10 +73,9 @@ class TrainingRun:
         _seed_everything(config.train.seed)
         self.train_data = build_train_dataset(config)
         self.test_data = build_test_data(config)
-        self.sampler = ClassBalancedBatchSampler(
-            self.train_data.labels, config.data.classes_per_batch, config.data.samples_per_class,
-            seed=config.train.seed, num_replicas=self.context.world_size, rank=self.context.rank,
-            **sampler_options(config))
+        self.sampler = build_train_sampler(config, self.train_data.labels,
+                                           num_replicas=self.context.world_size,
+                                           rank=self.context.rank)
         self.model = build_model(config, self.train_data.num_classes, self.device)
         self.trainer = AlternatingTrainer(self.model, config.optim, context=self.context,
                                           seed=config.train.seed)

@@ -1,4 +1,4 @@
-"""Tiny copies of the official dataset layouts (DATA.md), written by the tests themselves.
+"""Tiny copies of the official dataset layouts (docs/datasets.md), written by the tests themselves.
 
 Each builder writes a few classes of 8×8 JPEGs whose colour encodes (class, image), plus a macOS
 ``._*`` resource-fork file beside the images, and returns the folder the archive extracts to.

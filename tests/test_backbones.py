@@ -55,7 +55,7 @@ def test_output_pools_the_last_feature_map(name):
 
 
 @pytest.mark.parametrize("frozen_bn", [True, False])
-def test_frozen_batch_norm_stays_in_eval_mode_and_gets_no_gradient(name, frozen_bn):
+def test_frozen_batch_norm_keeps_its_statistics_and_trains_its_affine_parameters(name, frozen_bn):
     torch.manual_seed(0)
     backbone = build_backbone(name, pretrained="none", frozen_bn=frozen_bn)  # in training mode
     norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -68,14 +68,31 @@ def test_frozen_batch_norm_stays_in_eval_mode_and_gets_no_gradient(name, frozen_
     backbone(torch.randn(2, 3, side, side)).sum().backward()
 
     assert norms and all(norm.training is not frozen_bn for norm in norms)
-    assert all((norm.weight.grad is None) is frozen_bn for norm in norms)
-    assert all(not norm.weight.requires_grad for norm in norms) is frozen_bn
+    # Frozen or not, gamma and beta require grad and receive it.
+    assert all(norm.weight.requires_grad and norm.bias.requires_grad for norm in norms)
+    assert all(norm.weight.grad.abs().sum() > 0 and norm.bias.grad.abs().sum() > 0
+               for norm in norms)
     unchanged = [torch.equal(old, norm.running_mean) for old, norm in zip(running_means, norms)]
     assert all(unchanged) is frozen_bn
     assert all(conv.weight.grad is not None for conv in convs)
     assert backbone.training and all(conv.training for conv in convs)
     backbone.eval()
     assert not any(m.training for m in backbone.modules())
+
+
+def test_frozen_batch_norm_normalises_with_its_running_statistics():
+    torch.manual_seed(0)
+    backbone = build_backbone("small_cnn", pretrained="none", frozen_bn=True).train()
+    norm = backbone.trunk[1]
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    images = torch.randn(4, 3, 32, 32)
+    conv_out = backbone.trunk[0](images)
+    expected = ((conv_out - norm.running_mean[:, None, None])
+                / (norm.running_var[:, None, None] + norm.eps).sqrt()
+                * norm.weight[:, None, None] + norm.bias[:, None, None])
+    torch.testing.assert_close(norm(conv_out), expected)
 
 
 def test_small_cnn_trains_on_a_demo_batch():

@@ -25,8 +25,19 @@ def test_spec_values_reach_the_typed_config():
     sop = load_config("sop_googlenet")
     assert (sop.data.classes_per_batch, sop.data.samples_per_class) == (40, 2)
     assert (sop.net.num_layers, sop.net.heads) == (1, 2)
-    assert (sop.loss.alpha, sop.loss.beta) == (5, 20) and sop.optim.net_lr == pytest.approx(3e-4)
+    assert (sop.loss.alpha, sop.loss.beta) == (5, 20)
+    assert (sop.optim.metric_lr, sop.optim.net_lr) == (pytest.approx(3e-4), pytest.approx(1.5e-4))
+    inshop = load_config("inshop_googlenet")
+    assert (inshop.optim.metric_lr, inshop.optim.net_lr) == (pytest.approx(3e-4),
+                                                             pytest.approx(1.5e-4))
     assert load_config("inshop").eval.ks == [1, 10, 20, 30, 40, 50]
+
+
+def test_sop_and_inshop_recipes_draw_classes_uniformly():
+    for name in RECIPES:
+        expected = "uniform" if name.startswith(("sop", "inshop")) else "balanced"
+        assert load_config(name).data.class_sampling == expected, name
+    assert load_config("demo").data.class_sampling == "balanced"
 
 
 def test_overrides_and_data_root(tmp_path):
@@ -55,6 +66,8 @@ def test_a_yaml_file_by_path(tmp_path):
     ("data.dataset=imagenet", r"'data.dataset' .* valid values: cub, cars, sop, inshop, folder"),
     ("train.device=gpu", r"'train.device' .* valid values: auto, cpu, cuda, cuda:N"),
     ("train.precision=fp16", r"valid values: fp32, bf16"),
+    ("data.class_sampling=random", r"'data.class_sampling' .* is 'random'; valid values: balanced, "
+                                   "uniform"),
     ("data.samples_per_class=1", r"at least 2"),
     ("model.embedding_size=510", r"divisible by 'net.heads'"),
     ("optim.epochs=0", r"'optim.epochs' .* must be positive"),

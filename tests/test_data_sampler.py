@@ -1,4 +1,5 @@
-"""ClassBalancedBatchSampler: balance, coverage, determinism, DDP ranks, resumption."""
+"""ClassBalancedBatchSampler: balance, coverage, both class-sampling schemes, determinism,
+processes sharing a batch, resumption."""
 
 import warnings
 from collections import Counter
@@ -25,9 +26,13 @@ def check_balanced(batch, labels, C, K):
     assert len(set(batch_labels[:, 0].tolist())) == C
 
 
-def test_every_batch_is_c_classes_times_k_samples():
+SCHEMES = ["balanced", "uniform"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_batch_is_c_classes_times_k_samples(scheme):
     labels = uneven_labels()
-    sampler = ClassBalancedBatchSampler(labels, 6, 3)
+    sampler = ClassBalancedBatchSampler(labels, 6, 3, class_sampling=scheme)
     batches = list(sampler)
     assert len(batches) == len(sampler) > 0
     for batch in batches:
@@ -78,45 +83,99 @@ def test_which_classes_wait_for_the_next_epoch_varies():
     assert left_out == {0, 1, 2}
 
 
-def test_fixed_seed_and_epoch_give_the_same_batches():
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fixed_seed_and_epoch_give_the_same_batches(scheme):
     labels = torch.as_tensor(uneven_labels())
-    first = list(ClassBalancedBatchSampler(labels, 5, 2, seed=3))
-    assert first == list(ClassBalancedBatchSampler(labels, 5, 2, seed=3))
-    assert first != list(ClassBalancedBatchSampler(labels, 5, 2, seed=4))
-    sampler = ClassBalancedBatchSampler(labels, 5, 2, seed=3)
+    first = list(ClassBalancedBatchSampler(labels, 5, 2, seed=3, class_sampling=scheme))
+    assert first == list(ClassBalancedBatchSampler(labels, 5, 2, seed=3, class_sampling=scheme))
+    assert first != list(ClassBalancedBatchSampler(labels, 5, 2, seed=4, class_sampling=scheme))
+    sampler = ClassBalancedBatchSampler(labels, 5, 2, seed=3, class_sampling=scheme)
     sampler.set_epoch(1)
     assert list(sampler) != first
     sampler.set_epoch(0)
     assert list(sampler) == first
 
 
-def test_state_dict_resumes_the_same_batches():
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_state_dict_resumes_the_same_batches(scheme):
     labels = uneven_labels()
-    sampler = ClassBalancedBatchSampler(labels, 5, 2, seed=7)
+    sampler = ClassBalancedBatchSampler(labels, 5, 2, seed=7, class_sampling=scheme)
     sampler.set_epoch(4)
     expected = list(sampler)
-    resumed = ClassBalancedBatchSampler(labels, 5, 2)
+    resumed = ClassBalancedBatchSampler(labels, 5, 2, class_sampling=scheme)
     resumed.load_state_dict(sampler.state_dict())
     assert resumed.state_dict() == {"seed": 7, "epoch": 4}
     assert list(resumed) == expected
 
 
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_ddp_ranks_get_disjoint_batches_of_equal_number(drop_last):
-    labels = np.repeat(np.arange(20), 4)  # multiples of K: no top-up, so batches are disjoint
-    ranks = [ClassBalancedBatchSampler(labels, 3, 2, num_replicas=3, rank=r, drop_last=drop_last)
-             for r in range(3)]
-    single = list(ClassBalancedBatchSampler(labels, 3, 2))
-    assert len(single) == 13  # 40 chunks of 2, 3 classes per batch
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_ranks_share_every_batch_by_whole_classes(scheme):
+    labels = uneven_labels()
+    single = ClassBalancedBatchSampler(labels, 6, 2, seed=5, class_sampling=scheme)
+    single.set_epoch(2)
+    ranks = [ClassBalancedBatchSampler(labels, 6, 2, seed=5, class_sampling=scheme,
+                                       num_replicas=3, rank=r) for r in range(3)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    expected = list(single)
     per_rank = [list(sampler) for sampler in ranks]
-    expected = [4 if drop_last else 5] * 3
-    assert [len(batches) for batches in per_rank] == [len(s) for s in ranks] == expected
-    if drop_last:
-        indices = [i for batches in per_rank for batch in batches for i in batch]
-        assert len(indices) == len(set(indices))
-        assert sorted(map(tuple, sum(per_rank, []))) == sorted(map(tuple, single[:12]))
-    else:  # the two missing batches repeat the epoch's first two
-        assert per_rank[1][-1] == single[0] and per_rank[2][-1] == single[1]
+    assert [len(batches) for batches in per_rank] == [len(s) for s in ranks] == [len(expected)] * 3
+    for step, batch in enumerate(expected):
+        shares = [batches[step] for batches in per_rank]
+        assert sum(shares, []) == batch  # rank r holds classes 2r, 2r+1 of the batch, in order
+        for share in shares:
+            check_balanced(share, labels, 2, 2)
+
+
+def test_classes_that_ranks_cannot_split_evenly_are_a_clear_error():
+    message = (r"classes_per_batch=5 is not divisible by num_replicas=2: .*set classes_per_batch "
+               r"\(data.classes_per_batch\) to a multiple of 2")
+    with pytest.raises(ValueError, match=message):
+        ClassBalancedBatchSampler(uneven_labels(), 5, 2, num_replicas=2, rank=0)
+
+
+def test_uniform_sampling_draws_classes_whatever_their_size():
+    # Class 0 holds most samples; nine classes hold 4 each.
+    labels = np.repeat(np.arange(10), [200] + [4] * 9)
+    draws = {}
+    for scheme in SCHEMES:
+        sampler = ClassBalancedBatchSampler(labels, 2, 2, class_sampling=scheme)
+        counts = Counter()
+        for epoch in range(5):
+            sampler.set_epoch(epoch)
+            counts.update(int(labels[batch[0]]) for batch in sampler)
+            counts.update(int(labels[batch[2]]) for batch in sampler)
+        draws[scheme] = counts
+    # Sample-uniform: class 0 is in every batch. Class-uniform: in about 2/10 of them (59 a epoch).
+    assert len(ClassBalancedBatchSampler(labels, 2, 2, class_sampling="uniform")) == 236 // 4
+    assert draws["balanced"][0] == 5 * len(ClassBalancedBatchSampler(labels, 2, 2))
+    assert 30 <= draws["uniform"][0] <= 90  # 59 expected over 5 epochs of 59 batches
+    assert min(draws["uniform"][c] for c in range(1, 10)) >= 30
+
+
+def test_uniform_sampling_walks_a_shuffled_list_per_class():
+    # K = 2. A pass through a class's shuffled list serves 3 draws for the classes of 7 samples (6
+    # distinct samples, one left over) and 1 draw for the class of 3; then the list is reshuffled.
+    labels = np.repeat(np.arange(4), [7, 7, 7, 3])
+    sampler = ClassBalancedBatchSampler(labels, 2, 2, class_sampling="uniform")
+    left_over, pairs_of_the_small_class = set(), []
+    for epoch in range(10):
+        sampler.set_epoch(epoch)
+        per_class = {c: [] for c in range(4)}
+        for batch in sampler:
+            for k in (0, 2):
+                per_class[int(labels[batch[k]])].append(batch[k:k + 2])
+        for c in range(3):
+            draws = per_class[c]
+            for start in range(0, len(draws), 3):
+                samples = sum(draws[start:start + 3], [])
+                assert len(set(samples)) == len(samples)
+            if len(draws) >= 3:
+                left_over |= set(range(7 * c, 7 * c + 7)) - set(sum(draws[:3], []))
+        pairs_of_the_small_class.append({frozenset(pair) for pair in per_class[3]})
+    assert len(left_over) > 8  # which sample sits out varies with the shuffle
+    # Reshuffled after every draw: the small class's pairs vary within an epoch.
+    assert any(len(pairs) > 1 for pairs in pairs_of_the_small_class)
 
 
 def test_small_classes_are_drawn_with_replacement_and_counted_in_one_warning():
@@ -129,6 +188,15 @@ def test_small_classes_are_drawn_with_replacement_and_counted_in_one_warning():
     for batch in batches:
         check_balanced(batch, labels, 2, 3)
     assert {i for batch in batches for i in batch} == set(range(9))
+    with pytest.warns(UserWarning, match="2 of 4 classes"):
+        uniform = ClassBalancedBatchSampler(labels, 2, 3, class_sampling="uniform")
+    seen = set()
+    for epoch in range(10):
+        uniform.set_epoch(epoch)
+        (batch,) = list(uniform)  # 9 // 6
+        check_balanced(batch, labels, 2, 3)
+        seen |= set(batch)
+    assert seen == set(range(9))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ClassBalancedBatchSampler(labels, 2, 1)
@@ -139,6 +207,11 @@ def test_too_few_classes_is_a_clear_error():
         ClassBalancedBatchSampler([0, 0, 1, 1, 2, 2], 4, 2)
     with pytest.raises(ValueError, match="rank must be in 0..1"):
         ClassBalancedBatchSampler([0, 0, 1, 1], 2, 2, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="unknown class_sampling 'random'; choose one of "
+                                         "balanced, uniform"):
+        ClassBalancedBatchSampler([0, 0, 1, 1], 2, 2, class_sampling="random")
+    with pytest.raises(ValueError, match="4 samples fill no batch of 2 classes × 3 samples"):
+        ClassBalancedBatchSampler([0, 0, 1, 1], 2, 3, class_sampling="uniform")
 
 
 def test_works_as_a_dataloader_batch_sampler():
@@ -148,3 +221,19 @@ def test_works_as_a_dataloader_batch_sampler():
                                          batch_sampler=ClassBalancedBatchSampler(labels, 4, 2))
     _, batch_labels = next(iter(loader))
     assert batch_labels.view(4, 2).unique(dim=0).shape == (4, 2)
+
+
+@pytest.mark.parametrize("recipe, scheme, replicas",
+                         [("sop", "uniform", 2), ("cub", "balanced", 3)])
+def test_the_config_sets_the_scheme_and_the_ranks(recipe, scheme, replicas):
+    from gca_pyg.config import load_config
+    from gca_pyg.pipeline import build_train_sampler
+
+    config = load_config(recipe, ["train.seed=3"])
+    labels = np.repeat(np.arange(60), 6)
+    sampler = build_train_sampler(config, labels, num_replicas=replicas, rank=1)
+    C, K = config.data.classes_per_batch, config.data.samples_per_class
+    assert (sampler.class_sampling, sampler.seed) == (scheme, 3)
+    share = C // replicas * K
+    expected = ClassBalancedBatchSampler(labels, C, K, class_sampling=scheme, seed=3)
+    assert [batch[share:2 * share] for batch in expected] == list(sampler)

@@ -16,7 +16,7 @@ from .cub import CUB200
 from .folder import ImageFolderByClass
 from .inshop import InShop
 from .official import OfficialDataset
-from .sampler import ClassBalancedBatchSampler
+from .sampler import CLASS_SAMPLING, ClassBalancedBatchSampler
 from .sop import StanfordOnlineProducts
 from .synthetic import DemoDataset, default_cache_dir, generate_demo
 from .transforms import demo_test_transform, demo_train_transform, test_transform, train_transform
@@ -46,7 +46,7 @@ def get_dataset(name: str, root=None, split: str = "train", transform: Optional[
 
 
 __all__ = [
-    "CUB200", "Cars196", "ClassBalancedBatchSampler", "DATASETS", "DemoDataset",
+    "CLASS_SAMPLING", "CUB200", "Cars196", "ClassBalancedBatchSampler", "DATASETS", "DemoDataset",
     "ImageFileDataset", "ImageFolderByClass", "InShop", "OfficialDataset", "RetrievalDataset",
     "StanfordOnlineProducts", "default_cache_dir", "demo_test_transform", "demo_train_transform",
     "generate_demo", "get_dataset", "test_transform", "train_transform",

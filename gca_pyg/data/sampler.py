@@ -1,4 +1,4 @@
-"""Class-balanced batches: C classes × K samples each, every sample about once per epoch."""
+"""Class-balanced batches: C classes × K samples each, classes drawn sample- or class-uniformly."""
 
 from __future__ import annotations
 
@@ -10,64 +10,89 @@ import torch
 from torch.utils.data import Sampler
 
 
+CLASS_SAMPLING = ("balanced", "uniform")
+
+
 class ClassBalancedBatchSampler(Sampler[list[int]]):
     """Batches of ``classes_per_batch`` (C) distinct classes × ``samples_per_class`` (K) samples.
 
-    Per epoch, each class's samples are shuffled and cut into chunks of K; the last chunk of a class
-    whose size is not a multiple of K is topped up from the start of its queue, and a class with
-    fewer than K samples repeats them (drawn with replacement, one warning counting such classes).
-    A class of n samples thus has ``ceil(n / K)`` chunks and every sample appears at least once.
-    Batches take C chunks of distinct classes: classes whose remaining chunks would otherwise not
-    fit into the remaining batches go first, the rest are drawn at random weighted by their
-    remaining chunks, so large classes are spread over the epoch. The epoch has the largest number
-    of batches the chunks can fill with C distinct classes each (all of them unless one class holds
-    more than a 1/C share); the chunks that cannot fill a whole batch wait for the next epoch.
-    A batch lists its classes' samples contiguously, K at a time.
+    Two schemes choose the classes (``class_sampling``):
+
+    - ``"balanced"`` (sample-uniform): per epoch, each class's samples are shuffled and cut into
+      chunks of K; the last chunk of a class whose size is not a multiple of K is topped up from the
+      start of its queue. A class of n samples thus has ``ceil(n / K)`` chunks and every sample
+      appears at least once. Batches take C chunks of distinct classes: classes whose remaining
+      chunks would otherwise not fit into the remaining batches go first, the rest are drawn at
+      random weighted by their remaining chunks, so large classes are spread over the epoch. The
+      epoch has the largest number of batches the chunks can fill with C distinct classes each (all
+      of them unless one class holds more than a 1/C share); the chunks that cannot fill a whole
+      batch wait for the next epoch.
+    - ``"uniform"`` (class-uniform, the authors' sampler): every batch draws C distinct classes
+      uniformly at random, whatever their sizes. Each class keeps a cursor through a shuffled list
+      of its samples and hands out the next K; when fewer than K are left, the list is reshuffled
+      and the cursor restarts. An epoch has ``len(labels) // (C * K)`` batches and starts every
+      class from a fresh shuffle.
+
+    In both, a class with fewer than K samples repeats them (drawn with replacement, one warning
+    counting such classes), and a batch lists its classes' samples contiguously, K at a time.
 
     The order is a function of ``(seed, epoch)`` only: call :meth:`set_epoch` before each epoch
     (as with ``DistributedSampler``); :meth:`state_dict` holds both, so a resumed run reproduces the
-    same batches. Under DDP every rank builds the same epoch and takes every
-    ``num_replicas``-th batch from ``rank`` on: ranks get different batches and the same number of
-    them — with ``drop_last`` the tail batches that do not divide evenly are dropped, without it
-    batches from the epoch's start are repeated to even them out.
+    same batches. With ``num_replicas`` W processes, every rank iterates the same global batches and
+    yields its share of each: rank r gets the classes ``[r * C / W, (r + 1) * C / W)`` of the batch
+    (in the batch's class order), each with its K samples, so every process holds whole classes and
+    all ranks yield the same number of batches.
 
     Args:
         labels: the class of every sample (any integers).
-        classes_per_batch: C, the number of distinct classes in a batch.
+        classes_per_batch: C, the number of distinct classes in a (global) batch.
         samples_per_class: K, the samples of each class in a batch.
+        class_sampling: ``"balanced"`` or ``"uniform"``, see above.
         seed: the random seed.
-        drop_last: between ranks, drop (``True``) or repeat (``False``) batches to even them out.
-        num_replicas: the number of DDP processes.
+        num_replicas: W, the number of processes sharing each batch; must divide C.
         rank: this process's rank in ``0..num_replicas-1``.
     """
 
-    def __init__(self, labels, classes_per_batch: int, samples_per_class: int, *, seed: int = 0,
-                 drop_last: bool = True, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, labels, classes_per_batch: int, samples_per_class: int, *,
+                 class_sampling: str = "balanced", seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0):
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
         if labels.ndim != 1:
             raise ValueError(f"labels must be 1-D, not of shape {labels.shape}")
         if classes_per_batch < 2 or samples_per_class < 1:
             raise ValueError(f"need classes_per_batch >= 2 and samples_per_class >= 1, not "
                              f"{classes_per_batch} and {samples_per_class}")
-        if not 0 <= rank < num_replicas:
+        if class_sampling not in CLASS_SAMPLING:
+            raise ValueError(f"unknown class_sampling {class_sampling!r}; choose one of "
+                             f"{', '.join(CLASS_SAMPLING)}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in 0..{num_replicas - 1}, not {rank}")
+        if classes_per_batch % num_replicas:
+            raise ValueError(f"classes_per_batch={classes_per_batch} is not divisible by "
+                             f"num_replicas={num_replicas}: every process holds whole classes of "
+                             f"a batch; set classes_per_batch (data.classes_per_batch) to a "
+                             f"multiple of {num_replicas}")
         classes, self._class_of, sizes = np.unique(labels, return_inverse=True, return_counts=True)
         if len(classes) < classes_per_batch:
             raise ValueError(f"the labels hold {len(classes)} classes, fewer than "
                              f"classes_per_batch={classes_per_batch}; lower classes_per_batch")
         self.classes_per_batch = classes_per_batch
         self.samples_per_class = samples_per_class
+        self.class_sampling = class_sampling
         self.seed = seed
         self.epoch = 0
-        self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
         self._sizes = sizes
         self._chunks = -(-sizes // samples_per_class)
-        self.batches_per_epoch = _max_batches(self._chunks, classes_per_batch)
-        if len(self) == 0:
-            raise ValueError(f"an epoch has {self.batches_per_epoch} batches, too few for "
-                             f"{num_replicas} replicas; use drop_last=False or smaller batches")
+        if class_sampling == "balanced":
+            self.batches_per_epoch = _max_batches(self._chunks, classes_per_batch)
+        else:
+            self.batches_per_epoch = len(labels) // (classes_per_batch * samples_per_class)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(labels)} samples fill no batch of {classes_per_batch} classes "
+                             f"× {samples_per_class} samples; lower classes_per_batch or "
+                             "samples_per_class")
         small = int((sizes < samples_per_class).sum())
         if small:
             warnings.warn(f"{small} of {len(classes)} classes have fewer than {samples_per_class} "
@@ -75,10 +100,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                           UserWarning, stacklevel=2)
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch."""
-        if self.drop_last:
-            return self.batches_per_epoch // self.num_replicas
-        return -(-self.batches_per_epoch // self.num_replicas)
+        """Batches per epoch, the same on every rank."""
+        return self.batches_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -91,15 +114,19 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.epoch = int(state["epoch"])
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._epoch_batches()
-        total = len(self) * self.num_replicas
-        # Wrap around (only without drop_last) so that every rank gets len(self) batches.
-        batches = [batches[i % len(batches)] for i in range(total)]
-        yield from batches[self.rank::self.num_replicas]
+        share = self.classes_per_batch // self.num_replicas * self.samples_per_class
+        start = self.rank * share
+        for batch in self._epoch_batches():
+            yield batch[start:start + share]
 
     def _epoch_batches(self) -> list[list[int]]:
-        """All batches of the epoch, the same on every rank."""
+        """All global batches of the epoch, the same on every rank."""
         rng = np.random.default_rng([self.seed, self.epoch])
+        if self.class_sampling == "uniform":
+            return self._uniform_batches(rng)
+        return self._balanced_batches(rng)
+
+    def _balanced_batches(self, rng: np.random.Generator) -> list[list[int]]:
         K, C = self.samples_per_class, self.classes_per_batch
         # Each class's samples in random order, classes one after another.
         queue = np.lexsort((rng.random(len(self._class_of)), self._class_of))
@@ -117,6 +144,44 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             remaining[chosen] -= 1
             drawn[chosen] += 1
         return batches
+
+    def _uniform_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        K, C, B = self.samples_per_class, self.classes_per_batch, self.batches_per_epoch
+        sizes = self._sizes
+        num_classes = len(sizes)
+        chosen = np.stack([rng.choice(num_classes, C, replace=False) for _ in range(B)]).ravel()
+        # The m-th draw of a class in this epoch takes its m-th group of K samples.
+        by_class = np.argsort(chosen, kind="stable")
+        draws = np.bincount(chosen, minlength=num_classes)
+        first_draw = np.cumsum(draws) - draws
+        draw_number = np.empty_like(chosen)
+        draw_number[by_class] = np.arange(len(chosen)) - first_draw[chosen[by_class]]
+
+        # A pass through a class's shuffled samples serves size // K draws; then it is reshuffled.
+        # Lay out one shuffled copy of the class per pass the epoch needs, all passes end to end.
+        members = np.argsort(self._class_of, kind="stable")
+        class_start = np.cumsum(sizes) - sizes
+        per_pass = sizes // K
+        passes = np.where(per_pass > 0, -(-draws // np.maximum(per_pass, 1)), 0)
+        pass_class = np.repeat(np.arange(num_classes), passes)
+        pass_start = np.cumsum(sizes[pass_class]) - sizes[pass_class]
+        slot_pass = np.repeat(np.arange(len(pass_class)), sizes[pass_class])
+        slot_sample = members[class_start[pass_class[slot_pass]]
+                              + np.arange(len(slot_pass)) - pass_start[slot_pass]]
+        shuffled = slot_sample[np.lexsort((rng.random(len(slot_pass)), slot_pass))]
+
+        batches = np.empty((len(chosen), K), dtype=np.int64)
+        full = per_pass[chosen] > 0
+        classes, number = chosen[full], draw_number[full]
+        first_pass = np.cumsum(passes) - passes
+        pass_index = first_pass[classes] + number // per_pass[classes]
+        offsets = pass_start[pass_index] + (number % per_pass[classes]) * K
+        batches[full] = shuffled[offsets[:, None] + np.arange(K)]
+        # Classes of fewer than K samples: K draws with replacement.
+        small = chosen[~full]
+        picks = (rng.random((len(small), K)) * sizes[small, None]).astype(np.int64)
+        batches[~full] = members[class_start[small, None] + picks]
+        return batches.reshape(B, C * K).tolist()
 
 
 def _max_batches(chunks: np.ndarray, C: int) -> int:

@@ -1,4 +1,5 @@
-"""The standard image transforms (SPEC.md §6) and their tensor counterparts for the demo set."""
+"""The standard image transforms (docs/method.md, "Backbone and embedding") and their tensor
+counterparts for the demo set."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""A literal, dense re-statement of SPEC.md §2 for one EdgeNodeConv, used to check the layer.
+"""A literal, dense re-statement of one EdgeNodeConv (docs/method.md, "One layer"), used to check
+the layer.
 
-It shares no code with gca_pyg.nn: every step follows the spec's formulas on dense [N, N] tensors
-(including the per-edge query projection that the layer folds into the node keys).
+It shares no code with gca_pyg.nn: every step follows the documented formulas on dense [N, N]
+tensors (including the per-edge query projection that the layer folds into the node keys).
 """
 import math
 

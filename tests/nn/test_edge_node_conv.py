@@ -158,9 +158,8 @@ def test_symmetric_edges_stay_symmetric_on_the_complete_graph():
         assert torch.allclose(dense, dense.transpose(0, 1), atol=1e-12)
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_undirected_storage_equals_directed(training, device):
-    conv = make_conv(device, dropout=0.0).train(training)
+def test_undirected_storage_equals_directed(device):
+    conv = make_conv(device)
     y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2], device=device)
     z = torch.randn(9, CHANNELS, device=device, dtype=torch.float64)
     directed = build_batch_graph(z, y)
@@ -184,13 +183,25 @@ def test_every_parameter_receives_a_gradient():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-def test_dropout_only_acts_in_training():
-    conv = EdgeNodeConv(CHANNELS, heads=4, dropout=0.5)
-    x, edge_index, edge_attr, attn_mask = random_graph(8, 40, dtype=torch.float32)
-    conv.eval()
-    assert torch.equal(conv(x, edge_index, edge_attr)[1], conv(x, edge_index, edge_attr)[1])
-    conv.train()
-    assert not torch.equal(conv(x, edge_index, edge_attr)[1], conv(x, edge_index, edge_attr)[1])
+def test_edge_attention_dropout_acts_in_training_only():
+    # With p = 1 training drops both attention coefficients of every edge: the edge update keeps
+    # only its residual path, e <- LN(GELU(e)), then the FFN block. Evaluation ignores dropout.
+    x, edge_index, edge_attr, attn_mask = random_graph(8, 40)
+    dropped = make_conv(dropout=1.0)
+    kept = make_conv(dropout=0.0)
+    kept.load_state_dict(dropped.state_dict())
+
+    h_eval, e_eval = dropped(x, edge_index, edge_attr, attn_mask)
+    h_kept, e_kept = kept(x, edge_index, edge_attr, attn_mask)
+    assert torch.equal(h_eval, h_kept) and torch.equal(e_eval, e_kept)
+
+    h_train, e_train = dropped.train()(x, edge_index, edge_attr, attn_mask)
+    residual = dropped.norm_edge_attention(torch.nn.functional.gelu(edge_attr))
+    expected = dropped.norm_edge_ffn(torch.nn.functional.gelu(
+        residual + dropped.edge_ffn(residual)))
+    assert torch.allclose(e_train, expected, atol=1e-12)
+    assert not torch.allclose(e_train, e_eval, atol=1e-3)
+    assert torch.equal(h_train, h_eval)  # the node update has no dropout
 
 
 def test_reset_parameters_resets_every_submodule():
