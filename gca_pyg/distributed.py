@@ -13,7 +13,7 @@ Without ``torchrun`` (or with one process) :func:`setup` returns a context whose
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ from torch import Tensor
 from gca_pyg.errors import ConfigError
 
 __all__ = ["Context", "setup", "teardown", "all_reduce_sum", "all_reduce_max", "gather_rows",
-           "average_gradients", "broadcast_parameters", "world_size"]
+           "average_gradients", "average_buffers", "broadcast_parameters", "world_size"]
 
 
 @dataclass(frozen=True)
@@ -113,23 +113,37 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class _GatherRows(torch.autograd.Function):
-    """Concatenation of every process's rows (equal counts); each process's rows receive the
-    gradient summed over processes."""
+    """Concatenation of every process's rows; each process's rows receive the gradient summed
+    over processes."""
 
     @staticmethod
     def forward(ctx, tensor: Tensor, group) -> Tensor:
         ctx.group = group
+        out, ctx.offsets = _gather(tensor, group)
         ctx.rank = dist.get_rank(group)
-        ctx.rows = tensor.size(0)
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+        return grad[ctx.offsets[ctx.rank]:ctx.offsets[ctx.rank + 1]], None
+
+
+def _gather(tensor: Tensor, group) -> Tuple[Tensor, List[int]]:
+    """All processes' rows (their counts may differ) and the row offset of each process."""
+    counts = [torch.zeros(1, dtype=torch.long, device=tensor.device)
+              for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor([tensor.size(0)], device=tensor.device), group=group)
+    counts = [int(count) for count in counts]
+    padded = tensor.new_zeros(max(counts), *tensor.shape[1:])
+    padded[:tensor.size(0)] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded, group=group)
+    offsets = [0]
+    for count in counts:
+        offsets.append(offsets[-1] + count)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)]), offsets
 
 
 def all_reduce_sum(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
@@ -149,14 +163,12 @@ def all_reduce_max(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) ->
 
 
 def gather_rows(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
-    """Every process's rows, rank by rank, differentiable (each process must hold as many rows)."""
+    """Every process's rows, rank by rank, differentiable; the processes' row counts may differ."""
     if group is None:
         return tensor
     if tensor.requires_grad:
         return _GatherRows.apply(tensor, group)
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts)
+    return _gather(tensor.detach(), group)[0]
 
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter],
@@ -174,6 +186,23 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter],
     for grad in grads:
         grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def average_buffers(module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None):
+    """Replaces every floating-point buffer (BatchNorm running statistics) by its mean over the
+    processes, so that all of them hold the same model."""
+    if group is None:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for buffer in buffers:
+        buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
 
 
 def broadcast_parameters(module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None):

@@ -187,13 +187,13 @@ test_metrics.__test__ = False  # not a pytest test, though its name starts with 
 
 
 def evaluate(model: GCAHNG, test_data: TestData, config: Config,
-             context: Optional[Context] = None) -> Optional[Dict[str, float]]:
+             context: Optional[Context] = None) -> Dict[str, float]:
     """Embeds the test split (in shares across processes) and returns its retrieval metrics; under
-    ``torchrun`` only rank 0 computes them and the other processes get ``None``."""
+    ``torchrun`` rank 0 computes them and every process receives them."""
     embedded = embed_test_data(model, test_data, config, context)
-    if context is not None and not context.is_main:
-        return None
-    return test_metrics(embedded, config.eval.ks)
+    group = context.group if context is not None else None
+    metrics = test_metrics(embedded, config.eval.ks) if context is None or context.is_main else None
+    return all_gather_objects(metrics, group)[0]
 
 
 def format_metrics(columns: Dict[str, Dict[str, float]]) -> str:

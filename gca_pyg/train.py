@@ -77,6 +77,9 @@ class TrainingRun:
                                            num_replicas=self.context.world_size,
                                            rank=self.context.rank)
         self.model = build_model(config, self.train_data.num_classes, self.device)
+        if self.context.world_size > 1 and self.device.type == "cuda" and not config.model.frozen_bn:
+            # Batch statistics over the whole batch, where torch can (CUDA).
+            self.model.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.backbone)
         self.trainer = AlternatingTrainer(self.model, config.optim, context=self.context,
                                           seed=config.train.seed)
         self.batch_in_epoch = 0
@@ -177,12 +180,11 @@ class TrainingRun:
 
     def _evaluate(self, epoch: int) -> Dict[str, float]:
         metrics = evaluate(self.model, self.test_data, self.config, self.context)
-        if metrics is None:  # not rank 0
-            return {}
         self.last_metrics = {"epoch": epoch, **metrics}
         summary = "  ".join(f"{name.replace('recall@', 'R@')} {100 * value:.2f}"
                             for name, value in metrics.items())
-        tqdm.write(f"epoch {epoch}: {summary}", file=sys.stderr)
+        if self.is_main:
+            tqdm.write(f"epoch {epoch}: {summary}", file=sys.stderr)
         if metrics["recall@1"] > self.best["recall@1"]:
             self.best = {"recall@1": metrics["recall@1"], "epoch": epoch, "metrics": metrics}
             self._save("best.pt")
@@ -264,9 +266,16 @@ class TrainingRun:
     @contextmanager
     def _ctrl_c_saves(self):
         """First Ctrl-C: finish the current step, save, exit. Second: stop at once."""
+        first_request = []
+
         def request_stop(signum, frame):
-            if self.stop_requested:
+            # torchrun forwards the terminal's Ctrl-C, which every process has already received:
+            # a second signal within a second is the same key press.
+            if first_request and time.monotonic() - first_request[0] > 1.0:
                 raise KeyboardInterrupt
+            if first_request:
+                return
+            first_request.append(time.monotonic())
             self.stop_requested = True
             if self.is_main:
                 tqdm.write("Ctrl-C: saving after this step (press again to quit without saving)",

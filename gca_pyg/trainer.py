@@ -15,7 +15,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from gca_pyg.distributed import Context, average_gradients, broadcast_parameters, gather_rows
+from gca_pyg.distributed import (Context, average_buffers, average_gradients, broadcast_parameters,
+                                 gather_rows)
 from gca_pyg.errors import NonFiniteLossError
 from gca_pyg.generator import draw_mix, hardness_from_loss
 from gca_pyg.graph import EdgeShard, shard_pairs
@@ -66,7 +67,9 @@ class AlternatingTrainer:
     3. *generator update* — the correlation net with :math:`J_{gen}`;
 
     each with its own AdamW, gradients clipped by value. Under ``torchrun`` the gradients are
-    averaged over the processes before clipping, so every process applies the same update.
+    averaged over the processes before clipping, so every process applies the same update; a
+    backbone's BatchNorm layers that train take their batch statistics from this process's images
+    (the CPU has no SyncBatchNorm) and their running statistics are averaged after every step.
     :meth:`end_epoch` rolls the running means and steps the schedules (StepLR on the metric
     learning rates, cosine on the net's).
 
@@ -176,6 +179,8 @@ class AlternatingTrainer:
             self._update(generator_losses["J_gen"], "J_gen", [self.net_optimizer],
                          clip=[model.net])
             losses.update(generator_losses)
+        # A backbone's BatchNorm sees only this process's images: keep one set of statistics.
+        average_buffers(model.backbone, self.group)
 
         logs = {name: value.item() for name, value in losses.items()}
         self._metric_losses.append(max(logs["J_m"], 1e-6))

@@ -10,7 +10,7 @@ from gca_pyg.distributed import Context
 from gca_pyg.model import GCAHNG, LossConfig, NetConfig
 from gca_pyg.trainer import AlternatingTrainer, OptimConfig
 
-CLASSES, SAMPLES, TRAIN_CLASSES, INPUT, STEPS = 6, 3, 12, 16, 3
+CLASSES, SAMPLES, TRAIN_CLASSES, INPUT, STEPS = 5, 3, 12, 16, 3
 
 
 class Features(torch.nn.Linear):
@@ -42,10 +42,12 @@ def global_batch(step: int):
 
 def train(context: Context):
     """STEPS training steps; this process's share of every batch is its contiguous block of
-    classes. Returns the final parameters/buffers, the losses and the stored edge counts."""
+    classes (uneven: CLASSES is odd). Returns the final parameters/buffers, the losses and the
+    stored edge counts."""
     trainer = build(context)
-    share = CLASSES * SAMPLES // context.world_size
-    rows = slice(context.rank * share, (context.rank + 1) * share)
+    first = context.rank * CLASSES // context.world_size
+    last = (context.rank + 1) * CLASSES // context.world_size
+    rows = slice(first * SAMPLES, last * SAMPLES)
     losses, edges = [], []
     for step in range(STEPS):
         inputs, labels = global_batch(step)

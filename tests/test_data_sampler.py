@@ -127,11 +127,21 @@ def test_ranks_share_every_batch_by_whole_classes(scheme):
             check_balanced(share, labels, 2, 2)
 
 
-def test_classes_that_ranks_cannot_split_evenly_are_a_clear_error():
-    message = (r"classes_per_batch=5 is not divisible by num_replicas=2: .*set classes_per_batch "
-               r"\(data.classes_per_batch\) to a multiple of 2")
+def test_ranks_share_an_odd_number_of_classes_by_whole_classes():
+    labels = uneven_labels()
+    single = ClassBalancedBatchSampler(labels, 5, 2, seed=1)
+    ranks = [ClassBalancedBatchSampler(labels, 5, 2, seed=1, num_replicas=2, rank=r)
+             for r in range(2)]
+    for batch, first, second in zip(single, *ranks):
+        assert (len(first), len(second)) == (4, 6)  # 2 and 3 classes of K = 2
+        assert first + second == batch
+
+
+def test_more_processes_than_classes_are_a_clear_error():
+    message = (r"classes_per_batch=2 is fewer than the 3 processes: .*set classes_per_batch "
+               r"\(data.classes_per_batch\) to at least 3")
     with pytest.raises(ValueError, match=message):
-        ClassBalancedBatchSampler(uneven_labels(), 5, 2, num_replicas=2, rank=0)
+        ClassBalancedBatchSampler(uneven_labels(), 2, 2, num_replicas=3, rank=0)
 
 
 def test_uniform_sampling_draws_classes_whatever_their_size():

@@ -39,9 +39,10 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     The order is a function of ``(seed, epoch)`` only: call :meth:`set_epoch` before each epoch
     (as with ``DistributedSampler``); :meth:`state_dict` holds both, so a resumed run reproduces the
     same batches. With ``num_replicas`` W processes, every rank iterates the same global batches and
-    yields its share of each: rank r gets the classes ``[r * C / W, (r + 1) * C / W)`` of the batch
-    (in the batch's class order), each with its K samples, so every process holds whole classes and
-    all ranks yield the same number of batches.
+    yields its share of each: rank r gets the classes ``[floor(r * C / W), floor((r + 1) * C / W))``
+    of the batch (in the batch's class order), each with its K samples, so every process holds
+    whole classes (one more or one fewer than another process where W does not divide C) and all
+    ranks yield the same number of batches.
 
     Args:
         labels: the class of every sample (any integers).
@@ -49,7 +50,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         samples_per_class: K, the samples of each class in a batch.
         class_sampling: ``"balanced"`` or ``"uniform"``, see above.
         seed: the random seed.
-        num_replicas: W, the number of processes sharing each batch; must divide C.
+        num_replicas: W, the number of processes sharing each batch, at most C.
         rank: this process's rank in ``0..num_replicas-1``.
     """
 
@@ -67,11 +68,11 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                              f"{', '.join(CLASS_SAMPLING)}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in 0..{num_replicas - 1}, not {rank}")
-        if classes_per_batch % num_replicas:
-            raise ValueError(f"classes_per_batch={classes_per_batch} is not divisible by "
-                             f"num_replicas={num_replicas}: every process holds whole classes of "
-                             f"a batch; set classes_per_batch (data.classes_per_batch) to a "
-                             f"multiple of {num_replicas}")
+        if classes_per_batch < num_replicas:
+            raise ValueError(f"classes_per_batch={classes_per_batch} is fewer than the "
+                             f"{num_replicas} processes: every process holds whole classes of "
+                             "each batch; set classes_per_batch (data.classes_per_batch) to at "
+                             f"least {num_replicas}")
         classes, self._class_of, sizes = np.unique(labels, return_inverse=True, return_counts=True)
         if len(classes) < classes_per_batch:
             raise ValueError(f"the labels hold {len(classes)} classes, fewer than "
@@ -114,10 +115,11 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.epoch = int(state["epoch"])
 
     def __iter__(self) -> Iterator[list[int]]:
-        share = self.classes_per_batch // self.num_replicas * self.samples_per_class
-        start = self.rank * share
+        first = self.rank * self.classes_per_batch // self.num_replicas
+        last = (self.rank + 1) * self.classes_per_batch // self.num_replicas
+        start, stop = first * self.samples_per_class, last * self.samples_per_class
         for batch in self._epoch_batches():
-            yield batch[start:start + share]
+            yield batch[start:stop]
 
     def _epoch_batches(self) -> list[list[int]]:
         """All global batches of the epoch, the same on every rank."""

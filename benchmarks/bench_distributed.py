@@ -1,0 +1,117 @@
+"""One global batch graph in one process or split over several: time per step, memory per process.
+
+The full GCA-HNG step (graph, correlation net x2, synthesis x2, losses, three updates) on a global
+batch of N = 27x3, 54x3, 108x3 samples at D = 512, with the backbone replaced by random 2048-d
+pooled features as in bench_step.py. One process with all the machine's threads against W
+processes (gloo, one thread each) that share the same global batch: median ms/step, the peak memory
+of each process and the edge rows it stores.
+
+    python benchmarks/bench_distributed.py
+    python benchmarks/bench_distributed.py --sizes 81 --processes 2 --repeats 3
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from common import benchmark_parser, measure_step, print_table
+
+FEATURES, TRAIN_CLASSES, SAMPLES = 2048, 200, 3
+
+
+class PooledFeatures(torch.nn.Identity):
+    """Stands in for a CNN whose pooled features are the input."""
+    out_features = FEATURES
+
+
+def run_child(config):
+    import torch.distributed as dist
+
+    from gca_pyg.distributed import Context
+    from gca_pyg.model import GCAHNG
+    from gca_pyg.runtime import retain_freed_memory
+    from gca_pyg.trainer import AlternatingTrainer, OptimConfig
+
+    retain_freed_memory()
+    torch.set_num_threads(config["threads"])
+    rank, world = config["rank"], config["world"]
+    group = None
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{config['rendezvous']}", rank=rank,
+                                world_size=world)
+        group = dist.group.WORLD
+    torch.manual_seed(0)
+    model = GCAHNG(PooledFeatures(), TRAIN_CLASSES, config["dim"])
+    trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0),
+                                 context=Context(rank=rank, world_size=world, group=group))
+    trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 30.0
+    num_nodes = config["num_nodes"]
+    features = torch.randn(num_nodes, FEATURES)
+    labels = torch.randperm(TRAIN_CLASSES)[:num_nodes // SAMPLES].repeat_interleave(SAMPLES)
+    share = num_nodes // world
+    rows = slice(rank * share, (rank + 1) * share)
+
+    result = measure_step(lambda: trainer.training_step(features[rows], labels[rows]),
+                          torch.device("cpu"), config["repeats"])
+    result["edges"] = trainer.prepare(labels[rows])[2].num_edges
+    if group is not None:
+        dist.destroy_process_group()
+    print(json.dumps(result))
+
+
+def measure(script: str, num_nodes: int, world: int, threads: int, args) -> list:
+    """Starts `world` processes of one run; returns each one's result."""
+    folder = tempfile.mkdtemp()
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(script)))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))}
+    processes = [subprocess.Popen(
+        [sys.executable, script, "--child", json.dumps({
+            "rank": rank, "world": world, "threads": threads, "num_nodes": num_nodes,
+            "dim": args.dim, "repeats": args.repeats,
+            "rendezvous": os.path.join(folder, "rendezvous")})],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for rank in range(world)]
+    results = []
+    for process in processes:
+        out, err = process.communicate()
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if process.returncode != 0 or not lines:
+            results.append({"error": (err.strip().splitlines() or ["no output"])[-1]})
+        else:
+            results.append(json.loads(lines[-1]))
+    return results
+
+
+def main():
+    parser = benchmark_parser(__doc__.splitlines()[0], sizes=[81, 162, 324], repeats=3)
+    parser.add_argument("--processes", type=int, default=2, help="processes of the split runs")
+    args = parser.parse_args()
+    if args.child:
+        return run_child(json.loads(args.child))
+
+    threads = torch.get_num_threads()
+    print(f"cpu, fp32, D={args.dim}; one process with {threads} threads vs {args.processes} "
+          "processes with 1 thread each (gloo)")
+    rows = []
+    for num_nodes in args.sizes:
+        for world, per_process in ((1, threads), (args.processes, 1)):
+            results = measure(__file__, num_nodes, world, per_process, args)
+            failed = [r["error"] for r in results if "error" in r]
+            if failed:
+                rows.append([num_nodes, world, failed[0], "", "", ""])
+                continue
+            rows.append([num_nodes, world, f"{max(r['ms'] for r in results):.0f}",
+                         f"{max(r['peak_mb'] for r in results):.0f}",
+                         f"{max(r['edges'] for r in results)}",
+                         f"{sum(r['edges'] for r in results)}"])
+            print(f"  measured N={num_nodes} with {world} process(es)", file=sys.stderr)
+    print_table(["N", "processes", "ms/step", "peak MB/process", "edges/process", "edges total"],
+                rows)
+
+
+if __name__ == "__main__":
+    main()
