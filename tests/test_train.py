@@ -4,6 +4,9 @@ import importlib.util
 import json
 import re
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -116,6 +119,43 @@ def test_ctrl_c_saves_and_resume_continues_exactly(image_folder, tmp_path, monke
     assert resumed["last_metrics"] == expected["last_metrics"]
     steps = (run_dir / "steps.csv").read_text().splitlines()
     assert len(steps) == 1 + 8  # a header, then every step once: none repeated, none skipped
+    # The epoch's means in log.jsonl cover all of its steps, before and after the resume.
+    header, rows = steps[0].split(","), [line.split(",") for line in steps[1:]]
+    logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    straight_log = [json.loads(line) for line in
+                    (only_run_dir(straight) / "log.jsonl").read_text().splitlines()]
+    for name in ("J_m", "J_metric", "J_gen"):
+        column = header.index(name)
+        first_epoch = [float(row[column]) for row in rows if row[1] == "1"]
+        assert len(first_epoch) == 4
+        assert logged[0][name] == pytest.approx(sum(first_epoch) / 4, rel=1e-5)
+        assert logged[0][name] == pytest.approx(straight_log[0][name], rel=1e-12)
+
+
+def test_after_a_kill_each_step_and_epoch_is_logged_once(image_folder, tmp_path):
+    """SIGKILL in the middle of a later epoch; the resumed run logs from its checkpoint on."""
+    command = [sys.executable, "-m", "gca_pyg.train",
+               *folder_args(image_folder, tmp_path, "optim.epochs=4")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = time.monotonic()
+    while time.monotonic() - started < 300:
+        found = list(tmp_path.glob("*/steps.csv"))
+        if found and len(found[0].read_text().splitlines()) > 1 + 4 + 1:  # into epoch 2
+            break
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    run_dir = only_run_dir(tmp_path)
+    assert load_checkpoint(run_dir)["training"]["epoch"] >= 1
+
+    assert train_cli.main(["--resume", str(run_dir)]) == 0
+    steps = [int(line.split(",")[0])
+             for line in (run_dir / "steps.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 17))
+    epochs = [json.loads(line)["epoch"]
+              for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path,
