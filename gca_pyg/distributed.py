@@ -80,8 +80,7 @@ def setup(device: torch.device, backend: str = "auto", timeout_seconds: float = 
         raise ConfigError("train.dist_backend is 'nccl' but training runs on the CPU; use "
                           "--set train.dist_backend=gloo (or auto)")
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds),
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
     return Context(rank=rank, world_size=world, device=device, group=dist.group.WORLD)
 
 

@@ -285,3 +285,22 @@ def test_a_bf16_training_step_stays_close_to_fp32():
         assert actual[name] == pytest.approx(value, rel=0.05, abs=0.02), name
     assert actual["J_gen"] != expected["J_gen"]  # autocast really ran in bf16
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+
+
+def test_after_warmup_batchnorm_affine_parameters_train_while_statistics_stay_frozen():
+    from gca_pyg.backbones import build_backbone
+
+    torch.manual_seed(0)
+    model = GCAHNG(build_backbone("small_cnn", pretrained="none", frozen_bn=True), num_classes=6,
+                   embedding_size=16, net=NetConfig(num_layers=1, heads=2))
+    trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=1))
+    norm = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(4).repeat_interleave(2)
+    statistics = norm.running_mean.clone()
+    weight = norm.weight.detach().clone()
+    trainer.training_step(images, labels)
+    assert torch.equal(norm.weight, weight)  # warm-up: the backbone runs without gradients
+    trainer.end_epoch()
+    trainer.training_step(images, labels)
+    assert not torch.equal(norm.weight, weight)  # gamma trains after warm-up
+    assert torch.equal(norm.running_mean, statistics)  # the statistics stay frozen
