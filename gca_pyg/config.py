@@ -47,7 +47,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "auto"  # auto (bf16 where the device has native bf16) | fp32 | bf16 (autocast)
+    memory_format: str = "auto"  # auto (channels_last with bf16) | contiguous | channels_last
     seed: int = 0
     eval_every: int = 5  # epochs; the last epoch is always evaluated
     output_dir: str = "runs"
@@ -231,7 +232,8 @@ def _check_values(config: Config, source: str):
         "data.class_sampling": (config.data.class_sampling, CLASS_SAMPLING),
         "model.backbone": (config.model.backbone, BACKBONE_NAMES),
         "model.pretrained": (config.model.pretrained, PRETRAINED_CHOICES),
-        "train.precision": (config.train.precision, ("fp32", "bf16")),
+        "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
+        "train.memory_format": (config.train.memory_format, ("auto", "contiguous", "channels_last")),
         "train.dist_backend": (config.train.dist_backend, ("auto", "gloo", "nccl")),
     }
     for key, (value, valid) in choices.items():

@@ -17,6 +17,7 @@ from gca_pyg.distributed import Context, all_gather_objects
 from gca_pyg.errors import ConfigError, UnreadableImagesError
 from gca_pyg.metrics import retrieval_metrics
 from gca_pyg.model import GCAHNG
+from gca_pyg.runtime import native_bf16
 
 __all__ = ["TestData", "resolve_device", "build_train_dataset", "build_train_sampler",
            "build_test_data", "build_model", "compute_embeddings", "embed_test_data",
@@ -81,15 +82,28 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def check_precision(config: Config, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of ``train.precision``, warning where bf16 has no hardware support."""
-    if config.train.precision == "fp32":
+    """The autocast dtype of ``train.precision``: ``auto`` is bf16 where `device` has native bf16
+    (see :func:`gca_pyg.runtime.native_bf16`) and fp32 elsewhere; an explicit bf16 without native
+    support runs, with a warning."""
+    precision = config.train.precision
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp32"
+    if precision == "fp32":
         return None
-    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-              else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-    if not native:
+    if not native_bf16(device):
         warn(f"train.precision is bf16 but this {device.type.upper()} has no native bf16 matmul "
              "(no AVX512-BF16/AMX): expect it to run many times slower than fp32")
     return torch.bfloat16
+
+
+def use_channels_last(config: Config, device: torch.device) -> bool:
+    """Whether the backbone runs in channels_last memory format: ``train.memory_format``, where
+    ``auto`` follows the precision (channels_last with bf16, where it measured faster; see
+    ``benchmarks/bench_step.py --backbone``)."""
+    memory_format = config.train.memory_format
+    if memory_format == "auto":
+        return check_precision(config, device) is not None
+    return memory_format == "channels_last"
 
 
 def _transforms(config: Config):
@@ -131,7 +145,8 @@ def build_model(config: Config, num_classes: int, device: torch.device,
                               pretrained=pretrained or config.model.pretrained,
                               frozen_bn=config.model.frozen_bn)
     model = GCAHNG(backbone, num_classes, config.model.embedding_size, net=config.net,
-                   loss=config.loss, amp_dtype=check_precision(config, device))
+                   loss=config.loss, amp_dtype=check_precision(config, device),
+                   channels_last=use_channels_last(config, device))
     return model.to(device)
 
 

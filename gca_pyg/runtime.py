@@ -9,8 +9,11 @@ it, at the price of a process that holds on to its peak memory.
 import ctypes
 import os
 import sys
+from functools import lru_cache
 
-__all__ = ["retain_freed_memory"]
+import torch
+
+__all__ = ["retain_freed_memory", "native_bf16"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -31,3 +34,24 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: CUDA with bf16 support, or a CPU with
+    AVX512-BF16 or AMX-BF16 (read from /proc/cpuinfo). Other CPUs emulate bf16, many times slower
+    than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:  # not Linux
+        pass
+    return frozenset()

@@ -65,7 +65,7 @@ def test_a_yaml_file_by_path(tmp_path):
     ("eval.ks=4", r"'eval.ks' .* must be a list of ints, got 4 \(int\)"),
     ("data.dataset=imagenet", r"'data.dataset' .* valid values: cub, cars, sop, inshop, folder"),
     ("train.device=gpu", r"'train.device' .* valid values: auto, cpu, cuda, cuda:N"),
-    ("train.precision=fp16", r"valid values: fp32, bf16"),
+    ("train.precision=fp16", r"valid values: auto, fp32, bf16"),
     ("data.class_sampling=random", r"'data.class_sampling' .* is 'random'; valid values: balanced, "
                                    "uniform"),
     ("data.samples_per_class=1", r"at least 2"),
@@ -94,3 +94,19 @@ def test_unknown_name_lists_the_shipped_configs(tmp_path):
 def test_round_trip_through_a_dict():
     config = load_config("cars")
     assert Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_and_memory_format_follow_native_bf16(monkeypatch, native):
+    import torch
+
+    import gca_pyg.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: native)
+    config = load_config("demo", ["train.precision=auto", "train.memory_format=auto"])
+    cpu = torch.device("cpu")
+    assert pipeline.check_precision(config, cpu) == (torch.bfloat16 if native else None)
+    assert pipeline.use_channels_last(config, cpu) == native
+    explicit = load_config("demo", ["train.precision=fp32", "train.memory_format=channels_last"])
+    assert pipeline.check_precision(explicit, cpu) is None
+    assert pipeline.use_channels_last(explicit, cpu)
