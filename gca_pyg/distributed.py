@@ -173,35 +173,25 @@ def gather_rows(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Te
 def average_gradients(parameters: Iterable[torch.nn.Parameter],
                       group: Optional[dist.ProcessGroup] = None):
     """Replaces every gradient by its mean over the processes (one flat all-reduce)."""
-    if group is None:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    _average_in_place([p.grad for p in parameters if p.grad is not None], group)
 
 
 def average_buffers(module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None):
     """Replaces every floating-point buffer (BatchNorm running statistics) by its mean over the
     processes, so that all of them hold the same model."""
-    if group is None:
+    _average_in_place([b for b in module.buffers() if b.is_floating_point()], group)
+
+
+def _average_in_place(tensors: List[Tensor], group: Optional[dist.ProcessGroup]):
+    if group is None or not tensors:
         return
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    flat = torch.cat([b.reshape(-1) for b in buffers])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=group)
     flat /= dist.get_world_size(group)
     offset = 0
-    for buffer in buffers:
-        buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
-        offset += buffer.numel()
+    for tensor in tensors:
+        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
 
 
 def broadcast_parameters(module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None):
