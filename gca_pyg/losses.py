@@ -163,10 +163,11 @@ def diversity_loss(fusion_weights: Tensor, scale: float = 0.01, eps: float = 1e-
             raise ValueError("diversity_loss needs num_nodes with per-pair fusion weights")
         source, target = edge_index
         mirrored = source != target
+        loops = (~mirrored).nonzero().view(-1)  # a self-loop stands once: take it back once
         sums = torch.zeros(num_nodes, fusion_weights.size(1), dtype=fusion_weights.dtype,
                            device=fusion_weights.device)
-        sums = sums.index_add(0, source, fusion_weights).index_add(
-            0, target[mirrored], fusion_weights[mirrored])
+        sums = sums.index_add(0, source, fusion_weights).index_add(0, target, fusion_weights)
+        sums = sums.index_add(0, source[loops], gather_rows(fusion_weights, loops), alpha=-1)
         mean = all_reduce_sum(sums, group) / num_nodes
         from_source = (fusion_weights - gather_rows(mean, source)).square().sum(dim=-1)
         from_target = (fusion_weights - gather_rows(mean, target)).square().sum(dim=-1)
