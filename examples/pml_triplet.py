@@ -5,7 +5,7 @@ hard negatives of :class:`gca_pyg.pml.GCANegativeGenerator` as an extra referenc
 Recall@1 on the unseen test classes::
 
     pip install -e ".[pml]"
-    python examples/pml_triplet.py                      # 8 epochs, seeds 0 1 2 (~1 h on 2 CPU cores)
+    python examples/pml_triplet.py                    # 8 epochs, seeds 0 1 2: an hour on a CPU
     python examples/pml_triplet.py --epochs 2 --seeds 0
 """
 import argparse

@@ -32,9 +32,9 @@ The split of the updates:
 * **Your optimiser** updates your model with your PML loss. Gradients flow through the synthetic
   negatives back into the real embeddings they are made of, never into the generator: its fusion
   weights are computed without autograd there.
-* **The generator's optimiser** updates :meth:`GCANegativeGenerator.parameters` (the
-  :class:`~gca_pyg.nn.CorrelationNet` and a softmax classifier) with :meth:`GCANegativeGenerator.loss`,
-  which detaches the embeddings, so it never touches your model.
+* **The generator's optimiser** updates the generator's parameters (its
+  :class:`~gca_pyg.nn.CorrelationNet` and a softmax classifier) with
+  :meth:`GCANegativeGenerator.loss`, which detaches the embeddings: it never touches your model.
 
 The synthetic negatives depend on pytorch-metric-learning only through the call convention; the
 ``pml`` extra (``pip install "gca-pyg[pml]"``) installs it for ``examples/pml_triplet.py``.
@@ -62,9 +62,10 @@ class GCANegativeGenerator(torch.nn.Module):
     r"""Synthetic hard negatives of GCA-HNG (`"Globally Correlation-Aware Hard Negative Generation"
     <https://arxiv.org/abs/2411.13145>`_, IJCV 2025) for pytorch-metric-learning losses.
 
-    For a class-balanced batch, a :class:`~gca_pyg.nn.CorrelationNet` on its correlation graph gives
-    per-channel fusion weights :math:`\boldsymbol{\lambda}_{ij}`, and every anchor :math:`i` gets one
-    synthetic negative per other class :math:`c` (:func:`~gca_pyg.generator.synthesize_batch`),
+    For a class-balanced batch, a :class:`~gca_pyg.nn.CorrelationNet` on its correlation graph
+    gives per-channel fusion weights :math:`\boldsymbol{\lambda}_{ij}`, and every anchor :math:`i`
+    gets one synthetic negative per other class :math:`c`
+    (:func:`~gca_pyg.generator.synthesize_batch`),
 
     .. math::
         \tilde{\mathbf{n}}_{i,c} = \mathbf{a}_i + (\mathbf{n} - \mathbf{a}_i) \odot
@@ -84,8 +85,8 @@ class GCANegativeGenerator(torch.nn.Module):
         J = \tfrac12 (J_{ce} + w_{sim} J_{sim} + w_{div} J_{div}) + J_{gce} + J_{cls},
 
     :math:`J_{ce}` the softmax classifier's cross-entropy on the synthetic negatives (classifier
-    frozen), :math:`J_{sim}` their cosine distance to their anchors, :math:`J_{div}` the diversity of
-    the fusion weights, :math:`J_{gce}` the net's node classification, :math:`J_{cls}` the
+    frozen), :math:`J_{sim}` their cosine distance to their anchors, :math:`J_{div}` the diversity
+    of the fusion weights, :math:`J_{gce}` the net's node classification, :math:`J_{cls}` the
     classifier's own training on the real embeddings.
 
     Args:
