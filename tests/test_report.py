@@ -1,4 +1,4 @@
-"""python -m gca_pyg.report: the report of a tiny demo run, its parts, and how it looks in a browser."""
+"""python -m gca_pyg.report: the report of a tiny demo run, its parts, how it looks in a browser."""
 import re
 import shlex
 import shutil
