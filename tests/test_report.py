@@ -116,13 +116,13 @@ def test_nearest_neighbours_never_return_the_query_itself():
 
 
 def test_per_class_recall_at_1_and_the_class_mistaken_for():
-    query_labels = np.array([0, 0, 0, 1, 1, 2, 2, 3])
-    first_labels = np.array([0, 2, 2, 1, 1, 0, 1, 1])
-    valid = np.array([True] * 7 + [False])  # class 3 has nothing to find
+    query_labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 3])
+    first_labels = np.array([0, 1, 2, 2, 1, 1, 0, 1, 1])
+    valid = np.array([True] * 8 + [False])  # class 3 has nothing to find
     result = report.per_class_recall_at_1(query_labels, first_labels, valid, num_classes=4)
-    np.testing.assert_allclose(result.recall[:3], [1 / 3, 1.0, 0.0])
+    np.testing.assert_allclose(result.recall[:3], [1 / 4, 1.0, 0.0])
     assert np.isnan(result.recall[3])
-    assert result.queries.tolist() == [3, 2, 2, 0]
+    assert result.queries.tolist() == [4, 2, 2, 0]
     assert result.confused_with.tolist() == [2, -1, 0, -1]  # class 2: 0 and 1 tie, 0 first
     assert result.confused_count.tolist() == [2, 0, 1, 0]
 
