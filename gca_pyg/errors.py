@@ -33,3 +33,7 @@ class WeightsUnavailableError(GcaError, RuntimeError):
 
 class NonFiniteLossError(GcaError, FloatingPointError):
     """A training loss became NaN or infinite; the update was not applied."""
+
+
+class MissingExtraError(GcaError, ImportError):
+    """A feature needs an optional extra (``pip install "gca-pyg[EXTRA]"``) that is missing."""
