@@ -36,6 +36,7 @@ from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError
 from gca_pyg.pipeline import (build_model, build_test_data, build_train_dataset, evaluate,
                               format_metrics, loader_options, one_line_unreadable_error,
                               report_unreadable, resolve_device, build_train_sampler)
+from gca_pyg.report import report_command
 from gca_pyg.runtime import retain_freed_memory
 from gca_pyg.trainer import AlternatingTrainer
 
@@ -206,6 +207,7 @@ class TrainingRun:
         print(f"\n{self.config.name}: retrieval on {self.test_data.describe()} (%)")
         print(format_metrics(columns))
         print(f"\ncheckpoints: {self.run_dir / 'last.pt'}, {self.run_dir / 'best.pt'}")
+        print(f"report (one more pass over the test set): {report_command(self.run_dir)}")
 
     def _print(self, message: str):
         if self.is_main:
