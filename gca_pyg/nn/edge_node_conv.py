@@ -278,8 +278,10 @@ class EdgeNodeConv(MessagePassing):
         the last linear layer, :math:`\mathbf{W}(\boldsymbol{\gamma} \odot \mathbf{n} +
         \boldsymbol{\beta}) + \mathbf{b} = (\mathbf{W} \operatorname{diag}
         \boldsymbol{\gamma})\,\mathbf{n} + (\mathbf{W}\boldsymbol{\beta} + \mathbf{b})`: the
-        same function, with one pass fewer over the :math:`|\mathcal{E}| \times` :obj:`ffn_ratio`
-        :math:`F` hidden units, forward and backward.
+        same function, but the :math:`|\mathcal{E}| \times` :obj:`ffn_ratio` :math:`\cdot F` hidden
+        units are neither scaled and shifted nor reduced for the gradients of
+        :math:`\boldsymbol{\gamma}, \boldsymbol{\beta}`; only :math:`F \times` :obj:`ffn_ratio`
+        :math:`\cdot F` weights are.
         """
         lin_hidden, activation, norm, lin_out = self.edge_ffn
         hidden = F.layer_norm(activation(lin_hidden(edge_attr)), norm.normalized_shape, eps=norm.eps)
