@@ -7,6 +7,8 @@ process so that its peak memory is its own.
 
     python benchmarks/bench_layers.py
     python benchmarks/bench_layers.py --sizes 81 --dtypes bf16 --force-bf16
+    python benchmarks/bench_layers.py --sizes 81 --paths fast --profile   # where the time goes
+    python benchmarks/bench_layers.py --threads 1   # steadier on a machine shared with other jobs
 """
 import json
 import sys
@@ -19,11 +21,11 @@ from common import (autocast, benchmark_parser, default_device, measure_in_child
                     native_bf16, print_table, report_machine, total_memory_mb)
 
 
-def run_child(config):
+def build_step(config):
+    """One CorrelationNet forward + backward on the batch graph of random embeddings."""
     from gca_pyg.graph import build_batch_graph
     from gca_pyg.nn import CorrelationNet
 
-    retain_freed_memory()  # as the training command does
     torch.manual_seed(0)
     device = torch.device(config["device"])
     num_nodes, dim = config["num_nodes"], config["dim"]
@@ -39,19 +41,63 @@ def run_child(config):
                                  undirected=undirected)
         (logits.float().square().mean() + fusion.float().mean()).backward()
 
-    edges = num_nodes * (num_nodes + 1) // 2 if undirected else num_nodes**2
+    return step, device
+
+
+def run_child(config):
+    retain_freed_memory()  # as the training command does
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    step, device = build_step(config)
+    num_nodes = config["num_nodes"]
+    edges = num_nodes * (num_nodes + 1) // 2 if config["path"] == "fast" else num_nodes**2
     print(json.dumps({**measure_step(step, device, config["repeats"]), "edges": edges}))
+
+
+def profile(config, rows: int = 15):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    retain_freed_memory()
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    step, device = build_step(config)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        step()
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40,
+        max_shapes_column_width=60))
 
 
 def main():
     parser = benchmark_parser(__doc__.splitlines()[0], sizes=[81, 162, 324], repeats=2)
     parser.add_argument("--paths", nargs="+", default=["generic", "fast"],
                         choices=["generic", "fast"])
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's top operators (by shape) of one forward + "
+                             "backward of each row instead of timing it")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of each row (default: torch's own choice)")
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
 
     device = default_device()
+    if args.profile:
+        for dtype in args.dtypes:
+            if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
+                print("skipped bf16 (no native bf16 matmul here; --force-bf16 to profile anyway)")
+                continue
+            for num_nodes in args.sizes:
+                for path in args.paths:
+                    print(f"== profile: {path} N={num_nodes}, D={args.dim}, {dtype}")
+                    profile({"device": str(device), "num_nodes": num_nodes, "dim": args.dim,
+                             "dtype": dtype, "path": path, "threads": args.threads})
+        return
+
+    if args.threads:  # the peak is measured with the rows' thread count
+        torch.set_num_threads(args.threads)
     peak = report_machine(device)
     rows, skipped, too_big = [], [], []
     memory_mb = total_memory_mb()
@@ -72,7 +118,8 @@ def main():
                         continue
                 result = measure_in_child(__file__, {
                     "device": str(device), "num_nodes": num_nodes, "dim": args.dim,
-                    "dtype": dtype, "path": path, "repeats": args.repeats})
+                    "dtype": dtype, "path": path, "repeats": args.repeats,
+                    "threads": args.threads})
                 if "error" in result:
                     rows.append([path, num_nodes, "-", dtype, result["error"], "", "", "", "", ""])
                     continue

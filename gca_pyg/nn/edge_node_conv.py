@@ -244,11 +244,17 @@ class EdgeNodeConv(MessagePassing):
         return torch.einsum("hij,jhd->ihd", alpha, value)
 
     def update_edges(self, h: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
-        """The edge half of :meth:`forward`, from the node features :meth:`update_nodes` returned.
+        r"""The edge half of :meth:`forward`, from the node features :meth:`update_nodes` returned.
 
         It treats both end points alike, so directed and undirected storage need no distinction.
+        Under autocast, the edge features are cast to the autocast dtype once here and the whole edge
+        update, and its result, stays in it: the :math:`|\mathcal{E}| \times F` activations are the
+        bulk of the work, and an fp32 residual would otherwise pull every later edge op back to
+        fp32 and cast at every matmul.
         """
         num_nodes = h.size(0)
+        if torch.is_autocast_enabled(h.device.type):
+            edge_attr = edge_attr.to(torch.get_autocast_dtype(h.device.type))
         u = F.gelu(self.lin_node_to_edge(h))
         edge_key = self.lin_edge_key(u)
         # Fold the edge query projection into the N node keys instead of the |E| edges.
@@ -273,16 +279,30 @@ class EdgeNodeConv(MessagePassing):
 
     def edge_update(self, edge_attr: Tensor, key_i: Tensor, key_j: Tensor, key_bias_i: Tensor,
                     key_bias_j: Tensor, value_i: Tensor, value_j: Tensor) -> Tensor:
-        scale = 1.0 / math.sqrt(self.out_channels)
-        score_i = (torch.linalg.vecdot(edge_attr, key_i) + key_bias_i) * scale
-        score_j = (torch.linalg.vecdot(edge_attr, key_j) + key_bias_j) * scale
-        # A softmax over two logits is the sigmoid of their difference.
-        attention_i = torch.sigmoid(score_i - score_j).unsqueeze(-1)
+        # A softmax over two logits is the sigmoid of their difference: one dot product per edge.
+        score_difference = torch.linalg.vecdot(edge_attr, key_i - key_j) + (key_bias_i - key_bias_j)
+        attention_i = torch.sigmoid(score_difference / math.sqrt(self.out_channels)).unsqueeze(-1)
         attention = torch.cat([attention_i, 1.0 - attention_i], dim=-1)
         attention = F.dropout(attention, p=self.dropout, training=self.training)
-        mixed = attention[:, :1] * value_i + attention[:, 1:] * value_j
-        edge_attr = self.norm_edge_attention(F.gelu(mixed + edge_attr))
-        return self.norm_edge_ffn(F.gelu(edge_attr + self.edge_ffn(edge_attr)))
+        residual = torch.addcmul(edge_attr, attention[:, :1], value_i)
+        residual = torch.addcmul(residual, attention[:, 1:], value_j)
+        edge_attr = self.norm_edge_attention(F.gelu(residual))
+        return self.norm_edge_ffn(F.gelu(edge_attr + self._edge_ffn(edge_attr)))
+
+    def _edge_ffn(self, edge_attr: Tensor) -> Tensor:
+        r""":obj:`self.edge_ffn` with the affine map of its :class:`~torch.nn.LayerNorm` folded into
+        the last linear layer, :math:`\mathbf{W}(\boldsymbol{\gamma} \odot \mathbf{n} +
+        \boldsymbol{\beta}) + \mathbf{b} = (\mathbf{W} \operatorname{diag}
+        \boldsymbol{\gamma})\,\mathbf{n} + (\mathbf{W}\boldsymbol{\beta} + \mathbf{b})`: the
+        same function, but the :math:`|\mathcal{E}| \times` :obj:`ffn_ratio` :math:`\cdot F` hidden
+        units are neither scaled and shifted nor reduced for the gradients of
+        :math:`\boldsymbol{\gamma}, \boldsymbol{\beta}`; only :math:`F \times` :obj:`ffn_ratio`
+        :math:`\cdot F` weights are.
+        """
+        lin_hidden, activation, norm, lin_out = self.edge_ffn
+        hidden = F.layer_norm(activation(lin_hidden(edge_attr)), norm.normalized_shape, eps=norm.eps)
+        return F.linear(hidden, lin_out.weight * norm.weight,
+                        torch.addmv(lin_out.bias, lin_out.weight, norm.bias))
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, heads={self.heads}, "

@@ -72,6 +72,24 @@ def test_matches_dense_statement_of_the_spec_on_a_sparse_graph(device):
     assert torch.allclose(e, e_ref[edge_index[0], edge_index[1]], atol=1e-10)
 
 
+
+def test_matches_dense_statement_with_trained_layer_norms():
+    # Fresh LayerNorms are the identity map (weight 1, bias 0); the layer folds the edge FFN's
+    # LayerNorm into the next linear layer, which only a non-trivial affine map checks.
+    conv = make_conv()
+    with torch.no_grad():
+        for module in conv.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-1.0, 1.0)
+    num_nodes = 7
+    x, edge_index, edge_attr, attn_mask = random_graph(num_nodes, 25)
+    h, e = conv(x, edge_index, edge_attr, attn_mask)
+    dense, adjacency, attention = densify(num_nodes, edge_index, edge_attr, attn_mask)
+    h_ref, e_ref = reference_edge_node_conv(conv, x, dense, adjacency, attention)
+    assert torch.allclose(h, h_ref, atol=1e-10)
+    assert torch.allclose(e, e_ref[edge_index[0], edge_index[1]], atol=1e-10)
+
 def test_masked_edges_carry_no_attention():
     conv = make_conv()
     # 0 -> 2 masked, 1 -> 2 unmasked; node 0 reaches node 2 only through the masked edge.
