@@ -89,6 +89,8 @@ class CorrelationNet(torch.nn.Module):
             :obj:`undirected`, given per stored pair.
         """
         h = self.lin_in(x)
+        if torch.is_autocast_enabled(x.device.type):  # one cast serves every layer's edge work
+            edge_attr = edge_attr.to(torch.get_autocast_dtype(x.device.type))
         for conv in self.convs[:-1]:
             h, edge_attr = conv(h, edge_index, edge_attr, attn_mask, undirected=undirected,
                                 group=group)

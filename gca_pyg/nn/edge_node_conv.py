@@ -211,9 +211,11 @@ class EdgeNodeConv(MessagePassing):
 
         edge_to_node = F.gelu(self.lin_edge_to_node(edge_attr))
         outgoing = scatter(edge_to_node, source, 0, dim_size=num_nodes, reduce="sum")
-        if undirected:
-            outgoing = outgoing + scatter(edge_to_node[off_diagonal], target[off_diagonal], 0,
-                                          dim_size=num_nodes, reduce="sum")
+        if undirected:  # both end points, then the self-loops (which stand once) taken back
+            loops = (~off_diagonal).nonzero().view(-1)
+            outgoing = outgoing + scatter(edge_to_node, target, 0, dim_size=num_nodes,
+                                          reduce="sum")
+            outgoing = outgoing.index_add(0, source[loops], edge_to_node[loops], alpha=-1)
         outgoing = all_reduce_sum(outgoing, group)
         h = self.norm_edge_to_node(F.gelu(h + outgoing))
         return self.norm_node_ffn(F.gelu(h + self.node_ffn(h)))

@@ -39,6 +39,9 @@ class WeightedBatchNorm1d(BatchNorm1d):
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
 
+        # The batch statistics, and the gradients through them, cancel heavily: at least fp32 even
+        # when the rows arrive in bf16 from an autocast region.
+        input = input.to(torch.promote_types(input.dtype, torch.float32))
         weight = row_weight.to(input.dtype).unsqueeze(-1)
         count = all_reduce_sum(weight.sum(), group)
         mean = all_reduce_sum((weight * input).sum(dim=0), group) / count
