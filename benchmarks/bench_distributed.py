@@ -51,8 +51,8 @@ def run_child(config):
     num_nodes = config["num_nodes"]
     features = torch.randn(num_nodes, FEATURES)
     labels = torch.randperm(TRAIN_CLASSES)[:num_nodes // SAMPLES].repeat_interleave(SAMPLES)
-    share = num_nodes // world
-    rows = slice(rank * share, (rank + 1) * share)
+    classes = num_nodes // SAMPLES  # this process's whole classes, as the sampler shares them
+    rows = slice(rank * classes // world * SAMPLES, (rank + 1) * classes // world * SAMPLES)
 
     result = measure_step(lambda: trainer.training_step(features[rows], labels[rows]),
                           torch.device("cpu"), config["repeats"])
