@@ -58,7 +58,7 @@ def synthesize_negatives(anchor: Tensor, positive: Tensor, negative: Tensor, wei
 
 def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
                       target_class: Tensor, weights: Tensor, hardness: Union[float, Tensor],
-                      mix: Tensor) -> Tensor:
+                      mix: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     r"""One synthetic sample per (anchor, class) group, merging the class's :math:`K` samples.
 
     For anchor :math:`i` (its positive is the next sample of its class, see
@@ -76,6 +76,11 @@ def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
     them. A group whose class is the anchor's own mixes the anchor's classmates with the weights of
     the positive edges (the anchor itself comes back unchanged, :math:`d^- = 0`).
 
+    On a sparse graph (:obj:`mask`) only the samples joined to the anchor are merged, in the same
+    order and with the same coefficients: the first of them starts the merge and every further one,
+    :math:`k`, applies the step above with :math:`u_{r(i),k}`. With every sample joined this is the
+    merge above, bit for bit.
+
     Args:
         embeddings: :math:`(N, D)`.
         layout: The batch's :class:`~gca_pyg.layout.ClassLayout`.
@@ -84,6 +89,8 @@ def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
         weights: Fusion weights of the group's :math:`K` edges, :math:`(G, K, D)`.
         hardness: :math:`h` (see :func:`hardness_from_loss`).
         mix: Merge coefficients :math:`u`, :math:`(K, K - 1)` (see :func:`draw_mix`).
+        mask: Bool :math:`(G, K)`, True for the samples joined to the anchor (at least one per
+            group); all if omitted. The others' weights do not enter the result.
 
     Returns:
         The synthetic samples :math:`(G, D)`.
@@ -100,8 +107,15 @@ def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
                                                                               dim), hardness)
     coefficients = mix.to(embeddings.dtype)[layout.rank[anchor]]  # (G, K - 1)
     synthetic = moved[:, 0]
-    for k in range(1, samples_per_class):  # K is 2 or 3: a loop over a class's samples, not nodes
-        synthetic = moved[:, k] + coefficients[:, k - 1:k] * (synthetic - moved[:, k])
+    started = None if mask is None else mask[:, :1]  # whether a joined sample has been merged
+    for k in range(1, samples_per_class):  # K is small: a loop over a class's samples, not nodes
+        merged = moved[:, k] + coefficients[:, k - 1:k] * (synthetic - moved[:, k])
+        if mask is None:
+            synthetic = merged
+        else:
+            joined = mask[:, k:k + 1]
+            synthetic = torch.where(joined, torch.where(started, merged, moved[:, k]), synthetic)
+            started = started | joined
     return synthetic
 
 
