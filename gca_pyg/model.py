@@ -142,7 +142,7 @@ class GCAHNG(torch.nn.Module):
             keep = target_class != layout.class_index[anchor]
             anchor, target_class, edges = anchor[keep], target_class[keep], edges[keep]
             mask = None if mask is None else mask[keep]
-        weights = gather_rows(fusion, edges)
+        weights = gather_rows(fusion, edges if mask is None else edges[mask])
         synthetic = synthesize_groups(embeddings, layout, anchor, target_class, weights, hardness,
                                       mix, mask)
         return synthetic, target_class, anchor

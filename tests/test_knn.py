@@ -16,7 +16,25 @@ from gca_pyg.layout import class_layout
 from gca_pyg.losses import diversity_loss, similarity_loss, synthetic_npair_loss
 from gca_pyg.model import GCAHNG, NetConfig
 from gca_pyg.trainer import AlternatingTrainer, OptimConfig
-from test_trainer import TinyBackbone, batch
+
+
+class TinyBackbone(torch.nn.Module):
+    """Stands in for a CNN: a linear map of fixed random 'images' (feature vectors)."""
+    out_features = 24
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(20, self.out_features)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+def batch(num_classes=4, per_class=3):
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    images = torch.randn(labels.numel(), 20, generator=generator) + labels.unsqueeze(1) * 0.3
+    return images, labels
 
 
 def shuffled_batch(num_classes, per_class, dim=8, seed=0):
@@ -93,7 +111,8 @@ def test_groups_of_a_sparse_graph_are_the_classes_each_anchor_is_joined_to():
     assert torch.equal(shard.mask, joined)
     ends = pairs[:, shard.edges]  # (2, G, K)
     anchor = shard.anchor.unsqueeze(1)
-    hits = ((ends[0] == anchor) & (ends[1] == members)) | ((ends[1] == anchor) & (ends[0] == members))
+    hits = ((ends[0] == anchor) & (ends[1] == members)) | \
+        ((ends[1] == anchor) & (ends[0] == members))
     assert bool(hits[shard.mask].all())
     # One group per (anchor, class) joined by at least one pair; own classes always complete.
     expected = torch.zeros(18, 6, dtype=torch.bool)
@@ -116,7 +135,7 @@ def test_synthesis_merges_only_the_joined_members_by_hand():
     mix = torch.rand(3, 2, dtype=torch.float64)
     mask = torch.tensor([[True, True, True], [False, True, True], [True, False, True],
                          [False, False, True]])
-    out = synthesize_groups(z, layout, anchor, target_class, weights, 0.7, mix, mask)
+    out = synthesize_groups(z, layout, anchor, target_class, weights[mask], 0.7, mix, mask)
     u = mix[1]  # the coefficients of anchor block r(1) = 1
     moved = [synthesize_negatives(z[1], z[2], z[3 + k], weights[:, k], 0.7) for k in range(3)]
     expected = torch.stack([
@@ -127,13 +146,9 @@ def test_synthesis_merges_only_the_joined_members_by_hand():
     ])
     assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
     full = synthesize_groups(z, layout, anchor, target_class, weights, 0.7, mix)
-    assert torch.equal(synthesize_groups(z, layout, anchor, target_class, weights, 0.7, mix,
-                                         torch.ones(4, 3, dtype=torch.bool)), full)
-    # The weights of a missing member do not matter.
-    changed = weights.clone()
-    changed[1, 0] = 0.01
-    assert torch.equal(synthesize_groups(z, layout, anchor, target_class, changed, 0.7, mix, mask),
-                       out)
+    every = torch.ones(4, 3, dtype=torch.bool)
+    assert torch.equal(synthesize_groups(z, layout, anchor, target_class, weights.view(12, 4),
+                                         0.7, mix, every), full)
 
 
 def log_softmax_at(logits, index):
@@ -223,8 +238,9 @@ def test_a_step_on_the_sparse_graph_with_k_of_n_minus_1_equals_the_dense_step():
     torch.manual_seed(5)
     actual = sparse.training_step(images, labels)
     assert actual == expected  # every loss, bit for bit (dropout included)
+    # The gradients sum the same terms in another order: equal to rounding.
     for (name, p), q in zip(dense.model.named_parameters(), sparse.model.parameters()):
-        assert torch.equal(p, q), name
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14), name
 
 
 def test_the_model_synthesises_and_scores_a_sparse_graph_group_by_group():
