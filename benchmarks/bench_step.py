@@ -140,7 +140,8 @@ def main():
             skipped.append(name)
             continue
         edges = foreseen_edges(num_nodes, args.per_class, neighbors)
-        reason = guard.too_big(edges, dtype)
+        kind = f"{dtype} {'dense' if neighbors is None else 'sparse'}"
+        reason = guard.too_big(edges, kind)
         if reason is not None:
             too_big.append(f"{name} ({reason})")
             continue
@@ -153,7 +154,7 @@ def main():
             rows.append([num_nodes, classes, graph, "", dtype, malloc, result["error"], "", "", "",
                          ""])
             continue
-        guard.record(result["edges"], result["peak_mb"], dtype)
+        guard.record(result["edges"], result["peak_mb"], kind)
         achieved = result["gflop"] / (result["ms"] / 1e3)
         rows.append([num_nodes, classes, graph, result["edges"], dtype, malloc,
                      f"{result['ms']:.0f}", f"{result['peak_mb']:.0f}", f"{result['gflop']:.1f}",

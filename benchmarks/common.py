@@ -62,15 +62,28 @@ def total_memory_mb() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
 
 
+def available_memory_mb() -> float:
+    """Memory available to a new process now (``MemAvailable``; all of it where unknown)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return total_memory_mb()
+
+
 class MemoryGuard:
     """Skips benchmark rows that would not fit in this machine's memory.
 
     A row's peak memory is foreseen from the last measured row of the same kind, in proportion to
     its size (e.g. its edge count, which the edge tensors grow with); a row without a measured
-    predecessor is run."""
+    predecessor is run. The limit is a share of the memory available when the guard is made (on
+    a machine that others share, less than its total)."""
 
     def __init__(self, share: float = 0.8):
-        self.limit_mb = share * total_memory_mb()
+        self.limit_mb = share * min(total_memory_mb(), available_memory_mb())
         self.mb_per_unit: dict[str, float] = {}
 
     def foresee_mb(self, size: float, kind: str = "") -> Optional[float]:
@@ -83,7 +96,7 @@ class MemoryGuard:
         foreseen = self.foresee_mb(size, kind)
         if foreseen is None or foreseen <= self.limit_mb:
             return None
-        return f"about {foreseen / 1024:.0f} GiB of {total_memory_mb() / 1024:.0f}"
+        return f"about {foreseen / 1024:.0f} GiB, limit {self.limit_mb / 1024:.0f}"
 
     def record(self, size: float, peak_mb: float, kind: str = ""):
         self.mb_per_unit[kind] = peak_mb / size
