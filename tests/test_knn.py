@@ -299,9 +299,9 @@ def test_training_on_a_sparse_graph_stays_finite_and_lowers_the_metric_loss():
     embeddings = trainer.model(images)
     _, _, shard = trainer.prepare(labels, embeddings)
     assert shard.num_edges < 12 * 13 // 2 and not bool(shard.mask.all())
-    logs = [trainer.training_step(images, labels) for _ in range(15)]
+    logs = [trainer.training_step(images, labels) for _ in range(12)]
     assert all(math.isfinite(value) for log in logs for value in log.values())
-    assert logs[-1]["J_m"] < 0.7 * logs[0]["J_m"]
+    assert logs[-1]["J_m"] < 0.75 * logs[0]["J_m"]
 
 
 def test_nan_embeddings_stop_the_sparse_step_before_any_update():
