@@ -17,8 +17,8 @@ import torch
 
 from gca_pyg.runtime import retain_freed_memory
 
-from common import (autocast, benchmark_parser, default_device, measure_in_child, measure_step,
-                    native_bf16, print_table, report_machine, total_memory_mb)
+from common import (MemoryGuard, autocast, benchmark_parser, default_device, measure_in_child,
+                    measure_step, native_bf16, print_table, report_machine)
 
 
 def build_step(config):
@@ -100,22 +100,18 @@ def main():
         torch.set_num_threads(args.threads)
     peak = report_machine(device)
     rows, skipped, too_big = [], [], []
-    memory_mb = total_memory_mb()
     for dtype in args.dtypes:
-        last_peak = {}  # path -> (N, peak MB) of its last row, to foresee the next one
+        guard = MemoryGuard()  # activations grow with the edges, N^2
         for num_nodes in args.sizes:
             generic_ms = None
             for path in args.paths:
                 if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
                     skipped.append(f"{path} N={num_nodes} bf16")
                     continue
-                if path in last_peak:  # activations grow with the edges, N^2
-                    previous_n, previous_mb = last_peak[path]
-                    foreseen = previous_mb * (num_nodes / previous_n) ** 2
-                    if foreseen > 0.8 * memory_mb:
-                        too_big.append(f"{path} N={num_nodes} {dtype} (about {foreseen / 1024:.0f} "
-                                       f"GiB of {memory_mb / 1024:.0f})")
-                        continue
+                reason = guard.too_big(num_nodes**2, path)
+                if reason is not None:
+                    too_big.append(f"{path} N={num_nodes} {dtype} ({reason})")
+                    continue
                 result = measure_in_child(__file__, {
                     "device": str(device), "num_nodes": num_nodes, "dim": args.dim,
                     "dtype": dtype, "path": path, "repeats": args.repeats,
@@ -123,7 +119,7 @@ def main():
                 if "error" in result:
                     rows.append([path, num_nodes, "-", dtype, result["error"], "", "", "", "", ""])
                     continue
-                last_peak[path] = (num_nodes, result["peak_mb"])
+                guard.record(num_nodes**2, result["peak_mb"], path)
                 achieved = result["gflop"] / (result["ms"] / 1e3)
                 speedup = ""
                 if path == "generic":

@@ -3,10 +3,13 @@
 The backbone is replaced by random 2048-d pooled features (the embedding head BN + Linear(2048, 512)
 stays), so the step costs what GCA-HNG adds on top of a CNN. N = 81 (27 × 3) and 162 (54 × 3),
 D = 512, fp32 and bf16 autocast; median ms/step, peak memory and the share of this machine's
-measured matmul peak, each row in a fresh process.
+measured matmul peak, each row in a fresh process. ``--neighbors 32`` measures the sparse batch
+graph of ``graph.neighbors: 32`` (``dense`` is the complete graph); rows whose memory, foreseen from
+the rows measured before them (in proportion to their edge count), would not fit are skipped.
 
     python benchmarks/bench_step.py
     python benchmarks/bench_step.py --sizes 81 --profile     # where the time goes
+    python benchmarks/bench_step.py --per-class 4 --sizes 512 1024 --neighbors dense 32
 
 ``--backbone resnet50`` (224 px) or ``small_cnn`` (32 px) times the real step with images through
 the backbone (random weights), fp32 and bf16 (where native), contiguous and ``channels_last``, and
@@ -14,6 +17,7 @@ the share of the step spent in the backbone (the step minus the same step on poo
 
     python benchmarks/bench_step.py --backbone resnet50 --sizes 81
 """
+import argparse
 import json
 import sys
 
@@ -21,8 +25,8 @@ import torch
 
 from gca_pyg.runtime import retain_freed_memory
 
-from common import (benchmark_parser, default_device, measure_in_child, measure_step, native_bf16,
-                    print_table, report_machine)
+from common import (MemoryGuard, benchmark_parser, default_device, measure_in_child, measure_step,
+                    native_bf16, print_table, report_machine)
 
 FEATURES, TRAIN_CLASSES = 2048, 100
 
@@ -37,6 +41,7 @@ IMAGE_SIZES = {"resnet50": 224, "googlenet": 224, "small_cnn": 32}
 
 def build(config):
     from gca_pyg.backbones import build_backbone
+    from gca_pyg.graph import GraphConfig
     from gca_pyg.model import GCAHNG
     from gca_pyg.trainer import AlternatingTrainer, OptimConfig
 
@@ -49,16 +54,19 @@ def build(config):
         backbone = build_backbone(backbone_name, pretrained="none", frozen_bn=True)
     else:
         backbone = PooledFeatures()
-    model = GCAHNG(backbone, TRAIN_CLASSES, config["dim"], amp_dtype=amp,
+    num_nodes, per_class = config["num_nodes"], config.get("per_class", 3)
+    num_classes = num_nodes // per_class
+    train_classes = max(TRAIN_CLASSES, num_classes)
+    model = GCAHNG(backbone, train_classes, config["dim"], amp_dtype=amp,
+                   graph=GraphConfig(neighbors=config.get("neighbors")),
                    channels_last=channels_last).to(device)
     trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0))
-    num_nodes = config["num_nodes"]
     if backbone_name:
         size = IMAGE_SIZES[backbone_name]
         features = torch.randn(num_nodes, 3, size, size, device=device)
     else:
         features = torch.randn(num_nodes, FEATURES, device=device)
-    labels = torch.randperm(TRAIN_CLASSES, device=device)[:num_nodes // 3].repeat_interleave(3)
+    labels = torch.randperm(train_classes, device=device)[:num_classes].repeat_interleave(per_class)
     # Past the first epoch, so that J_syn carries weight and hardness is below 1, as in training.
     trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 30.0
     return trainer, features, labels, device
@@ -72,7 +80,10 @@ def run_child(config):
     def step():
         trainer.training_step(features, labels)
 
-    print(json.dumps(measure_step(step, device, config["repeats"])))
+    result = measure_step(step, device, config["repeats"])
+    with torch.no_grad():
+        shard = trainer.prepare(labels, trainer.model(features))[2]
+    print(json.dumps({**result, "edges": shard.num_edges}))
 
 
 def profile(config, rows: int = 15):
@@ -87,12 +98,34 @@ def profile(config, rows: int = 15):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def neighbors_choice(text: str):
+    """``dense`` (None, the complete graph) or a positive number of neighbours."""
+    if text == "dense":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"takes 'dense' or a positive int, got '{text}'")
+    return int(text)
+
+
+def foreseen_edges(num_nodes: int, per_class: int, neighbors) -> int:
+    """The undirected pairs of a row's graph: exact for the complete graph, an upper bound for a
+    sparse one (k nearest and the classmates of every node)."""
+    if neighbors is None or neighbors >= num_nodes - 1:
+        return num_nodes * (num_nodes + 1) // 2
+    return num_nodes * neighbors + num_nodes * (per_class + 1) // 2
+
+
 def main():
     parser = benchmark_parser(__doc__.splitlines()[0], sizes=[81, 162], repeats=5)
     parser.add_argument("--malloc", nargs="+", default=["system", "retain"],
                         choices=["system", "retain"],
                         help="glibc malloc as it comes, or gca_pyg.runtime.retain_freed_memory() "
                              "as the training command sets it")
+    parser.add_argument("--per-class", type=int, default=3,
+                        help="samples per class K; every size must be a multiple of it")
+    parser.add_argument("--neighbors", nargs="+", type=neighbors_choice, default=[None],
+                        metavar="dense|K",
+                        help="the batch graph: dense (complete) or graph.neighbors = K")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's top operators for one step of each size")
     parser.add_argument("--backbone", choices=sorted(IMAGE_SIZES),
@@ -100,41 +133,66 @@ def main():
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
+    bad = [n for n in args.sizes if n % args.per_class or n // args.per_class < 2]
+    if args.per_class < 2 or bad:
+        parser.error(f"every size must be a multiple of --per-class {args.per_class} (>= 2), with "
+                     f"at least 2 classes; got {bad or args.sizes}")
 
     device = default_device()
     if args.profile:
         for num_nodes in args.sizes:
-            print(f"== profile: N={num_nodes}, D={args.dim}, fp32")
-            profile({"device": str(device), "num_nodes": num_nodes, "dim": args.dim,
-                     "dtype": "fp32", "backbone": args.backbone})
+            for neighbors in args.neighbors:
+                print(f"== profile: N={num_nodes}, K={args.per_class}, D={args.dim}, fp32, "
+                      f"graph {'dense' if neighbors is None else f'k={neighbors}'}")
+                profile({"device": str(device), "num_nodes": num_nodes, "dim": args.dim,
+                         "dtype": "fp32", "per_class": args.per_class, "neighbors": neighbors,
+                         "backbone": args.backbone})
         return
     if args.backbone:
         return backbone_table(args, device)
 
     peak = report_machine(device)
-    rows, skipped = [], []
-    for dtype in args.dtypes:
-        for num_nodes in args.sizes:
-            for malloc in args.malloc:
-                if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
-                    skipped.append(f"N={num_nodes} bf16 {malloc}")
-                    continue
-                result = measure_in_child(__file__, {
-                    "device": str(device), "num_nodes": num_nodes, "dim": args.dim,
-                    "dtype": dtype, "repeats": args.repeats, "malloc": malloc})
-                if "error" in result:
-                    rows.append([num_nodes, dtype, malloc, result["error"], "", "", "", ""])
-                    continue
-                achieved = result["gflop"] / (result["ms"] / 1e3)
-                rows.append([num_nodes, dtype, malloc, f"{result['ms']:.0f}",
-                             f"{result['peak_mb']:.0f}", f"{result['gflop']:.1f}",
-                             f"{achieved:.0f}", f"{100 * achieved / peak[dtype]:.0f}%"])
-                print(f"  measured N={num_nodes} {dtype} {malloc}", file=sys.stderr)
-    print_table(["N", "dtype", "malloc", "ms/step", "peak MB", "GFLOP/step", "GFLOP/s", "of peak"],
-                rows)
+    rows, skipped, too_big = [], [], []
+    runs = [(dtype, num_nodes, neighbors, malloc) for dtype in args.dtypes
+            for num_nodes in args.sizes for neighbors in args.neighbors for malloc in args.malloc]
+    # Smaller graphs first, so that every row's memory is foreseen from measured ones.
+    runs.sort(key=lambda run: (args.dtypes.index(run[0]),
+                               foreseen_edges(run[1], args.per_class, run[2])))
+    guard = MemoryGuard()
+    for dtype, num_nodes, neighbors, malloc in runs:
+        graph = "dense" if neighbors is None else f"k={neighbors}"
+        name = f"N={num_nodes} {graph} {dtype} {malloc}"
+        if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
+            skipped.append(name)
+            continue
+        edges = foreseen_edges(num_nodes, args.per_class, neighbors)
+        kind = f"{dtype} {'dense' if neighbors is None else 'sparse'}"
+        reason = guard.too_big(edges, kind)
+        if reason is not None:
+            too_big.append(f"{name} ({reason})")
+            continue
+        result = measure_in_child(__file__, {
+            "device": str(device), "num_nodes": num_nodes, "dim": args.dim, "dtype": dtype,
+            "repeats": args.repeats, "malloc": malloc, "per_class": args.per_class,
+            "neighbors": neighbors})
+        classes = f"{num_nodes // args.per_class}x{args.per_class}"
+        if "error" in result:
+            rows.append([num_nodes, classes, graph, "", dtype, malloc, result["error"], "", "", "",
+                         ""])
+            continue
+        guard.record(result["edges"], result["peak_mb"], kind)
+        achieved = result["gflop"] / (result["ms"] / 1e3)
+        rows.append([num_nodes, classes, graph, result["edges"], dtype, malloc,
+                     f"{result['ms']:.0f}", f"{result['peak_mb']:.0f}", f"{result['gflop']:.1f}",
+                     f"{achieved:.0f}", f"{100 * achieved / peak[dtype]:.0f}%"])
+        print(f"  measured {name}", file=sys.stderr)
+    print_table(["N", "C x K", "graph", "edges", "dtype", "malloc", "ms/step", "peak MB",
+                 "GFLOP/step", "GFLOP/s", "of peak"], rows)
     if skipped:
         print(f"skipped (no native bf16 matmul here; --force-bf16 to measure anyway): "
               f"{', '.join(skipped)}")
+    if too_big:
+        print(f"skipped (would not fit in this machine's memory): {', '.join(too_big)}")
 
 
 def backbone_table(args, device):

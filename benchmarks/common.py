@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -60,6 +60,46 @@ def peak_rss_mb() -> float:
 def total_memory_mb() -> float:
     """Physical memory of this machine."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
+def available_memory_mb() -> float:
+    """Memory available to a new process now (``MemAvailable``; all of it where unknown)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return total_memory_mb()
+
+
+class MemoryGuard:
+    """Skips benchmark rows that would not fit in this machine's memory.
+
+    A row's peak memory is foreseen from the last measured row of the same kind, in proportion to
+    its size (e.g. its edge count, which the edge tensors grow with); a row without a measured
+    predecessor is run. The limit is a share of the memory available when the guard is made (on
+    a machine that others share, less than its total)."""
+
+    def __init__(self, share: float = 0.8):
+        self.limit_mb = share * min(total_memory_mb(), available_memory_mb())
+        self.mb_per_unit: dict[str, float] = {}
+
+    def foresee_mb(self, size: float, kind: str = "") -> Optional[float]:
+        """Foreseen peak MB of a row of `size`, or None before any row of `kind` was measured."""
+        per_unit = self.mb_per_unit.get(kind)
+        return None if per_unit is None else per_unit * size
+
+    def too_big(self, size: float, kind: str = "") -> Optional[str]:
+        """Why a row of `size` is skipped (its foreseen memory), or None if it is run."""
+        foreseen = self.foresee_mb(size, kind)
+        if foreseen is None or foreseen <= self.limit_mb:
+            return None
+        return f"about {foreseen / 1024:.0f} GiB, limit {self.limit_mb / 1024:.0f}"
+
+    def record(self, size: float, peak_mb: float, kind: str = ""):
+        self.mb_per_unit[kind] = peak_mb / size
 
 
 def time_steps(step: Callable[[], None], device: torch.device, repeats: int) -> float:

@@ -17,11 +17,12 @@ import yaml
 from gca_pyg.backbones import BACKBONE_NAMES, PRETRAINED_CHOICES
 from gca_pyg.data import CLASS_SAMPLING, DATASETS
 from gca_pyg.errors import ConfigError
+from gca_pyg.graph import GraphConfig
 from gca_pyg.model import LossConfig, NetConfig
 from gca_pyg.trainer import OptimConfig
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "load_config",
-           "apply_overrides", "config_dirs", "available_configs"]
+__all__ = ["Config", "DataConfig", "ModelConfig", "GraphConfig", "TrainConfig", "EvalConfig",
+           "load_config", "apply_overrides", "config_dirs", "available_configs"]
 
 @dataclass
 class DataConfig:
@@ -69,6 +70,7 @@ class Config:
     name: str = "config"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
     net: NetConfig = field(default_factory=NetConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -266,6 +268,11 @@ def _check_values(config: Config, source: str):
     if config.model.embedding_size % config.net.heads:
         raise ConfigError(f"'model.embedding_size' ({config.model.embedding_size}) in {source} must "
                           f"be divisible by 'net.heads' ({config.net.heads})")
+    neighbors = config.graph.neighbors
+    if neighbors is not None and neighbors < 1:
+        raise ConfigError(f"'graph.neighbors' in {source} must be a positive int (neighbours per "
+                          f"node of a sparse batch graph) or null (the complete graph), got "
+                          f"{neighbors}")
     if not config.eval.ks or min(config.eval.ks) < 1:
         raise ConfigError(f"'eval.ks' in {source} must be a non-empty list of positive ints")
     if config.data.num_workers < 0 or config.optim.warmup_epochs < 0:

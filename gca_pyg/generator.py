@@ -58,7 +58,7 @@ def synthesize_negatives(anchor: Tensor, positive: Tensor, negative: Tensor, wei
 
 def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
                       target_class: Tensor, weights: Tensor, hardness: Union[float, Tensor],
-                      mix: Tensor) -> Tensor:
+                      mix: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     r"""One synthetic sample per (anchor, class) group, merging the class's :math:`K` samples.
 
     For anchor :math:`i` (its positive is the next sample of its class, see
@@ -76,14 +76,24 @@ def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
     them. A group whose class is the anchor's own mixes the anchor's classmates with the weights of
     the positive edges (the anchor itself comes back unchanged, :math:`d^- = 0`).
 
+    On a sparse graph (:obj:`mask`) only the samples joined to the anchor are merged, in the same
+    order and with the same coefficients: the first of them starts the merge and every further one,
+    :math:`k`, applies the step above with :math:`u_{r(i),k}`. With every sample joined this is the
+    merge above, bit for bit.
+
     Args:
         embeddings: :math:`(N, D)`.
         layout: The batch's :class:`~gca_pyg.layout.ClassLayout`.
         anchor: Anchor node of every group, :math:`(G,)`.
         target_class: Class row (in ``layout.classes``) of every group, :math:`(G,)`.
-        weights: Fusion weights of the group's :math:`K` edges, :math:`(G, K, D)`.
+        weights: Fusion weights of the group's :math:`K` edges, :math:`(G, K, D)`; with
+            :obj:`mask`, those of the joined samples only, :math:`(M, D)` for the :math:`M` True
+            entries of the mask in row-major order (``weights[mask]`` of the full tensor).
         hardness: :math:`h` (see :func:`hardness_from_loss`).
         mix: Merge coefficients :math:`u`, :math:`(K, K - 1)` (see :func:`draw_mix`).
+        mask: Bool :math:`(G, K)`, True for the samples joined to the anchor (at least one per
+            group); all if omitted. Only the joined samples are moved, so memory grows with
+            :math:`M`, not :math:`G K`.
 
     Returns:
         The synthetic samples :math:`(G, D)`.
@@ -93,15 +103,36 @@ def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
         raise ValueError(f"mix must have shape (K, K - 1) = ({samples_per_class}, "
                          f"{samples_per_class - 1}), got {tuple(mix.shape)}")
     dim = embeddings.size(1)
-    anchors = gather_rows(embeddings, anchor).unsqueeze(1)
-    positives = gather_rows(embeddings, layout.positive_index()[anchor]).unsqueeze(1)
-    negatives = gather_rows(embeddings, layout.members[target_class])
-    moved = synthesize_negatives(anchors, positives, negatives, weights.view(-1, samples_per_class,
-                                                                              dim), hardness)
     coefficients = mix.to(embeddings.dtype)[layout.rank[anchor]]  # (G, K - 1)
-    synthetic = moved[:, 0]
-    for k in range(1, samples_per_class):  # K is 2 or 3: a loop over a class's samples, not nodes
-        synthetic = moved[:, k] + coefficients[:, k - 1:k] * (synthetic - moved[:, k])
+    if mask is None:
+        anchors = gather_rows(embeddings, anchor).unsqueeze(1)
+        positives = gather_rows(embeddings, layout.positive_index()[anchor]).unsqueeze(1)
+        negatives = gather_rows(embeddings, layout.members[target_class])
+        moved = synthesize_negatives(anchors, positives, negatives,
+                                     weights.view(-1, samples_per_class, dim), hardness)
+        synthetic = moved[:, 0]
+        for k in range(1, samples_per_class):  # K is small: a loop over a class's samples
+            synthetic = moved[:, k] + coefficients[:, k - 1:k] * (synthetic - moved[:, k])
+        return synthetic
+
+    # Only the joined samples are moved: one row per True of the mask, in row-major order.
+    group, member = mask.nonzero(as_tuple=True)
+    if isinstance(hardness, Tensor) and hardness.dim() == 1:
+        hardness = hardness[group]
+    moved_rows = synthesize_negatives(
+        gather_rows(embeddings, anchor[group]),
+        gather_rows(embeddings, layout.positive_index()[anchor[group]]),
+        gather_rows(embeddings, layout.members[target_class[group], member]), weights, hardness)
+    row = torch.zeros_like(mask, dtype=torch.long)
+    row[group, member] = torch.arange(group.numel(), device=mask.device)
+    synthetic = gather_rows(moved_rows, row[:, 0])
+    started = mask[:, :1]  # whether a joined sample has been merged
+    for k in range(1, samples_per_class):
+        moved = gather_rows(moved_rows, row[:, k])
+        merged = moved + coefficients[:, k - 1:k] * (synthetic - moved)
+        joined = mask[:, k:k + 1]
+        synthetic = torch.where(joined, torch.where(started, merged, moved), synthetic)
+        started = started | joined
     return synthetic
 
 

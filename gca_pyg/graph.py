@@ -8,12 +8,18 @@ which halves the edge work of :class:`~gca_pyg.nn.CorrelationNet` exactly.
 Several processes share one batch graph by splitting its undirected pairs: :func:`shard_pairs`
 gives each process whole blocks of class pairs, so every (anchor, class) group that synthesis needs
 lies on one process.
+
+For large batches the graph can be sparse (``graph.neighbors: k``): :func:`knn_pairs` keeps each
+node's :math:`k` most similar samples and all of its classmates, and :func:`sparse_shard` derives
+the (anchor, class) groups of those pairs.
 """
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Tuple
 
+import faiss
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.data import Data
 
@@ -22,12 +28,22 @@ from gca_pyg.utils import gather_rows
 
 __all__ = [
     "EdgeShard",
+    "GraphConfig",
     "build_batch_graph",
     "complete_edge_index",
+    "knn_pairs",
     "pair_index",
     "shard_pairs",
+    "sparse_shard",
     "to_dense_edges",
 ]
+
+
+@dataclass
+class GraphConfig:
+    """The batch graph: complete (``neighbors: null``), or each node joined to its ``neighbors``
+    most similar samples and to its classmates (:func:`knn_pairs`), for large batches."""
+    neighbors: Optional[int] = None
 
 
 def complete_edge_index(num_nodes: int, *, undirected: bool = False,
@@ -85,7 +101,8 @@ def to_dense_edges(edge_values: Tensor, edge_index: Tensor, num_nodes: int, *,
 
 
 def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
-                      edge_index: Optional[Tensor] = None, eps: float = 1e-12) -> Data:
+                      edge_index: Optional[Tensor] = None, neighbors: Optional[int] = None,
+                      eps: float = 1e-12) -> Data:
     r"""Builds the correlation graph of a mini-batch (docs/method.md, "The batch graph").
 
     The nodes carry the embeddings :math:`\mathbf{z}_i` themselves. For the edges each embedding is
@@ -107,6 +124,9 @@ def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
         edge_index (torch.Tensor, optional): The pairs to build, :math:`(2, |\mathcal{E}|)`, e.g.
             one process's share from :func:`shard_pairs`; the complete graph if omitted.
             (default: :obj:`None`)
+        neighbors (int, optional): Build the sparse graph of :func:`knn_pairs` instead: each node
+            joined to its :obj:`neighbors` most similar samples and to its classmates.
+            (default: :obj:`None`)
         eps (float, optional): Lower bound of the norms, so that a constant embedding gives zero
             correlations instead of NaN. (default: :obj:`1e-12`)
 
@@ -125,7 +145,14 @@ def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
     num_nodes = z.size(0)
     centred = z - z.mean(dim=1, keepdim=True)
     unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(eps)
-    if edge_index is None:
+    if neighbors is not None:
+        if edge_index is not None:
+            raise ValueError("build_batch_graph takes edge_index or neighbors, not both")
+        edge_index = knn_pairs(z, y, neighbors)
+        if not undirected:  # both directions of every pair, a self-loop once
+            mirrored = edge_index[0] != edge_index[1]
+            edge_index = torch.cat([edge_index, edge_index[:, mirrored].flip(0)], dim=1)
+    elif edge_index is None:
         edge_index = complete_edge_index(num_nodes, undirected=undirected, device=z.device)
     source, target = edge_index
     edge_attr = gather_rows(unit, source) * gather_rows(unit, target)
@@ -143,22 +170,40 @@ class EdgeShard:
     it holds all :math:`K` edges to the other class of the block (or its own): one *group*, which is
     what synthesis merges into one synthetic sample.
 
+    A sparse graph (:func:`sparse_shard`) has a group for every (anchor, class) that the anchor is
+    joined to by at least one stored pair, and :attr:`mask` says which of the class's :math:`K`
+    samples are joined to it.
+
     Attributes:
         edge_index: The stored pairs :math:`(2, E_r)`, undirected storage (each pair once).
         anchor: The anchor node of every group, :math:`(G_r,)`.
         target_class: The class of every group, as a row of :attr:`ClassLayout.classes`,
             :math:`(G_r,)`; equal to the anchor's class for the groups of same-class blocks.
         edges: For every group, the rows of :attr:`edge_index` joining its anchor to the
-            :math:`K` samples of its class in batch order, :math:`(G_r, K)`.
+            :math:`K` samples of its class in batch order, :math:`(G_r, K)` (0 where
+            :attr:`mask` is False).
+        mask: Bool :math:`(G_r, K)`, True where the anchor and the sample are a stored pair;
+            :obj:`None` for the complete graph, where all are.
     """
     edge_index: Tensor
     anchor: Tensor
     target_class: Tensor
     edges: Tensor
+    mask: Optional[Tensor] = None
 
     @property
     def num_edges(self) -> int:
         return self.edge_index.size(1)
+
+    @property
+    def num_groups(self) -> int:
+        return self.anchor.numel()
+
+    def connected(self, num_nodes: int, num_classes: int) -> Tensor:
+        """Bool :math:`(N, C)`: True where anchor :math:`i` has a group of class :math:`c` here."""
+        table = torch.zeros(num_nodes * num_classes, dtype=torch.bool, device=self.anchor.device)
+        table[self.anchor * num_classes + self.target_class] = True
+        return table.view(num_nodes, num_classes)
 
 
 def shard_pairs(layout: ClassLayout, rank: int = 0, world_size: int = 1) -> EdgeShard:
@@ -229,3 +274,121 @@ def _block_slots(num_classes: int, samples: int, rank: int, world_size: int, dev
     edges = torch.cat([rows.reshape(-1, samples), rows.transpose(1, 2).reshape(-1, samples),
                        within_rows.reshape(-1, samples)])
     return edge_slots, anchor_slots, target_class, edges
+
+
+def knn_pairs(z: Tensor, y: Tensor, k: int) -> Tensor:
+    r"""The undirected pairs of the sparse batch graph: each node's :math:`k` most similar samples
+    and all of its classmates.
+
+    Node :math:`i` is joined to itself, to every :math:`j` with :math:`y_j = y_i`, and to
+
+    .. math::
+        \mathcal{N}_k(i) = \operatorname{top-}k_{\,j \ne i}\;
+        \frac{\mathbf{z}_i^\top \mathbf{z}_j}{\lVert\mathbf{z}_i\rVert\,\lVert\mathbf{z}_j\rVert},
+
+    found exactly by a :class:`faiss.IndexFlatIP` search on the L2-normalised embeddings (no
+    gradient flows through the choice). The pairs are symmetrised: :math:`\{i, j\}` is stored once
+    if :math:`j \in \mathcal{N}_k(i)` or :math:`i \in \mathcal{N}_k(j)`. They come in the order of
+    :func:`shard_pairs`: the blocks of two classes :math:`a < b`, then the blocks within one class,
+    each in batch order; with :math:`k \ge N - 1` on a class-balanced batch the result is exactly
+    ``shard_pairs(class_layout(y)).edge_index``.
+
+    Args:
+        z (torch.Tensor): Embeddings of shape :math:`(N, D)`.
+        y (torch.Tensor): Labels of shape :math:`(N,)`.
+        k (int): Neighbours per node, at least 1; :math:`k \ge N - 1` gives the complete graph.
+
+    Returns:
+        LongTensor of shape :math:`(2, |\mathcal{E}|)`, undirected storage (each pair once,
+        self-loops included), on the device of :obj:`z`.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"knn_pairs needs a positive int number of neighbours k, got {k!r}")
+    if z.dim() != 2 or y.dim() != 1 or y.numel() != z.size(0):
+        raise ValueError(f"knn_pairs expects embeddings [N, D] and labels [N], got "
+                         f"{tuple(z.shape)} and {tuple(y.shape)}")
+    num_nodes, device = z.size(0), z.device
+    k = min(k, num_nodes - 1)
+    unit = F.normalize(z.detach().float(), dim=1).cpu().contiguous().numpy()
+    index = faiss.IndexFlatIP(unit.shape[1])
+    index.add(unit)
+    _, found = index.search(unit, k + 1)
+    found = torch.from_numpy(found).to(device)
+    nodes = torch.arange(num_nodes, device=device)
+    # The k best other samples of each row (faiss marks missing results, e.g. of NaN rows, -1).
+    valid = (found >= 0) & (found != nodes.unsqueeze(1))
+    valid &= valid.cumsum(dim=1) <= k
+    near_source, near_target = nodes.unsqueeze(1).expand_as(found)[valid], found[valid]
+
+    # Slots: positions in the batch sorted by class, stable (class a's samples in batch order).
+    _, class_index, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    num_classes = counts.numel()
+    node_of_slot = torch.sort(class_index, stable=True).indices
+    slot = torch.empty_like(node_of_slot)
+    slot[node_of_slot] = nodes
+    class_of_slot = class_index[node_of_slot]
+    # Every pair of classmates, slot s with each slot of its class run.
+    run = counts[class_of_slot]
+    run_start = (torch.cumsum(counts, 0) - counts)[class_of_slot]
+    mate_source = torch.repeat_interleave(nodes, run)
+    offsets = torch.arange(mate_source.numel(), device=device) - \
+        torch.repeat_interleave(torch.cumsum(run, 0) - run, run)
+    mate_target = torch.repeat_interleave(run_start, run) + offsets
+
+    first = torch.cat([slot[near_source], mate_source])
+    second = torch.cat([slot[near_target], mate_target])
+    code = torch.unique(torch.minimum(first, second) * num_nodes + torch.maximum(first, second))
+    low, high = code // num_nodes, code % num_nodes  # sorted by (low, high)
+    low_class, high_class = class_of_slot[low], class_of_slot[high]
+    block = torch.where(low_class < high_class, low_class * num_classes + high_class,
+                        num_classes * num_classes + low_class)
+    order = torch.sort(block, stable=True).indices
+    return torch.stack([node_of_slot[low[order]], node_of_slot[high[order]]])
+
+
+def sparse_shard(layout: ClassLayout, edge_index: Tensor) -> EdgeShard:
+    r"""The (anchor, class) groups of a sparse batch graph, for synthesis on its stored pairs.
+
+    Every stored pair :math:`\{i, j\}` joins anchor :math:`i` to a sample of class :math:`y_j` and
+    anchor :math:`j` to one of class :math:`y_i`. Each (anchor, class) with at least one such pair
+    is a group; its :attr:`EdgeShard.edges` hold the rows of the pairs joining the anchor to the
+    class's :math:`K` samples in batch order, and :attr:`EdgeShard.mask` which of them are
+    stored. Groups come in the order of :func:`shard_pairs`, so on the complete graph (pairs in
+    its order, e.g. from :func:`knn_pairs` with :math:`k \ge N - 1`) every field equals
+    ``shard_pairs(layout)``'s and the mask is all True.
+
+    Args:
+        layout: The batch's :class:`~gca_pyg.layout.ClassLayout`.
+        edge_index: Undirected pairs :math:`(2, |\mathcal{E}|)`, each once, e.g. from
+            :func:`knn_pairs`.
+    """
+    num_classes, samples = layout.num_classes, layout.samples_per_class
+    source, target = edge_index
+    mirrored = source != target
+    rows = torch.arange(edge_index.size(1), device=edge_index.device)
+    anchor = torch.cat([source, target[mirrored]])  # every stored direction anchor -> member
+    member = torch.cat([target, source[mirrored]])
+    row = torch.cat([rows, rows[mirrored]])
+    anchor_class, member_class = layout.class_index[anchor], layout.class_index[member]
+    low, high = torch.minimum(anchor_class, member_class), torch.maximum(anchor_class, member_class)
+    cross_block = low * num_classes - low * (low + 1) // 2 + high - low - 1  # rank of a < b
+    num_cross = num_classes * (num_classes - 1) // 2
+    anchor_rank = layout.rank[anchor]
+    # The group order of shard_pairs: anchors of the lower class of each cross block, anchors of
+    # the higher class, then the same-class groups.
+    key = torch.where(anchor_class < member_class, cross_block * samples + anchor_rank,
+                      torch.where(anchor_class > member_class,
+                                  (num_cross + cross_block) * samples + anchor_rank,
+                                  2 * num_cross * samples + anchor_class * samples + anchor_rank))
+    groups, group_of = torch.unique(key, return_inverse=True)
+    num_groups = groups.numel()
+    edges = torch.zeros(num_groups, samples, dtype=torch.long, device=edge_index.device)
+    mask = torch.zeros(num_groups, samples, dtype=torch.bool, device=edge_index.device)
+    edges[group_of, layout.rank[member]] = row
+    mask[group_of, layout.rank[member]] = True
+    group_anchor = torch.empty(num_groups, dtype=torch.long, device=edge_index.device)
+    group_class = torch.empty_like(group_anchor)
+    group_anchor[group_of] = anchor
+    group_class[group_of] = member_class
+    return EdgeShard(edge_index=edge_index, anchor=group_anchor, target_class=group_class,
+                     edges=edges, mask=mask)

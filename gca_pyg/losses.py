@@ -57,13 +57,21 @@ def npair_loss(embeddings: Tensor, labels: Tensor, l2_reg: float = 3e-3, *,
 
 def synthetic_npair_loss(embeddings: Tensor, labels: Tensor, synthetic: Tensor,
                          synthetic_labels: Tensor, anchor_index: Tensor, l2_reg: float = 3e-3, *,
-                         layout: Optional[ClassLayout] = None, group=None) -> Tensor:
+                         layout: Optional[ClassLayout] = None, connected: Optional[Tensor] = None,
+                         group=None) -> Tensor:
     r"""The N-pair loss with synthetic negatives, :math:`J_{syn}`.
 
     Every sample is an anchor once; its logits are :math:`[\mathbf{a}^\top \mathbf{p},\;
     \mathbf{a}^\top \tilde{\mathbf{n}}_c \text{ for every other class } c]` with the positive as
     target; mean over anchors, plus the L2 term of :func:`npair_loss` on the anchors and on all
     :math:`N C` candidates (positives and synthetic negatives).
+
+    On a sparse batch graph (:obj:`connected`) anchor :math:`i` has synthetic negatives only for
+    the classes :math:`\mathcal{C}_i` it is joined to; its logits are :math:`[\mathbf{a}^\top
+    \mathbf{p},\; \mathbf{a}^\top \tilde{\mathbf{n}}_c \text{ for } c \in \mathcal{C}_i]` (the other
+    classes are left out of the softmax) and the L2 term's mean runs over the
+    :math:`N + \sum_i |\mathcal{C}_i|` candidates present. With every class present this is the
+    loss above.
 
     Args:
         embeddings, labels: The real batch, :math:`(N, D)` and :math:`(N,)`.
@@ -73,6 +81,9 @@ def synthetic_npair_loss(embeddings: Tensor, labels: Tensor, synthetic: Tensor,
             class are ignored.
         l2_reg: Weight of the embedding-norm penalty.
         layout: The batch's :class:`~gca_pyg.layout.ClassLayout`, if already derived.
+        connected: Bool :math:`(N, C)`, True where anchor :math:`i` has a synthetic negative of
+            class :math:`c` (see :meth:`gca_pyg.graph.EdgeShard.connected`); every other class if
+            omitted.
         group: The process group whose processes hold the other synthetic rows, or :obj:`None`.
     """
     layout = layout if layout is not None else class_layout(labels)
@@ -80,14 +91,16 @@ def synthetic_npair_loss(embeddings: Tensor, labels: Tensor, synthetic: Tensor,
     synthetic_class = torch.searchsorted(layout.classes, synthetic_labels)
     is_other = synthetic_class != layout.class_index[anchor_index]
     slot = anchor_index * num_classes + synthetic_class
+    expected = layout.class_index.unsqueeze(1) != torch.arange(num_classes, device=labels.device)
+    if connected is not None:
+        expected = expected & connected
     if group is None:
         filled = torch.bincount(slot[is_other], minlength=num_nodes * num_classes)
-        expected = layout.class_index.unsqueeze(1) != torch.arange(num_classes,
-                                                                   device=labels.device)
         if not torch.equal(filled.view(num_nodes, num_classes) == 1, expected) or \
                 bool((filled > 1).any()):
             raise ValueError("synthetic_npair_loss needs exactly one synthetic negative per "
-                             "(anchor, other class)")
+                             "(anchor, other class)" +
+                             ("" if connected is None else " that connected marks"))
     anchors = gather_rows(embeddings, anchor_index)
     values = torch.where(is_other, (anchors * synthetic).sum(dim=-1), 0.0)
     logits = torch.zeros(num_nodes * num_classes, dtype=values.dtype, device=values.device)
@@ -95,9 +108,13 @@ def synthetic_npair_loss(embeddings: Tensor, labels: Tensor, synthetic: Tensor,
     positives = gather_rows(embeddings, layout.positive_index())
     own = layout.class_index.unsqueeze(1)
     logits = logits.scatter(1, own, (embeddings * positives).sum(dim=-1, keepdim=True))
+    num_candidates = num_nodes * num_classes
+    if connected is not None:
+        logits = logits.masked_fill(~expected.scatter(1, own, True), float("-inf"))
+        num_candidates = num_nodes + int(expected.sum())
     synthetic_norms = all_reduce_sum(torch.where(is_other, synthetic.square().sum(dim=-1),
                                                  0.0).sum(), group)
-    candidate_norms = (positives.square().sum() + synthetic_norms) / (num_nodes * num_classes)
+    candidate_norms = (positives.square().sum() + synthetic_norms) / num_candidates
     return F.cross_entropy(logits, layout.class_index) + \
         0.25 * l2_reg * (embeddings.square().sum(dim=-1).mean() + candidate_norms)
 
@@ -118,10 +135,15 @@ def synthetic_class_loss(synthetic: Tensor, synthetic_labels: Tensor,
 
 
 def similarity_loss(embeddings: Tensor, synthetic: Tensor, anchor_index: Tensor,
-                    num_classes: int, *, mask: Optional[Tensor] = None, group=None) -> Tensor:
+                    num_classes: int, *, mask: Optional[Tensor] = None,
+                    num_groups: Optional[int] = None, group=None) -> Tensor:
     r""":math:`J_{sim}`: mean of :math:`1 - \cos(\mathbf{a}, \tilde{\mathbf{n}})` over all
     :math:`N \cdot C` (anchor, class) pairs, the :math:`N` same-class pairs counting as 0 (the
     reference's intent; its mask zeroes other entries by mistake).
+
+    On a sparse batch graph the sum runs over the (anchor, other class) groups present and is
+    divided by the number of groups present, same-class ones included (:obj:`num_groups`), which
+    is :math:`N \cdot C` on the complete graph.
 
     Args:
         embeddings: The anchors' batch :math:`(N, D)`.
@@ -130,12 +152,15 @@ def similarity_loss(embeddings: Tensor, synthetic: Tensor, anchor_index: Tensor,
         num_classes: :math:`C`, classes in the batch.
         mask: Bool :math:`(|\text{rows}|,)`, the rows to count (e.g. not the own-class rows);
             all if omitted.
+        num_groups: The denominator; :math:`N \cdot C` if omitted.
         group: The process group whose processes hold the other rows, or :obj:`None`.
     """
     distance = 1.0 - F.cosine_similarity(gather_rows(embeddings, anchor_index), synthetic, dim=-1)
     if mask is not None:
         distance = torch.where(mask, distance, 0.0)
-    return all_reduce_sum(distance.sum(), group) / (embeddings.size(0) * num_classes)
+    if num_groups is None:
+        num_groups = embeddings.size(0) * num_classes
+    return all_reduce_sum(distance.sum(), group) / num_groups
 
 
 def diversity_loss(fusion_weights: Tensor, scale: float = 0.01, eps: float = 1e-12, *,
@@ -144,6 +169,11 @@ def diversity_loss(fusion_weights: Tensor, scale: float = 0.01, eps: float = 1e-
     r""":math:`J_{div} = s \big(1 - \sqrt{\textstyle\sum_{ij} \lVert \boldsymbol{\lambda}_{ij} -
     \mathrm{mean}_{j'} \boldsymbol{\lambda}_{ij'} \rVert^2 / N^2}\big)` over the complete graph:
     rewards fusion weights that vary over each anchor's edges.
+
+    Over the pairs of a sparse graph (:obj:`edge_index`), :math:`j` and :math:`j'` run over the
+    stored neighbours :math:`\mathcal{N}(i)` of :math:`i` (itself included), so the row mean is
+    over :math:`|\mathcal{N}(i)|` weights and :math:`N^2` becomes the number of stored directed
+    pairs :math:`\sum_i |\mathcal{N}(i)|`; on the complete graph both are the terms above.
 
     Args:
         fusion_weights: Dense :math:`(N, N, D)` weights, or the weights of undirected pairs
@@ -158,6 +188,7 @@ def diversity_loss(fusion_weights: Tensor, scale: float = 0.01, eps: float = 1e-
         spread = fusion_weights - fusion_weights.mean(dim=1, keepdim=True)
         num_nodes = fusion_weights.size(0)
         total = spread.square().sum()
+        num_pairs = num_nodes * num_nodes
     else:
         if num_nodes is None:
             raise ValueError("diversity_loss needs num_nodes with per-pair fusion weights")
@@ -168,9 +199,13 @@ def diversity_loss(fusion_weights: Tensor, scale: float = 0.01, eps: float = 1e-
                            device=fusion_weights.device)
         sums = sums.index_add(0, source, fusion_weights).index_add(0, target, fusion_weights)
         sums = sums.index_add(0, source[loops], gather_rows(fusion_weights, loops), alpha=-1)
-        mean = all_reduce_sum(sums, group) / num_nodes
+        degree = torch.bincount(source, minlength=num_nodes) + \
+            torch.bincount(target[mirrored], minlength=num_nodes)
+        degree = all_reduce_sum(degree, group)  # stored directed pairs from each node
+        mean = all_reduce_sum(sums, group) / degree.unsqueeze(1)
         from_source = (fusion_weights - gather_rows(mean, source)).square().sum(dim=-1)
         from_target = (fusion_weights - gather_rows(mean, target)).square().sum(dim=-1)
         total = all_reduce_sum((from_source + torch.where(mirrored, from_target, 0.0)).sum(),
                                group)
-    return scale * (1.0 - (total / (num_nodes * num_nodes)).clamp_min(eps).sqrt())
+        num_pairs = int(degree.sum())
+    return scale * (1.0 - (total / num_pairs).clamp_min(eps).sqrt())

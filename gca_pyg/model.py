@@ -12,7 +12,7 @@ from torch.nn import BatchNorm1d, Linear, Sequential
 
 from gca_pyg.distributed import gather_rows as gather_processes
 from gca_pyg.generator import synthesize_groups
-from gca_pyg.graph import EdgeShard, build_batch_graph
+from gca_pyg.graph import EdgeShard, GraphConfig, build_batch_graph
 from gca_pyg.layout import ClassLayout
 from gca_pyg.losses import (diversity_loss, npair_loss, similarity_loss, synthetic_class_loss,
                             synthetic_npair_loss)
@@ -54,7 +54,9 @@ class GCAHNG(torch.nn.Module):
 
     Every loss takes the batch's :class:`~gca_pyg.layout.ClassLayout` and the
     :class:`~gca_pyg.graph.EdgeShard` of graph pairs this process stores (the whole graph for one
-    process), and a process ``group`` (``None`` for one process) over which the graph is split.
+    process, or the sparse graph of :func:`~gca_pyg.graph.knn_pairs` and
+    :func:`~gca_pyg.graph.sparse_shard` when ``graph.neighbors`` is set), and a process ``group``
+    (``None`` for one process) over which the graph is split.
 
     Args:
         backbone: Image → feature module with an ``out_features`` attribute (see
@@ -62,17 +64,21 @@ class GCAHNG(torch.nn.Module):
         num_classes: Number of training classes.
         embedding_size: :math:`D`. (default: 512)
         net, loss: :class:`NetConfig`, :class:`LossConfig`.
+        graph: :class:`~gca_pyg.graph.GraphConfig`: the complete batch graph (the default) or a
+            sparse one.
         amp_dtype: Autocast dtype of the forward passes (e.g. ``torch.bfloat16``), or None for fp32.
         channels_last: Run the backbone in ``torch.channels_last`` memory format (its weights and
             the images), which oneDNN and cuDNN convolutions often run faster.
     """
     def __init__(self, backbone: torch.nn.Module, num_classes: int, embedding_size: int = 512, *,
                  net: Optional[NetConfig] = None, loss: Optional[LossConfig] = None,
-                 amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False):
+                 graph: Optional[GraphConfig] = None, amp_dtype: Optional[torch.dtype] = None,
+                 channels_last: bool = False):
         super().__init__()
         self.channels_last = channels_last
         self.net_config = net or NetConfig()
         self.loss_config = loss or LossConfig()
+        self.graph_config = graph or GraphConfig()
         self.amp_dtype = amp_dtype
         self.backbone = backbone.to(memory_format=torch.channels_last) if channels_last else backbone
         self.embedding = Sequential(BatchNorm1d(backbone.out_features),
@@ -137,19 +143,24 @@ class GCAHNG(torch.nn.Module):
         """The shard's synthetic samples, their class rows and anchors (optionally without the
         groups of the anchor's own class)."""
         anchor, target_class, edges = shard.anchor, shard.target_class, shard.edges
+        mask = shard.mask
         if not own_class:
             keep = target_class != layout.class_index[anchor]
             anchor, target_class, edges = anchor[keep], target_class[keep], edges[keep]
-        weights = gather_rows(fusion, edges)
+            mask = None if mask is None else mask[keep]
+        weights = gather_rows(fusion, edges if mask is None else edges[mask])
         synthetic = synthesize_groups(embeddings, layout, anchor, target_class, weights, hardness,
-                                      mix)
+                                      mix, mask)
         return synthetic, target_class, anchor
 
     def metric_loss(self, embeddings: Tensor, labels: Tensor, layout: ClassLayout,
                     shard: EdgeShard, *, hardness: float, synthetic_weight: float,
                     mix: Tensor, group=None) -> Dict[str, Tensor]:
         """:math:`J_{metric} = J_m + w J_{syn} + J_{gce}` (fusion weights detached), for the
-        backbone, the embedding head and the correlation net. Returns every term by name."""
+        backbone, the embedding head and the correlation net. Returns every term by name.
+
+        On a sparse graph each anchor's :math:`J_{syn}` logits cover the classes it is joined to
+        (see :func:`~gca_pyg.losses.synthetic_npair_loss`)."""
         cfg = self.loss_config
         j_m = npair_loss(embeddings, labels, cfg.l2_reg, layout=layout)
         node_logits, fusion = self.correlate(embeddings, labels, shard, detach_fusion=True,
@@ -160,8 +171,11 @@ class GCAHNG(torch.nn.Module):
         if cfg.synthesis:
             synthetic, target_class, anchor = self._synthesize(
                 embeddings, layout, shard, fusion, hardness, mix, own_class=False)
+            connected = None if shard.mask is None else \
+                shard.connected(embeddings.size(0), layout.num_classes)
             j_syn = synthetic_npair_loss(embeddings, labels, synthetic, layout.classes[target_class],
-                                         anchor, cfg.l2_reg, layout=layout, group=group)
+                                         anchor, cfg.l2_reg, layout=layout, connected=connected,
+                                         group=group)
             j_metric = j_metric + synthetic_weight * j_syn
             losses["J_syn"] = j_syn
         losses["J_metric"] = j_metric
@@ -178,7 +192,12 @@ class GCAHNG(torch.nn.Module):
                        group=None) -> Dict[str, Tensor]:
         """:math:`J_{gen} = \\tfrac12 (J_{ce} + w_{sim} J_{sim} + w_{div} J_{div})` on detached
         embeddings, for the correlation net alone. :math:`J_{ce}` covers all :math:`N C` synthetic
-        samples (own class included), :math:`J_{sim}` the other-class ones."""
+        samples (own class included), :math:`J_{sim}` the other-class ones.
+
+        On a sparse graph :math:`J_{ce}` covers the groups present (own class included),
+        :math:`J_{sim}` sums over the other-class ones and divides by the number of groups present,
+        and :math:`J_{div}` runs over the stored pairs (see :func:`~gca_pyg.losses.diversity_loss`);
+        on the complete graph each is the term above."""
         cfg = self.loss_config
         embeddings = embeddings.detach()
         _, fusion = self.correlate(embeddings, labels, shard, group=group)
@@ -188,6 +207,7 @@ class GCAHNG(torch.nn.Module):
                                     self._frozen_classifier, cfg.generator_ce_scale, group=group)
         is_other = target_class != layout.class_index[anchor]
         j_sim = similarity_loss(embeddings, synthetic, anchor, layout.num_classes, mask=is_other,
+                                num_groups=None if shard.mask is None else shard.num_groups,
                                 group=group)
         j_div = diversity_loss(fusion, edge_index=shard.edge_index,
                                num_nodes=embeddings.size(0), group=group)

@@ -145,7 +145,7 @@ def build_model(config: Config, num_classes: int, device: torch.device,
                               pretrained=pretrained or config.model.pretrained,
                               frozen_bn=config.model.frozen_bn)
     model = GCAHNG(backbone, num_classes, config.model.embedding_size, net=config.net,
-                   loss=config.loss, amp_dtype=check_precision(config, device),
+                   loss=config.loss, graph=config.graph, amp_dtype=check_precision(config, device),
                    channels_last=use_channels_last(config, device))
     return model.to(device)
 

@@ -17,9 +17,9 @@ from torch import Tensor
 
 from gca_pyg.distributed import (Context, average_buffers, average_gradients, broadcast_parameters,
                                  gather_rows)
-from gca_pyg.errors import NonFiniteLossError
+from gca_pyg.errors import ConfigError, NonFiniteLossError
 from gca_pyg.generator import draw_mix, hardness_from_loss
-from gca_pyg.graph import EdgeShard, shard_pairs
+from gca_pyg.graph import EdgeShard, knn_pairs, shard_pairs, sparse_shard
 from gca_pyg.layout import ClassLayout, class_layout
 from gca_pyg.model import GCAHNG
 
@@ -56,7 +56,8 @@ class AlternatingTrainer:
     r"""Runs GCA-HNG's three alternating updates on a :class:`~gca_pyg.model.GCAHNG`.
 
     Each :meth:`training_step` derives the batch's class layout and this process's share of the
-    graph's pairs once, then
+    graph's pairs once (the complete graph, or with ``graph.neighbors`` the sparse graph of the
+    step's embeddings, which both updates then share), then
 
     1. *metric update* — backbone, embedding head and correlation net with
        :math:`J_m + w J_{syn} + J_{gce}`, :math:`w = 1 - \exp(-\beta / \bar{J}_{gen})`;
@@ -76,6 +77,10 @@ class AlternatingTrainer:
         context: Where this process stands (:func:`gca_pyg.distributed.setup`); one process if
             omitted.
         seed: Seed of the merge coefficients of synthesis (the same on every process).
+
+    Raises:
+        ConfigError: If the model asks for a sparse graph (``graph.neighbors``) under several
+            processes, which is not supported yet.
     """
     def __init__(self, model: GCAHNG, config: Optional[OptimConfig] = None, *,
                  context: Optional[Context] = None, seed: int = 0):
@@ -83,6 +88,10 @@ class AlternatingTrainer:
         self.config = config or OptimConfig()
         self.context = context or Context(device=model.device)
         self.group = self.context.group
+        if model.graph_config.neighbors is not None and self.context.world_size > 1:
+            raise ConfigError(
+                "graph.neighbors is not supported with several processes yet; train in one "
+                "process, or drop graph.neighbors to use the complete batch graph")
         broadcast_parameters(model, self.group)
 
         cfg, options = self.config, adamw_options(model.device)
@@ -130,11 +139,22 @@ class AlternatingTrainer:
                 "lr_net": self.net_optimizer.param_groups[0]["lr"]}
 
     # -- one iteration -------------------------------------------------------------------------
-    def prepare(self, labels: Tensor) -> Tuple[Tensor, ClassLayout, EdgeShard]:
-        """The labels of the whole batch, its class layout and this process's share of its pairs."""
+    def prepare(self, labels: Tensor, embeddings: Optional[Tensor] = None
+                ) -> Tuple[Tensor, ClassLayout, EdgeShard]:
+        """The labels of the whole batch, its class layout and this process's share of its pairs.
+
+        With ``graph.neighbors`` set on the model, the pairs are those of the sparse graph of the
+        batch's `embeddings` (:func:`~gca_pyg.graph.knn_pairs`), which must then be given."""
         labels = gather_rows(labels, self.group)
         layout = class_layout(labels)
-        shard = shard_pairs(layout, self.context.rank, self.context.world_size)
+        neighbors = self.model.graph_config.neighbors
+        if neighbors is None:
+            shard = shard_pairs(layout, self.context.rank, self.context.world_size)
+        elif embeddings is None:
+            raise ValueError("prepare needs the batch's embeddings to build the sparse graph of "
+                             "graph.neighbors")
+        else:
+            shard = sparse_shard(layout, knn_pairs(embeddings, labels, neighbors))
         return labels, layout, shard
 
     def training_step(self, images: Tensor, labels: Tensor) -> Dict[str, float]:
@@ -153,8 +173,9 @@ class AlternatingTrainer:
         model = self.model
         model.train()
         images = images.to(model.device, non_blocking=True)
-        labels, layout, shard = self.prepare(labels.to(model.device, non_blocking=True))
         embeddings = model(images, freeze_backbone=self.backbone_frozen, group=self.group)
+        labels, layout, shard = self.prepare(labels.to(model.device, non_blocking=True),
+                                             embeddings)
         synthesis = model.loss_config.synthesis
         # Both draws come first, so the coefficients do not depend on what the updates draw.
         metric_mix, generator_mix = (draw_mix(layout.samples_per_class, self.mix_generator,
