@@ -28,10 +28,11 @@ each query's best positive before the tiles of other groups are counted against 
 gallery is the query set the score matrix is symmetric, and each tile between two groups serves the
 rows of both (the second through its columns): half the multiply-adds of a plain k-NN search.
 
-After its own group's tile, a query's heap already holds the R_max best of thousands of negatives,
-so in the tiles of other groups only the few scores above the smallest of them, or at least as high
-as the best positive, can change anything. Each such tile is read once, comparing every entry with
-the threshold of its row and that of its column,
+After its own group's tile, a query's heap already holds the R_max best negatives of that tile
+(thousands of scores at the default ``chunk_size``), so in the tiles of other groups only the few
+scores above the smallest of them, or at least as high as the best positive, can change anything.
+Each such tile is read once, comparing every entry with the threshold of its row and that of its
+column,
 
 .. math::
     t_q = \\min(\\text{best positive}_q, \\text{smallest kept negative}_q),
@@ -437,7 +438,7 @@ def _add_scattered(heap, negatives_ahead, best_positive, queries, values):
     """
     ahead = values >= best_positive[queries]
     negatives_ahead += np.bincount(queries[ahead], minlength=len(negatives_ahead))
-    kept = values > heap.D[queries, 0]
+    kept = values > heap.D[queries, 0]  # D[:, 0] is each min-heap's top, its smallest score
     if not kept.any():
         return
     order = np.argsort(queries[kept], kind="stable")
