@@ -1,4 +1,4 @@
-"""Retrieval metrics of deep metric learning: Recall@K, MAP@R and R-precision (SPEC.md §7).
+"""Retrieval metrics of deep metric learning: Recall@K, MAP@R and R-precision.
 
 Embeddings are L2-normalised and ranked by cosine similarity, exactly. The numbers are those of
 pytorch-metric-learning's ``AccuracyCalculator`` (``precision_at_1`` is Recall@1,
@@ -26,14 +26,33 @@ Rows are sorted by class and cut into class-aligned groups of about ``chunk_size
 every positive of a query lies in its own group's tile. Those tiles are scored first, which fixes
 each query's best positive before the tiles of other groups are counted against it. When the
 gallery is the query set the score matrix is symmetric, and each tile between two groups serves the
-rows of both (the second through its transpose): half the multiply-adds of a plain k-NN search.
+rows of both (the second through its columns): half the multiply-adds of a plain k-NN search.
+
+After its own group's tile, a query's heap already holds the R_max best negatives of that tile
+(thousands of scores at the default ``chunk_size``), so in the tiles of other groups only the few
+scores above the smallest of them, or at least as high as the best positive, can change anything.
+Each such tile is read once, comparing every entry with the threshold of its row and that of its
+column,
+
+.. math::
+    t_q = \\min(\\text{best positive}_q, \\text{smallest kept negative}_q),
+
+and only the entries at or above either of them reach the heaps and the counts. Nothing is
+approximated: a score below the threshold of its query can neither enter that query's heap nor
+count for it.
+
+The matrix products run on numpy's BLAS threads; the element-wise passes over each tile are cut into
+bands of rows that run on ``num_threads`` threads (numpy and faiss release the GIL in them). The
+bands only divide the work, so the results do not depend on the number of threads.
 
 Memory is O(chunk_size · (chunk_size + largest class)) for the tiles plus O(N · R_max) for the
 per-query results, besides a normalised copy of the embeddings.
 """
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import faiss
 import numpy as np
@@ -50,6 +69,7 @@ def retrieval_metrics(
     query=None,
     query_labels=None,
     chunk_size=DEFAULT_CHUNK_SIZE,
+    num_threads=None,
 ):
     """Recall@K, MAP@R and R-precision of cosine retrieval.
 
@@ -66,8 +86,11 @@ def retrieval_metrics(
         query_labels (torch.Tensor or numpy.ndarray, optional): Class of each query, shape ``(M,)``.
             (default: ``None``)
         chunk_size (int, optional): About how many rows each tile of the score matrix has; the
-            tiles take about ``9 · chunk_size · (chunk_size + largest class)`` bytes, 150 MB at
+            tiles take about ``6 · chunk_size · (chunk_size + largest class)`` bytes, 100 MB at
             the default. (default: ``4096``)
+        num_threads (int, optional): Threads for the element-wise passes over each tile; the
+            results are the same for any number. (default: ``None``, that of
+            :func:`torch.get_num_threads`)
 
     Returns:
         dict: ``{"recall@K": float for each K in ks, "map@r": float, "r_precision": float}``, each
@@ -75,12 +98,20 @@ def retrieval_metrics(
 
     Raises:
         ValueError: If shapes disagree, embeddings hold NaN or infinity, fewer than two samples
-            are given, ``ks`` or ``chunk_size`` is not positive, or no query has a positive.
+            are given, ``ks``, ``chunk_size`` or ``num_threads`` is not positive, or no query has
+            a positive.
     """
     ks = _positive_ints(ks)
     if not _is_positive_int(chunk_size):
         raise ValueError(
             f"retrieval_metrics: chunk_size must be a positive integer, got {chunk_size!r}"
+        )
+    if num_threads is None:
+        num_threads = torch.get_num_threads()
+    elif not _is_positive_int(num_threads):
+        raise ValueError(
+            "retrieval_metrics: num_threads must be a positive integer or None (as many as "
+            f"torch.get_num_threads()), got {num_threads!r}"
         )
     gallery = _as_matrix(embeddings, "embeddings")
     gallery_labels = _as_labels(labels, len(gallery), "labels", "embeddings")
@@ -118,7 +149,7 @@ def retrieval_metrics(
             "gallery and are left out of every metric",
             stacklevel=2,
         )
-    positives, top_negatives, negatives_ahead = _sweep(layout, n_positives, chunk_size)
+    positives, top_negatives, negatives_ahead = _sweep(layout, n_positives, chunk_size, num_threads)
     return _summarise(
         positives[has_positive],
         top_negatives[has_positive],
@@ -227,13 +258,14 @@ class _ClassLayout:
         return tiles
 
 
-def _sweep(layout, n_positives, chunk_size):
+def _sweep(layout, n_positives, chunk_size, num_threads):
     """Score every query against the gallery, keeping what the metrics need.
 
     Args:
         layout (_ClassLayout): The sorted, grouped rows.
         n_positives (numpy.ndarray): ``(M,)`` R of each query.
         chunk_size (int): Target number of query rows per tile.
+        num_threads (int): Threads for the element-wise passes over each tile.
 
     Returns:
         tuple: ``positives`` ``(M, R_max)`` positive scores in decreasing order, padded with
@@ -243,44 +275,75 @@ def _sweep(layout, n_positives, chunk_size):
     """
     n_queries, r_max = len(layout.query), int(n_positives.max())
     heap = faiss.ResultHeap(n_queries, r_max, keep_max=True)
+    smallest_kept = heap.D[:, 0]  # the top of each min-heap, a view that follows the heap
     positives = np.empty((n_queries, r_max), dtype=np.float32)
     best_positive = np.empty(n_queries, dtype=np.float32)
     negatives_ahead = np.zeros(n_queries, dtype=np.int64)
     own_tiles = layout.tiles(chunk_size, own_group=True)
     other_tiles = layout.tiles(chunk_size, own_group=False)
-    workspace = _TileWorkspace(
-        max((r.stop - r.start) * (c.stop - c.start) for r, c in own_tiles + other_tiles)
-    )
-    for rows, columns in own_tiles:
-        scores = workspace.scores(layout.query[rows], layout.gallery[columns])
-        positives[rows] = _take_positives(scores, layout, rows, columns, r_max)
-        best_positive[rows] = np.where(n_positives[rows] > 0, positives[rows, 0], np.inf)
-        _add_negatives(heap, negatives_ahead, best_positive, scores, rows, columns, workspace)
-    for rows, columns in other_tiles:
-        scores = workspace.scores(layout.query[rows], layout.gallery[columns])
-        _add_negatives(heap, negatives_ahead, best_positive, scores, rows, columns, workspace)
-        if layout.self_retrieval:
-            transposed = workspace.transposed(scores)
-            _add_negatives(
-                heap, negatives_ahead, best_positive, transposed, columns, rows, workspace
+    n_elements = max((r.stop - r.start) * (c.stop - c.start) for r, c in own_tiles + other_tiles)
+
+    def own_group_band(scores, rows, columns, at_least, band):
+        # Every band of an own-group tile holds whole queries: the bands touch disjoint heaps.
+        part = slice(rows.start + band.start, rows.start + band.stop)
+        positives[part] = _take_positives(scores[band], layout, part, columns, r_max)
+        best_positive[part] = np.where(n_positives[part] > 0, positives[part, 0], np.inf)
+        heap.add_result_subset(
+            np.arange(part.start, part.stop), scores[band], np.arange(columns.start, columns.stop)
+        )
+        negatives_ahead[part] += np.count_nonzero(
+            np.greater_equal(scores[band], best_positive[part, None], out=at_least[band]), axis=1
+        )
+
+    with _TileWorkspace(n_elements, num_threads) as workspace:
+        for rows, columns in own_tiles:
+            scores = workspace.scores(layout.query[rows], layout.gallery[columns])
+            at_least = workspace.mask(scores.shape)
+            band = partial(own_group_band, scores, rows, columns, at_least)
+            workspace.map_bands(band, len(scores))
+        for rows, columns in other_tiles:
+            scores = workspace.scores(layout.query[rows], layout.gallery[columns])
+            row_threshold = np.minimum(best_positive[rows], smallest_kept[rows])
+            column_threshold = None
+            if layout.self_retrieval:
+                column_threshold = np.minimum(best_positive[columns], smallest_kept[columns])
+            tile_rows, tile_columns, values = workspace.candidates(
+                scores, row_threshold, column_threshold
             )
+            _add_scattered(heap, negatives_ahead, best_positive, rows.start + tile_rows, values)
+            if layout.self_retrieval:
+                _add_scattered(
+                    heap, negatives_ahead, best_positive, columns.start + tile_columns, values
+                )
     return positives, np.sort(heap.D, axis=1), negatives_ahead
 
 
 class _TileWorkspace:
-    """Memory reused by every tile of the sweep.
+    """Memory and threads reused by every tile of the sweep.
 
     Fresh arrays for each tile would page-fault as many bytes as they hold, which at SOP's size
-    costs about a fifth of the whole sweep.
+    costs about a fifth of the whole sweep. Element-wise passes over a tile are cut into
+    ``num_threads`` bands of whole rows, run on a thread pool, and their results concatenated in
+    order, so that they are those of a single pass.
 
     Args:
         n_elements (int): Size of the largest tile.
+        num_threads (int): Number of bands, and of threads.
     """
 
-    def __init__(self, n_elements):
+    def __init__(self, n_elements, num_threads):
         self._scores = np.empty(n_elements, dtype=np.float32)
-        self._transposed = np.empty(n_elements, dtype=np.float32)
         self._at_least = np.empty(n_elements, dtype=bool)
+        self._at_least_column = np.empty(n_elements, dtype=bool)
+        self.num_threads = num_threads
+        self._pool = ThreadPoolExecutor(num_threads) if num_threads > 1 else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        if self._pool is not None:
+            self._pool.shutdown()
 
     @staticmethod
     def _view(memory, n_rows, n_columns):
@@ -290,17 +353,47 @@ class _TileWorkspace:
         """``query @ gallery.T``, ``(len(query), len(gallery))``, valid until the next call."""
         return np.matmul(query, gallery.T, out=self._view(self._scores, len(query), len(gallery)))
 
-    def transposed(self, scores):
-        """A C-contiguous copy of ``scores.T``, valid until the next call."""
-        out = self._view(self._transposed, scores.shape[1], scores.shape[0])
-        # torch copies a transpose in cache-sized blocks on all threads; numpy does neither.
-        torch.from_numpy(out).copy_(torch.from_numpy(scores).T)
-        return out
+    def mask(self, shape):
+        """A boolean scratch array of the tile's ``shape``, valid until the next call."""
+        return self._view(self._at_least, *shape)
 
-    def count_at_least(self, scores, thresholds):
-        """Per row of ``scores``, how many entries are at least that row's threshold."""
-        at_least = self._view(self._at_least, *scores.shape)
-        return np.count_nonzero(np.greater_equal(scores, thresholds[:, None], out=at_least), axis=1)
+    def map_bands(self, function, n_rows):
+        """``[function(band) for band in bands]``, the bands (slices) cutting ``range(n_rows)``
+        into ``num_threads`` parts in order, run concurrently."""
+        cuts = np.linspace(0, n_rows, self.num_threads + 1).round().astype(int)
+        bands = [slice(start, stop) for start, stop in zip(cuts[:-1], cuts[1:]) if stop > start]
+        if self._pool is None or len(bands) == 1:
+            return [function(band) for band in bands]
+        return list(self._pool.map(function, bands))
+
+    def candidates(self, scores, row_threshold, column_threshold=None):
+        """The entries of ``scores`` at least as high as the threshold of their row or of their
+        column.
+
+        Args:
+            scores (numpy.ndarray): The tile, ``(R, C)``.
+            row_threshold (numpy.ndarray): ``(R,)``.
+            column_threshold (numpy.ndarray, optional): ``(C,)``; ``None`` compares rows only.
+
+        Returns:
+            tuple: The tile row, tile column and score of each such entry, in row-major order.
+        """
+        at_least = self.mask(scores.shape)
+        at_least_column = self._view(self._at_least_column, *scores.shape)
+
+        def band_candidates(band):
+            hits = np.greater_equal(scores[band], row_threshold[band, None], out=at_least[band])
+            if column_threshold is not None:
+                np.logical_or(
+                    hits,
+                    np.greater_equal(scores[band], column_threshold, out=at_least_column[band]),
+                    out=hits,
+                )
+            return np.flatnonzero(hits) + band.start * scores.shape[1]
+
+        flat = np.concatenate(self.map_bands(band_candidates, len(scores)))
+        tile_rows, tile_columns = np.divmod(flat, scores.shape[1])
+        return tile_rows, tile_columns, scores.ravel()[flat]
 
 
 def _take_positives(scores, layout, rows, columns, r_max):
@@ -333,23 +426,29 @@ def _take_positives(scores, layout, rows, columns, r_max):
     return np.flip(np.sort(values, axis=1), axis=1)[:, :r_max]
 
 
-def _add_negatives(heap, negatives_ahead, best_positive, scores, rows, columns, workspace):
-    """Feed one tile of negative scores to the per-query top-R_max heaps and counts.
+def _add_scattered(heap, negatives_ahead, best_positive, queries, values):
+    """Feed negative scores of any queries, in any order, to their heaps and counts.
 
     Args:
         heap (faiss.ResultHeap): Best negative scores so far of every query.
         negatives_ahead (numpy.ndarray): ``(M,)`` counts so far; updated in place.
         best_positive (numpy.ndarray): ``(M,)`` best positive score (``inf`` without positives).
-        scores (numpy.ndarray): ``(len(rows), len(columns))`` tile holding only negatives (or
-            ``-inf``).
-        rows (slice): Query rows of the tile.
-        columns (slice): Gallery rows of the tile.
-        workspace (_TileWorkspace): Memory for the count.
+        queries (numpy.ndarray): ``(P,)`` query row of each score.
+        values (numpy.ndarray): ``(P,)`` the negative scores.
     """
-    heap.add_result_subset(
-        np.arange(rows.start, rows.stop), scores, np.arange(columns.start, columns.stop)
-    )
-    negatives_ahead[rows] += workspace.count_at_least(scores, best_positive[rows])
+    ahead = values >= best_positive[queries]
+    negatives_ahead += np.bincount(queries[ahead], minlength=len(negatives_ahead))
+    kept = values > heap.D[queries, 0]  # D[:, 0] is each min-heap's top, its smallest score
+    if not kept.any():
+        return
+    order = np.argsort(queries[kept], kind="stable")
+    queries, values = queries[kept][order], values[kept][order]
+    subset, first, count = np.unique(queries, return_index=True, return_counts=True)
+    # One row per query, padded with -inf, which no heap takes; the heaps' ids are not used.
+    block = np.full((len(subset), count.max()), -np.inf, dtype=np.float32)
+    rank_in_query = np.arange(len(queries)) - np.repeat(first, count)
+    block[np.repeat(np.arange(len(subset)), count), rank_in_query] = values
+    heap.add_result_subset(subset, block, np.full(block.shape[1], -1, dtype=np.int64))
 
 
 def _summarise(positives, top_negatives, negatives_ahead, n_positives, ks):

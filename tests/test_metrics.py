@@ -127,11 +127,15 @@ def test_an_identical_same_class_sample_still_counts():
     assert metrics["recall@1"] == metrics["map@r"] == metrics["r_precision"] == 1.0
 
 
-def test_another_class_tied_with_a_positive_ranks_before_it():
+@pytest.mark.parametrize("chunk_size", [4096, 2])
+def test_another_class_tied_with_a_positive_ranks_before_it(chunk_size):
     # Exactly representable scores: every sample is the same axis vector, so all scores are 1.
     # Each query then has 4 negatives tied with its one positive, which therefore ranks 5th.
+    # With chunk_size=2 every class is a group of its own, so the ties are in other groups' tiles.
     collapsed = np.tile(np.eye(3, dtype=np.float32)[0], (6, 1))
-    metrics = retrieval_metrics(collapsed, np.array([0, 0, 1, 1, 2, 2]), ks=(1, 4, 5))
+    metrics = retrieval_metrics(
+        collapsed, np.array([0, 0, 1, 1, 2, 2]), ks=(1, 4, 5), chunk_size=chunk_size
+    )
     assert metrics == {
         "recall@1": 0.0, "recall@4": 0.0, "recall@5": 1.0, "map@r": 0.0, "r_precision": 0.0
     }
@@ -181,6 +185,22 @@ def test_any_chunk_size_gives_the_answer_of_one_chunk(chunk_size):
     query_mode_whole = retrieval_metrics(x[50:], y[50:], ks, **split, chunk_size=100_000)
     query_mode = retrieval_metrics(x[50:], y[50:], ks, **split, chunk_size=chunk_size)
     assert query_mode == pytest.approx(query_mode_whole, abs=1e-12)
+
+
+def test_the_number_of_threads_does_not_change_the_result():
+    # Many small tiles, classes of up to 25 rows, and far negatives: the bands of a tile cut
+    # classes, queries and their candidates in different places for each thread count.
+    x, y = clustered(n_classes=40, sizes=(2, 25), dim=8, spread=2.5, seed=11)
+    ks = (1, 5, 50, 500)
+    split = {"query": x[:150], "query_labels": y[:150]}
+    one_thread = retrieval_metrics(x, y, ks, chunk_size=37, num_threads=1)
+    query_mode = retrieval_metrics(x[150:], y[150:], ks, **split, chunk_size=37, num_threads=1)
+    assert_metrics_equal(one_thread, brute_force(x, y, ks))
+    for num_threads in (2, 3, 64):
+        assert retrieval_metrics(x, y, ks, chunk_size=37, num_threads=num_threads) == one_thread
+        assert retrieval_metrics(
+            x[150:], y[150:], ks, **split, chunk_size=37, num_threads=num_threads
+        ) == query_mode
 
 
 def test_torch_tensors_of_any_dtype_give_the_numpy_answer():
@@ -253,6 +273,8 @@ def test_query_mode_matches_pytorch_metric_learning():
         (lambda x, y: retrieval_metrics(x, y, ks=(1.5,)), "ks must be positive"),
         (lambda x, y: retrieval_metrics(x, y, ks=4), "ks must be a sequence"),
         (lambda x, y: retrieval_metrics(x, y, chunk_size=0), "chunk_size"),
+        (lambda x, y: retrieval_metrics(x, y, num_threads=0), "num_threads must be a positive"),
+        (lambda x, y: retrieval_metrics(x, y, num_threads=2.0), "num_threads must be a positive"),
         (lambda x, y: retrieval_metrics(x, y, query=x), "query and query_labels together"),
         (lambda x, y: retrieval_metrics(x, y, query=x[:, :3], query_labels=y), "3 dimensions"),
         (lambda x, y: retrieval_metrics(x, np.arange(20)), "no query has a same-class item"),
