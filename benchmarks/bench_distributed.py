@@ -9,6 +9,7 @@ of each process and the edge rows it stores.
     python benchmarks/bench_distributed.py
     python benchmarks/bench_distributed.py --sizes 81 --processes 2 --repeats 3
 """
+
 import json
 import os
 import subprocess
@@ -16,7 +17,6 @@ import sys
 import tempfile
 
 import torch
-
 from common import benchmark_parser, measure_step, print_table
 
 FEATURES, TRAIN_CLASSES, SAMPLES = 2048, 200, 3
@@ -24,6 +24,7 @@ FEATURES, TRAIN_CLASSES, SAMPLES = 2048, 200, 3
 
 class PooledFeatures(torch.nn.Identity):
     """Stands in for a CNN whose pooled features are the input."""
+
     out_features = FEATURES
 
 
@@ -40,22 +41,29 @@ def run_child(config):
     rank, world = config["rank"], config["world"]
     group = None
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{config['rendezvous']}", rank=rank,
-                                world_size=world)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{config['rendezvous']}", rank=rank, world_size=world
+        )
         group = dist.group.WORLD
     torch.manual_seed(0)
     model = GCAHNG(PooledFeatures(), TRAIN_CLASSES, config["dim"])
-    trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0),
-                                 context=Context(rank=rank, world_size=world, group=group))
+    trainer = AlternatingTrainer(
+        model,
+        OptimConfig(warmup_epochs=0),
+        context=Context(rank=rank, world_size=world, group=group),
+    )
     trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 30.0
     num_nodes = config["num_nodes"]
     features = torch.randn(num_nodes, FEATURES)
-    labels = torch.randperm(TRAIN_CLASSES)[:num_nodes // SAMPLES].repeat_interleave(SAMPLES)
+    labels = torch.randperm(TRAIN_CLASSES)[: num_nodes // SAMPLES].repeat_interleave(SAMPLES)
     classes = num_nodes // SAMPLES  # this process's whole classes, as the sampler shares them
     rows = slice(rank * classes // world * SAMPLES, (rank + 1) * classes // world * SAMPLES)
 
-    result = measure_step(lambda: trainer.training_step(features[rows], labels[rows]),
-                          torch.device("cpu"), config["repeats"])
+    result = measure_step(
+        lambda: trainer.training_step(features[rows], labels[rows]),
+        torch.device("cpu"),
+        config["repeats"],
+    )
     result["edges"] = trainer.prepare(labels[rows])[2].num_edges
     if group is not None:
         dist.destroy_process_group()
@@ -66,15 +74,37 @@ def measure(script: str, num_nodes: int, world: int, threads: int, args) -> list
     """Starts `world` processes of one run; returns each one's result."""
     folder = tempfile.mkdtemp()
     repository = os.path.dirname(os.path.dirname(os.path.abspath(script)))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))}
-    processes = [subprocess.Popen(
-        [sys.executable, script, "--child", json.dumps({
-            "rank": rank, "world": world, "threads": threads, "num_nodes": num_nodes,
-            "dim": args.dim, "repeats": args.repeats,
-            "rendezvous": os.path.join(folder, "rendezvous")})],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for rank in range(world)]
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")])),
+    }
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                script,
+                "--child",
+                json.dumps(
+                    {
+                        "rank": rank,
+                        "world": world,
+                        "threads": threads,
+                        "num_nodes": num_nodes,
+                        "dim": args.dim,
+                        "repeats": args.repeats,
+                        "rendezvous": os.path.join(folder, "rendezvous"),
+                    }
+                ),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(world)
+    ]
     results = []
     for process in processes:
         out, err = process.communicate()
@@ -94,8 +124,10 @@ def main():
         return run_child(json.loads(args.child))
 
     threads = torch.get_num_threads()
-    print(f"cpu, fp32, D={args.dim}; one process with {threads} threads vs {args.processes} "
-          "processes with 1 thread each (gloo)")
+    print(
+        f"cpu, fp32, D={args.dim}; one process with {threads} threads vs {args.processes} "
+        "processes with 1 thread each (gloo)"
+    )
     rows = []
     for num_nodes in args.sizes:
         for world, per_process in ((1, threads), (args.processes, 1)):
@@ -104,13 +136,20 @@ def main():
             if failed:
                 rows.append([num_nodes, world, failed[0], "", "", ""])
                 continue
-            rows.append([num_nodes, world, f"{max(r['ms'] for r in results):.0f}",
-                         f"{max(r['peak_mb'] for r in results):.0f}",
-                         f"{max(r['edges'] for r in results)}",
-                         f"{sum(r['edges'] for r in results)}"])
+            rows.append(
+                [
+                    num_nodes,
+                    world,
+                    f"{max(r['ms'] for r in results):.0f}",
+                    f"{max(r['peak_mb'] for r in results):.0f}",
+                    f"{max(r['edges'] for r in results)}",
+                    f"{sum(r['edges'] for r in results)}",
+                ]
+            )
             print(f"  measured N={num_nodes} with {world} process(es)", file=sys.stderr)
-    print_table(["N", "processes", "ms/step", "peak MB/process", "edges/process", "edges total"],
-                rows)
+    print_table(
+        ["N", "processes", "ms/step", "peak MB/process", "edges/process", "edges total"], rows
+    )
 
 
 if __name__ == "__main__":

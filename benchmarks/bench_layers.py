@@ -10,15 +10,24 @@ process so that its peak memory is its own.
     python benchmarks/bench_layers.py --sizes 81 --paths fast --profile   # where the time goes
     python benchmarks/bench_layers.py --threads 1   # steadier on a machine shared with other jobs
 """
+
 import json
 import sys
 
 import torch
+from common import (
+    MemoryGuard,
+    autocast,
+    benchmark_parser,
+    default_device,
+    measure_in_child,
+    measure_step,
+    native_bf16,
+    print_table,
+    report_machine,
+)
 
 from gca_pyg.runtime import retain_freed_memory
-
-from common import (MemoryGuard, autocast, benchmark_parser, default_device, measure_in_child,
-                    measure_step, native_bf16, print_table, report_machine)
 
 
 def build_step(config):
@@ -37,8 +46,9 @@ def build_step(config):
     def step():
         with autocast(device, config["dtype"]):
             graph = build_batch_graph(z, y, undirected=undirected)
-            logits, fusion = net(graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask,
-                                 undirected=undirected)
+            logits, fusion = net(
+                graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask, undirected=undirected
+            )
         (logits.float().square().mean() + fusion.float().mean()).backward()
 
     return step, device
@@ -55,7 +65,8 @@ def run_child(config):
 
 
 def profile(config, rows: int = 15):
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     retain_freed_memory()
     if config["threads"]:
@@ -65,20 +76,33 @@ def profile(config, rows: int = 15):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities, record_shapes=True) as prof:
         step()
-    print(prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40,
-        max_shapes_column_width=60))
+    print(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total",
+            row_limit=rows,
+            max_name_column_width=40,
+            max_shapes_column_width=60,
+        )
+    )
 
 
 def main():
     parser = benchmark_parser(__doc__.splitlines()[0], sizes=[81, 162, 324], repeats=2)
-    parser.add_argument("--paths", nargs="+", default=["generic", "fast"],
-                        choices=["generic", "fast"])
-    parser.add_argument("--profile", action="store_true",
-                        help="print torch.profiler's top operators (by shape) of one forward + "
-                             "backward of each row instead of timing it")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads of each row (default: torch's own choice)")
+    parser.add_argument(
+        "--paths", nargs="+", default=["generic", "fast"], choices=["generic", "fast"]
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler's top operators (by shape) of one forward + "
+        "backward of each row instead of timing it",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads of each row (default: torch's own choice)",
+    )
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
@@ -92,8 +116,16 @@ def main():
             for num_nodes in args.sizes:
                 for path in args.paths:
                     print(f"== profile: {path} N={num_nodes}, D={args.dim}, {dtype}")
-                    profile({"device": str(device), "num_nodes": num_nodes, "dim": args.dim,
-                             "dtype": dtype, "path": path, "threads": args.threads})
+                    profile(
+                        {
+                            "device": str(device),
+                            "num_nodes": num_nodes,
+                            "dim": args.dim,
+                            "dtype": dtype,
+                            "path": path,
+                            "threads": args.threads,
+                        }
+                    )
         return
 
     if args.threads:  # the peak is measured with the rows' thread count
@@ -112,10 +144,18 @@ def main():
                 if reason is not None:
                     too_big.append(f"{path} N={num_nodes} {dtype} ({reason})")
                     continue
-                result = measure_in_child(__file__, {
-                    "device": str(device), "num_nodes": num_nodes, "dim": args.dim,
-                    "dtype": dtype, "path": path, "repeats": args.repeats,
-                    "threads": args.threads})
+                result = measure_in_child(
+                    __file__,
+                    {
+                        "device": str(device),
+                        "num_nodes": num_nodes,
+                        "dim": args.dim,
+                        "dtype": dtype,
+                        "path": path,
+                        "repeats": args.repeats,
+                        "threads": args.threads,
+                    },
+                )
                 if "error" in result:
                     rows.append([path, num_nodes, "-", dtype, result["error"], "", "", "", "", ""])
                     continue
@@ -126,15 +166,41 @@ def main():
                     generic_ms = result["ms"]
                 elif generic_ms is not None:
                     speedup = f"{generic_ms / result['ms']:.2f}x"
-                rows.append([path, num_nodes, result["edges"], dtype, f"{result['ms']:.0f}",
-                             f"{result['peak_mb']:.0f}", f"{result['gflop']:.1f}",
-                             f"{achieved:.0f}", f"{100 * achieved / peak[dtype]:.0f}%", speedup])
+                rows.append(
+                    [
+                        path,
+                        num_nodes,
+                        result["edges"],
+                        dtype,
+                        f"{result['ms']:.0f}",
+                        f"{result['peak_mb']:.0f}",
+                        f"{result['gflop']:.1f}",
+                        f"{achieved:.0f}",
+                        f"{100 * achieved / peak[dtype]:.0f}%",
+                        speedup,
+                    ]
+                )
                 print(f"  measured {path} N={num_nodes} {dtype}", file=sys.stderr)
-    print_table(["path", "N", "edges", "dtype", "fwd+bwd ms", "peak MB", "GFLOP", "GFLOP/s",
-                 "of peak", "vs generic"], rows)
+    print_table(
+        [
+            "path",
+            "N",
+            "edges",
+            "dtype",
+            "fwd+bwd ms",
+            "peak MB",
+            "GFLOP",
+            "GFLOP/s",
+            "of peak",
+            "vs generic",
+        ],
+        rows,
+    )
     if skipped:
-        print(f"skipped (no native bf16 matmul here; --force-bf16 to measure anyway): "
-              f"{', '.join(skipped)}")
+        print(
+            f"skipped (no native bf16 matmul here; --force-bf16 to measure anyway): "
+            f"{', '.join(skipped)}"
+        )
     if too_big:
         print(f"skipped (would not fit in this machine's memory): {', '.join(too_big)}")
 

@@ -36,7 +36,6 @@ import time
 from functools import partial
 
 import numpy as np
-
 from common import measure_in_child, print_table
 
 DIMENSIONS = 512
@@ -49,8 +48,11 @@ DATA_SETS = {
 }
 
 # Our name of each metric: pytorch-metric-learning's name of the same number.
-PML_NAMES = {"recall@1": "precision_at_1", "map@r": "mean_average_precision_at_r",
-             "r_precision": "r_precision"}
+PML_NAMES = {
+    "recall@1": "precision_at_1",
+    "map@r": "mean_average_precision_at_r",
+    "r_precision": "r_precision",
+}
 
 
 def class_sizes(n_samples, n_classes, smallest, largest, rng):
@@ -125,8 +127,10 @@ def run_one(name, path, repeats, threads, pml, flat_index):
     with np.load(path) as data:
         embeddings, labels = data["embeddings"], data["labels"]
     threads = threads or [torch.get_num_threads()]
-    calls = {f"threads={n}": partial(retrieval_metrics, embeddings, labels, ks, num_threads=n)
-             for n in threads}
+    calls = {
+        f"threads={n}": partial(retrieval_metrics, embeddings, labels, ks, num_threads=n)
+        for n in threads
+    }
     retrieval_metrics(embeddings[:200], labels[:200], (1,))  # load libraries, start thread pools
     if pml:
         calls["pml"] = pml_accuracy(embeddings, labels)
@@ -141,8 +145,14 @@ def run_one(name, path, repeats, threads, pml, flat_index):
                 peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     metrics = results[f"threads={threads[0]}"]
     result = {
-        "ours": [{"threads": n, "seconds": min(timings[f"threads={n}"])[0],
-                  "cpu_seconds": min(timings[f"threads={n}"])[1]} for n in threads],
+        "ours": [
+            {
+                "threads": n,
+                "seconds": min(timings[f"threads={n}"])[0],
+                "cpu_seconds": min(timings[f"threads={n}"])[1],
+            }
+            for n in threads
+        ],
         "same_for_all_threads": all(results[f"threads={n}"] == metrics for n in threads),
         "peak_rise_mib": (peak_kib - baseline_kib) / 1024,
         "gflops": sgemm_gflops(),
@@ -150,8 +160,11 @@ def run_one(name, path, repeats, threads, pml, flat_index):
     }
     if pml:
         pml_metrics = results["pml"]
-        result["pml"] = {"seconds": min(timings["pml"])[0], "cpu_seconds": min(timings["pml"])[1],
-                         "metrics": pml_metrics}
+        result["pml"] = {
+            "seconds": min(timings["pml"])[0],
+            "cpu_seconds": min(timings["pml"])[1],
+            "metrics": pml_metrics,
+        }
         result["pml"]["largest_difference"] = max(
             abs(metrics[ours] - pml_metrics[theirs]) for ours, theirs in PML_NAMES.items()
         )
@@ -177,8 +190,9 @@ def pml_accuracy(embeddings, labels):
     import torch
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    calculator = AccuracyCalculator(include=tuple(PML_NAMES.values()), k="max_bin_count",
-                                    device=torch.device("cpu"))
+    calculator = AccuracyCalculator(
+        include=tuple(PML_NAMES.values()), k="max_bin_count", device=torch.device("cpu")
+    )
     embeddings, labels = torch.from_numpy(embeddings), torch.from_numpy(labels)
     return lambda: calculator.get_accuracy(torch.nn.functional.normalize(embeddings), labels)
 
@@ -201,9 +215,17 @@ def measure(name, directory, repeats, threads, pml, flat_index):
     embeddings, labels = clustered_embeddings(n_samples, n_classes, smallest, largest)
     path = os.path.join(directory, f"{name}.npz")
     np.savez(path, embeddings=embeddings, labels=labels)
-    result = measure_in_child(__file__, {"name": name, "path": path, "repeats": repeats,
-                                         "threads": threads, "pml": pml,
-                                         "flat_index": flat_index})
+    result = measure_in_child(
+        __file__,
+        {
+            "name": name,
+            "path": path,
+            "repeats": repeats,
+            "threads": threads,
+            "pml": pml,
+            "flat_index": flat_index,
+        },
+    )
     if "error" in result:
         sys.exit(f"{name}: {result['error']}")
     result["r_max"] = int(np.bincount(labels).max()) - 1
@@ -217,17 +239,31 @@ def table_rows(name, result):
     full_floor = 2 * n_samples**2 * DIMENSIONS / (result["gflops"] * 1e9)
     rows = []
     for ours in result["ours"]:
-        row = [name, f"{n_samples:,}", f"{n_classes:,}", str(result["r_max"]),
-               ",".join(map(str, ks)), str(ours["threads"]), f"{ours['seconds']:.2f}",
-               f"{ours['cpu_seconds']:.1f}", f"{result['peak_rise_mib']:.0f}",
-               f"{result['input_mib']:.0f}", f"{result['gflops']:.0f}", f"{full_floor:.2f}",
-               f"{full_floor / 2:.2f}", f"{ours['seconds'] / (full_floor / 2):.2f}"]
+        row = [
+            name,
+            f"{n_samples:,}",
+            f"{n_classes:,}",
+            str(result["r_max"]),
+            ",".join(map(str, ks)),
+            str(ours["threads"]),
+            f"{ours['seconds']:.2f}",
+            f"{ours['cpu_seconds']:.1f}",
+            f"{result['peak_rise_mib']:.0f}",
+            f"{result['input_mib']:.0f}",
+            f"{result['gflops']:.0f}",
+            f"{full_floor:.2f}",
+            f"{full_floor / 2:.2f}",
+            f"{ours['seconds'] / (full_floor / 2):.2f}",
+        ]
         if "pml" in result:
             pml = result["pml"]
-            row += [f"{pml['seconds']:.2f}", f"{pml['cpu_seconds']:.1f}",
-                    f"{ours['seconds'] / pml['seconds']:.2f}",
-                    f"{ours['cpu_seconds'] / pml['cpu_seconds']:.2f}",
-                    f"{pml['largest_difference']:.0e}"]
+            row += [
+                f"{pml['seconds']:.2f}",
+                f"{pml['cpu_seconds']:.1f}",
+                f"{ours['seconds'] / pml['seconds']:.2f}",
+                f"{ours['cpu_seconds'] / pml['cpu_seconds']:.2f}",
+                f"{pml['largest_difference']:.0e}",
+            ]
         if "flat_index_seconds" in result:
             row.append(f"{result['flat_index_seconds']:.2f}")
         rows.append(row)
@@ -242,25 +278,55 @@ def load_average():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(DATA_SETS), default=list(DATA_SETS))
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="calls per size; the best time is kept")
-    parser.add_argument("--threads", type=int, nargs="+",
-                        help="num_threads of retrieval_metrics, one row each (default: torch's)")
-    parser.add_argument("--pml", action="store_true",
-                        help="also time pytorch-metric-learning's AccuracyCalculator")
-    parser.add_argument("--flat-index", action="store_true",
-                        help="also time a plain faiss IndexFlatIP search")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="calls per size; the best time is kept"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        help="num_threads of retrieval_metrics, one row each (default: torch's)",
+    )
+    parser.add_argument(
+        "--pml", action="store_true", help="also time pytorch-metric-learning's AccuracyCalculator"
+    )
+    parser.add_argument(
+        "--flat-index", action="store_true", help="also time a plain faiss IndexFlatIP search"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child = json.loads(args.child)
-        print(json.dumps(run_one(child["name"], child["path"], child["repeats"], child["threads"],
-                                 child["pml"], child["flat_index"])))
+        print(
+            json.dumps(
+                run_one(
+                    child["name"],
+                    child["path"],
+                    child["repeats"],
+                    child["threads"],
+                    child["pml"],
+                    child["flat_index"],
+                )
+            )
+        )
         return
 
-    header = ["data set", "N", "classes", "R_max", "ks", "threads", "time s", "CPU s",
-              "peak rise MiB", "input MiB", "GFLOP/s", "floor 2N²D s", "floor N²D s",
-              "time / N²D floor"]
+    header = [
+        "data set",
+        "N",
+        "classes",
+        "R_max",
+        "ks",
+        "threads",
+        "time s",
+        "CPU s",
+        "peak rise MiB",
+        "input MiB",
+        "GFLOP/s",
+        "floor 2N²D s",
+        "floor N²D s",
+        "time / N²D floor",
+    ]
     if args.pml:
         header += ["PML s", "PML CPU s", "time / PML", "CPU / PML", "max |Δ| vs PML"]
     header += ["IndexFlatIP s"] if args.flat_index else []
@@ -268,8 +334,7 @@ def main():
     load_before = load_average()
     with tempfile.TemporaryDirectory() as directory:
         for name in args.sizes:
-            result = measure(name, directory, args.repeats, args.threads, args.pml,
-                             args.flat_index)
+            result = measure(name, directory, args.repeats, args.threads, args.pml, args.flat_index)
             print(f"{name}: {json.dumps(result['metrics'])}", file=sys.stderr)
             if not result["same_for_all_threads"]:
                 print(f"{name}: the metrics differ between thread counts", file=sys.stderr)

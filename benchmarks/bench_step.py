@@ -1,4 +1,4 @@
-"""One full GCA-HNG training step: graph, correlation net, synthesis, losses, three optimiser updates.
+"""One full GCA-HNG training step: graph, correlation net, synthesis, losses, three updates.
 
 The backbone is replaced by random 2048-d pooled features (the embedding head BN + Linear(2048, 512)
 stays), so the step costs what GCA-HNG adds on top of a CNN. N = 81 (27 × 3) and 162 (54 × 3),
@@ -17,22 +17,31 @@ the share of the step spent in the backbone (the step minus the same step on poo
 
     python benchmarks/bench_step.py --backbone resnet50 --sizes 81
 """
+
 import argparse
 import json
 import sys
 
 import torch
+from common import (
+    MemoryGuard,
+    benchmark_parser,
+    default_device,
+    measure_in_child,
+    measure_step,
+    native_bf16,
+    print_table,
+    report_machine,
+)
 
 from gca_pyg.runtime import retain_freed_memory
-
-from common import (MemoryGuard, benchmark_parser, default_device, measure_in_child, measure_step,
-                    native_bf16, print_table, report_machine)
 
 FEATURES, TRAIN_CLASSES = 2048, 100
 
 
 class PooledFeatures(torch.nn.Identity):
     """Stands in for a CNN whose pooled features are the input."""
+
     out_features = FEATURES
 
 
@@ -57,9 +66,14 @@ def build(config):
     num_nodes, per_class = config["num_nodes"], config.get("per_class", 3)
     num_classes = num_nodes // per_class
     train_classes = max(TRAIN_CLASSES, num_classes)
-    model = GCAHNG(backbone, train_classes, config["dim"], amp_dtype=amp,
-                   graph=GraphConfig(neighbors=config.get("neighbors")),
-                   channels_last=channels_last).to(device)
+    model = GCAHNG(
+        backbone,
+        train_classes,
+        config["dim"],
+        amp_dtype=amp,
+        graph=GraphConfig(neighbors=config.get("neighbors")),
+        channels_last=channels_last,
+    ).to(device)
     trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0))
     if backbone_name:
         size = IMAGE_SIZES[backbone_name]
@@ -87,7 +101,8 @@ def run_child(config):
 
 
 def profile(config, rows: int = 15):
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     retain_freed_memory()
     trainer, features, labels, device = build(config)
@@ -117,47 +132,84 @@ def foreseen_edges(num_nodes: int, per_class: int, neighbors) -> int:
 
 def main():
     parser = benchmark_parser(__doc__.splitlines()[0], sizes=[81, 162], repeats=5)
-    parser.add_argument("--malloc", nargs="+", default=["system", "retain"],
-                        choices=["system", "retain"],
-                        help="glibc malloc as it comes, or gca_pyg.runtime.retain_freed_memory() "
-                             "as the training command sets it")
-    parser.add_argument("--per-class", type=int, default=3,
-                        help="samples per class K; every size must be a multiple of it")
-    parser.add_argument("--neighbors", nargs="+", type=neighbors_choice, default=[None],
-                        metavar="dense|K",
-                        help="the batch graph: dense (complete) or graph.neighbors = K")
-    parser.add_argument("--profile", action="store_true",
-                        help="print torch.profiler's top operators for one step of each size")
-    parser.add_argument("--backbone", choices=sorted(IMAGE_SIZES),
-                        help="time the step with images through this backbone (random weights)")
+    parser.add_argument(
+        "--malloc",
+        nargs="+",
+        default=["system", "retain"],
+        choices=["system", "retain"],
+        help="glibc malloc as it comes, or gca_pyg.runtime.retain_freed_memory() "
+        "as the training command sets it",
+    )
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=3,
+        help="samples per class K; every size must be a multiple of it",
+    )
+    parser.add_argument(
+        "--neighbors",
+        nargs="+",
+        type=neighbors_choice,
+        default=[None],
+        metavar="dense|K",
+        help="the batch graph: dense (complete) or graph.neighbors = K",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler's top operators for one step of each size",
+    )
+    parser.add_argument(
+        "--backbone",
+        choices=sorted(IMAGE_SIZES),
+        help="time the step with images through this backbone (random weights)",
+    )
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
     bad = [n for n in args.sizes if n % args.per_class or n // args.per_class < 2]
     if args.per_class < 2 or bad:
-        parser.error(f"every size must be a multiple of --per-class {args.per_class} (>= 2), with "
-                     f"at least 2 classes; got {bad or args.sizes}")
+        parser.error(
+            f"every size must be a multiple of --per-class {args.per_class} (>= 2), with "
+            f"at least 2 classes; got {bad or args.sizes}"
+        )
 
     device = default_device()
     if args.profile:
         for num_nodes in args.sizes:
             for neighbors in args.neighbors:
-                print(f"== profile: N={num_nodes}, K={args.per_class}, D={args.dim}, fp32, "
-                      f"graph {'dense' if neighbors is None else f'k={neighbors}'}")
-                profile({"device": str(device), "num_nodes": num_nodes, "dim": args.dim,
-                         "dtype": "fp32", "per_class": args.per_class, "neighbors": neighbors,
-                         "backbone": args.backbone})
+                print(
+                    f"== profile: N={num_nodes}, K={args.per_class}, D={args.dim}, fp32, "
+                    f"graph {'dense' if neighbors is None else f'k={neighbors}'}"
+                )
+                profile(
+                    {
+                        "device": str(device),
+                        "num_nodes": num_nodes,
+                        "dim": args.dim,
+                        "dtype": "fp32",
+                        "per_class": args.per_class,
+                        "neighbors": neighbors,
+                        "backbone": args.backbone,
+                    }
+                )
         return
     if args.backbone:
         return backbone_table(args, device)
 
     peak = report_machine(device)
     rows, skipped, too_big = [], [], []
-    runs = [(dtype, num_nodes, neighbors, malloc) for dtype in args.dtypes
-            for num_nodes in args.sizes for neighbors in args.neighbors for malloc in args.malloc]
+    runs = [
+        (dtype, num_nodes, neighbors, malloc)
+        for dtype in args.dtypes
+        for num_nodes in args.sizes
+        for neighbors in args.neighbors
+        for malloc in args.malloc
+    ]
     # Smaller graphs first, so that every row's memory is foreseen from measured ones.
-    runs.sort(key=lambda run: (args.dtypes.index(run[0]),
-                               foreseen_edges(run[1], args.per_class, run[2])))
+    runs.sort(
+        key=lambda run: (args.dtypes.index(run[0]), foreseen_edges(run[1], args.per_class, run[2]))
+    )
     guard = MemoryGuard()
     for dtype, num_nodes, neighbors, malloc in runs:
         graph = "dense" if neighbors is None else f"k={neighbors}"
@@ -171,26 +223,64 @@ def main():
         if reason is not None:
             too_big.append(f"{name} ({reason})")
             continue
-        result = measure_in_child(__file__, {
-            "device": str(device), "num_nodes": num_nodes, "dim": args.dim, "dtype": dtype,
-            "repeats": args.repeats, "malloc": malloc, "per_class": args.per_class,
-            "neighbors": neighbors})
+        result = measure_in_child(
+            __file__,
+            {
+                "device": str(device),
+                "num_nodes": num_nodes,
+                "dim": args.dim,
+                "dtype": dtype,
+                "repeats": args.repeats,
+                "malloc": malloc,
+                "per_class": args.per_class,
+                "neighbors": neighbors,
+            },
+        )
         classes = f"{num_nodes // args.per_class}x{args.per_class}"
         if "error" in result:
-            rows.append([num_nodes, classes, graph, "", dtype, malloc, result["error"], "", "", "",
-                         ""])
+            rows.append(
+                [num_nodes, classes, graph, "", dtype, malloc, result["error"], "", "", "", ""]
+            )
             continue
         guard.record(result["edges"], result["peak_mb"], kind)
         achieved = result["gflop"] / (result["ms"] / 1e3)
-        rows.append([num_nodes, classes, graph, result["edges"], dtype, malloc,
-                     f"{result['ms']:.0f}", f"{result['peak_mb']:.0f}", f"{result['gflop']:.1f}",
-                     f"{achieved:.0f}", f"{100 * achieved / peak[dtype]:.0f}%"])
+        rows.append(
+            [
+                num_nodes,
+                classes,
+                graph,
+                result["edges"],
+                dtype,
+                malloc,
+                f"{result['ms']:.0f}",
+                f"{result['peak_mb']:.0f}",
+                f"{result['gflop']:.1f}",
+                f"{achieved:.0f}",
+                f"{100 * achieved / peak[dtype]:.0f}%",
+            ]
+        )
         print(f"  measured {name}", file=sys.stderr)
-    print_table(["N", "C x K", "graph", "edges", "dtype", "malloc", "ms/step", "peak MB",
-                 "GFLOP/step", "GFLOP/s", "of peak"], rows)
+    print_table(
+        [
+            "N",
+            "C x K",
+            "graph",
+            "edges",
+            "dtype",
+            "malloc",
+            "ms/step",
+            "peak MB",
+            "GFLOP/step",
+            "GFLOP/s",
+            "of peak",
+        ],
+        rows,
+    )
     if skipped:
-        print(f"skipped (no native bf16 matmul here; --force-bf16 to measure anyway): "
-              f"{', '.join(skipped)}")
+        print(
+            f"skipped (no native bf16 matmul here; --force-bf16 to measure anyway): "
+            f"{', '.join(skipped)}"
+        )
     if too_big:
         print(f"skipped (would not fit in this machine's memory): {', '.join(too_big)}")
 
@@ -204,24 +294,49 @@ def backbone_table(args, device):
             if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
                 skipped.append(f"N={num_nodes} bf16")
                 continue
-            common = {"device": str(device), "num_nodes": num_nodes, "dim": args.dim,
-                      "dtype": dtype, "repeats": args.repeats, "malloc": "retain"}
+            common = {
+                "device": str(device),
+                "num_nodes": num_nodes,
+                "dim": args.dim,
+                "dtype": dtype,
+                "repeats": args.repeats,
+                "malloc": "retain",
+            }
             graph_only = measure_in_child(__file__, common)
             for memory_format in ("contiguous", "channels_last"):
-                result = measure_in_child(__file__, {**common, "backbone": args.backbone,
-                                                     "memory_format": memory_format})
+                result = measure_in_child(
+                    __file__, {**common, "backbone": args.backbone, "memory_format": memory_format}
+                )
                 if "error" in result or "error" in graph_only:
-                    rows.append([num_nodes, dtype, memory_format,
-                                 result.get("error", graph_only.get("error")), "", ""])
+                    rows.append(
+                        [
+                            num_nodes,
+                            dtype,
+                            memory_format,
+                            result.get("error", graph_only.get("error")),
+                            "",
+                            "",
+                        ]
+                    )
                     continue
                 share = 1 - graph_only["ms"] / result["ms"]
-                rows.append([num_nodes, dtype, memory_format, f"{result['ms']:.0f}",
-                             f"{result['peak_mb']:.0f}", f"{100 * share:.0f}%"])
+                rows.append(
+                    [
+                        num_nodes,
+                        dtype,
+                        memory_format,
+                        f"{result['ms']:.0f}",
+                        f"{result['peak_mb']:.0f}",
+                        f"{100 * share:.0f}%",
+                    ]
+                )
                 if fastest is None or result["ms"] < fastest[0]:
                     fastest = (result["ms"], dtype, memory_format)
                 print(f"  measured N={num_nodes} {dtype} {memory_format}", file=sys.stderr)
-    print(f"backbone {args.backbone}, {IMAGE_SIZES[args.backbone]} px, random weights, "
-          f"frozen BatchNorm statistics")
+    print(
+        f"backbone {args.backbone}, {IMAGE_SIZES[args.backbone]} px, random weights, "
+        f"frozen BatchNorm statistics"
+    )
     print_table(["N", "dtype", "memory format", "ms/step", "peak MB", "backbone share"], rows)
     if fastest:
         print(f"fastest: {fastest[1]} {fastest[2]} ({fastest[0]:.0f} ms/step)")

@@ -1,5 +1,6 @@
 """Shared helpers of the benchmark scripts: device choice, the machine's matmul peak, peak memory,
 isolated measurements in child processes, and table printing."""
+
 import argparse
 import json
 import os
@@ -8,8 +9,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -36,8 +38,9 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
-                  repeats: int = 5) -> float:
+def matmul_gflops(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5
+) -> float:
     """This machine's practical matmul peak: the best of `repeats` timed square matmuls, GFLOP/s."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -114,7 +117,7 @@ def time_steps(step: Callable[[], None], device: torch.device, repeats: int) -> 
     return statistics.median(times)
 
 
-def measure_step(step: Callable[[], None], device: torch.device, repeats: int) -> Dict[str, float]:
+def measure_step(step: Callable[[], None], device: torch.device, repeats: int) -> dict[str, float]:
     """Median time, peak memory above what existed before, and matmul GFLOP of `step`.
 
     The first call counts FLOPs and doubles as the warm-up; `repeats` timed calls follow. On the
@@ -135,7 +138,7 @@ def measure_step(step: Callable[[], None], device: torch.device, repeats: int) -
     return {"ms": ms, "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9}
 
 
-def measure_in_child(script: str, config: Dict, timeout: float = 3600) -> Dict:
+def measure_in_child(script: str, config: dict, timeout: float = 3600) -> dict:
     """Runs `script --child JSON` in a fresh interpreter, so that its peak memory is its own.
 
     The child imports gca_pyg from this checkout even when it is not installed. Returns the JSON
@@ -145,9 +148,13 @@ def measure_in_child(script: str, config: Dict, timeout: float = 3600) -> Dict:
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     python_path = os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                env={**os.environ, "PYTHONPATH": python_path,
-                                     "PYTHONWARNINGS": "ignore"})
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": python_path, "PYTHONWARNINGS": "ignore"},
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -157,7 +164,7 @@ def measure_in_child(script: str, config: Dict, timeout: float = 3600) -> Dict:
     return json.loads(lines[-1])
 
 
-def print_table(header: Sequence[str], rows: List[Sequence]):
+def print_table(header: Sequence[str], rows: list[Sequence]):
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     line = " | ".join(h.ljust(w) for h, w in zip(cells[0], widths))
@@ -167,30 +174,40 @@ def print_table(header: Sequence[str], rows: List[Sequence]):
         print(" | ".join(c.rjust(w) for c, w in zip(row, widths)))
 
 
-def benchmark_parser(description: str, sizes: Sequence[int], repeats: int) -> argparse.ArgumentParser:
+def benchmark_parser(
+    description: str, sizes: Sequence[int], repeats: int
+) -> argparse.ArgumentParser:
     """The options every benchmark shares; ``--child`` is how a row runs in its own process."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(sizes))
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=repeats)
-    parser.add_argument("--force-bf16", action="store_true",
-                        help="measure bf16 even where this device has no native bf16 matmul")
+    parser.add_argument(
+        "--force-bf16",
+        action="store_true",
+        help="measure bf16 even where this device has no native bf16 matmul",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
 
 
-def report_machine(device: torch.device) -> Dict[str, float]:
+def report_machine(device: torch.device) -> dict[str, float]:
     """Measures and prints the matmul peak per dtype; returns it in GFLOP/s.
 
     Native bf16 is timed like fp32 (AMX tiles at size 1024 reach only about two thirds of their
     peak); emulated bf16 is slow, so a smaller matmul does there.
     """
     native = native_bf16(device)
-    peak = {"fp32": matmul_gflops(device, torch.float32),
-            "bf16": matmul_gflops(device, torch.bfloat16, size=2048 if native else 1024,
-                                  repeats=5 if native else 2)}
-    print(f"device {device}, {torch.get_num_threads()} threads; matmul peak measured here: "
-          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s"
-          f"{'' if native else ' (no native bf16 matmul on this device)'}")
+    peak = {
+        "fp32": matmul_gflops(device, torch.float32),
+        "bf16": matmul_gflops(
+            device, torch.bfloat16, size=2048 if native else 1024, repeats=5 if native else 2
+        ),
+    }
+    print(
+        f"device {device}, {torch.get_num_threads()} threads; matmul peak measured here: "
+        f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s"
+        f"{'' if native else ' (no native bf16 matmul on this device)'}"
+    )
     return peak

@@ -8,6 +8,7 @@ Recall@1 on the unseen test classes::
     python examples/pml_triplet.py                    # 8 epochs, seeds 0 1 2: an hour on a CPU
     python examples/pml_triplet.py --epochs 2 --seeds 0
 """
+
 import argparse
 import sys
 import time
@@ -17,8 +18,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from gca_pyg.backbones import build_backbone
-from gca_pyg.data import (ClassBalancedBatchSampler, demo_test_transform, demo_train_transform,
-                          get_dataset)
+from gca_pyg.data import (
+    ClassBalancedBatchSampler,
+    demo_test_transform,
+    demo_train_transform,
+    get_dataset,
+)
 from gca_pyg.metrics import retrieval_metrics
 from gca_pyg.pml import GCANegativeGenerator
 
@@ -66,8 +71,9 @@ def train(seed: int, with_generator: bool, args, train_set, test_set) -> float:
             if with_generator:
                 negatives, negative_labels = generator(embeddings, labels)
                 hardest = miner(embeddings, labels, negatives, negative_labels)
-                synthetic = loss_fn(embeddings, labels, hardest, ref_emb=negatives,
-                                    ref_labels=negative_labels)
+                synthetic = loss_fn(
+                    embeddings, labels, hardest, ref_emb=negatives, ref_labels=negative_labels
+                )
                 total = loss + generator.synthetic_weight * synthetic
             optimizer.zero_grad()
             total.backward()
@@ -91,14 +97,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop each run after this many steps (a quick check)")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop each run after this many steps (a quick check)",
+    )
     parser.add_argument("--classes-per-batch", type=int, default=27)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--generator-lr", type=float, default=3e-4)
     parser.add_argument("--margin", type=float, default=0.1)
-    parser.add_argument("--alpha", type=float, default=0.1,
-                        help="hardness h = exp(-alpha / mean triplet loss of the last epoch)")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=0.1,
+        help="hardness h = exp(-alpha / mean triplet loss of the last epoch)",
+    )
     args = parser.parse_args(argv)
     train_set = get_dataset("demo", split="train", transform=demo_train_transform())
     test_set = get_dataset("demo", split="test", transform=demo_test_transform())
@@ -109,19 +123,28 @@ def main(argv=None) -> int:
         plain = train(seed, False, args, train_set, test_set)
         generated = train(seed, True, args, train_set, test_set)
         rows.append((seed, plain, generated))
-        print(f"seed {seed}: R@1 {100 * plain:.2f} without, {100 * generated:.2f} with the "
-              f"generator ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    print(f"TripletMarginLoss(margin={args.margin}) on the demo set, {args.epochs} epochs, "
-          f"Recall@1 (%) on 100 unseen classes")
+        print(
+            f"seed {seed}: R@1 {100 * plain:.2f} without, {100 * generated:.2f} with the "
+            f"generator ({time.perf_counter() - started:.0f} s)",
+            file=sys.stderr,
+        )
+    print(
+        f"TripletMarginLoss(margin={args.margin}) on the demo set, {args.epochs} epochs, "
+        f"Recall@1 (%) on 100 unseen classes"
+    )
     print("seed | without generator | with generator | difference")
     print("-----+-------------------+----------------+-----------")
     for seed, plain, generated in rows:
-        print(f"{seed:>4} | {100 * plain:>17.2f} | {100 * generated:>14.2f} | "
-              f"{100 * (generated - plain):>+10.2f}")
+        print(
+            f"{seed:>4} | {100 * plain:>17.2f} | {100 * generated:>14.2f} | "
+            f"{100 * (generated - plain):>+10.2f}"
+        )
     if len(rows) > 1:
         plain, generated = (np.array([row[i] for row in rows]) for i in (1, 2))
-        print(f"mean | {100 * plain.mean():>17.2f} | {100 * generated.mean():>14.2f} | "
-              f"{100 * (generated - plain).mean():>+10.2f}")
+        print(
+            f"mean | {100 * plain.mean():>17.2f} | {100 * generated.mean():>14.2f} | "
+            f"{100 * (generated - plain).mean():>+10.2f}"
+        )
     return 0
 
 

@@ -4,11 +4,12 @@ A checkpoint is written to a temporary file in the target folder, flushed to dis
 the old one, so a crash, a full disk or Ctrl-C during the write leaves the previous checkpoint
 intact. It holds only tensors and plain Python values and is loaded with ``weights_only=True``.
 """
+
 import errno
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ class CheckpointError(GcaError, OSError):
     """A checkpoint could not be written or read."""
 
 
-def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]):
+def save_checkpoint(state: dict[str, Any], path: Union[str, Path]):
     """Writes `state` to `path` atomically (temporary file + fsync + rename).
 
     Raises:
@@ -46,15 +47,20 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]):
             reason = "no space left on the device"
         else:
             reason = error.strerror or str(error)
-        previous = "the previous checkpoint there is intact" if path.exists() else \
-            "no earlier checkpoint exists there"
+        previous = (
+            "the previous checkpoint there is intact"
+            if path.exists()
+            else "no earlier checkpoint exists there"
+        )
         raise CheckpointError(
             f"could not write checkpoint {path}: {reason}; {previous}. Free space or choose "
-            "another folder with --set train.output_dir=DIR, then resume") from None
+            "another folder with --set train.output_dir=DIR, then resume"
+        ) from None
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu"
-                    ) -> Dict[str, Any]:
+def load_checkpoint(
+    path: Union[str, Path], map_location: Union[str, torch.device] = "cpu"
+) -> dict[str, Any]:
     """Reads a checkpoint written by :func:`save_checkpoint`; a run folder means its ``last.pt``.
 
     Raises:
@@ -64,37 +70,53 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; pass a run folder (holding last.pt) or a "
-                              ".pt file written by python -m gca_pyg.train")
+        raise CheckpointError(
+            f"no checkpoint at {path}; pass a run folder (holding last.pt) or a "
+            ".pt file written by python -m gca_pyg.train"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path} is not a readable gca_pyg checkpoint "
-                              f"({type(error).__name__}); it may be truncated or from another "
-                              "program") from None
+        raise CheckpointError(
+            f"{path} is not a readable gca_pyg checkpoint "
+            f"({type(error).__name__}); it may be truncated or from another "
+            "program"
+        ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a gca_pyg checkpoint of format {FORMAT_VERSION}")
     return state
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """The states of Python's, NumPy's and torch's (CPU and CUDA) random generators."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                  "position": position, "has_gauss": has_gauss, "cached": cached},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": position,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
-def set_rng_state(state: Dict[str, Any]):
+def set_rng_state(state: dict[str, Any]):
     """Restores what :func:`rng_state` returned."""
     random.setstate(_as_tuples(state["python"]))
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32),
-                         numpy["position"], numpy["has_gauss"], numpy["cached"]))
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -6,11 +6,13 @@ configs (``configs/NAME.yaml``). ``--set section.key=value`` overrides one key (
 YAML). An unknown key or a value of the wrong type is one :class:`~gca_pyg.errors.ConfigError` that
 names the key and lists the valid ones.
 """
+
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Optional
 
 import yaml
 
@@ -21,8 +23,19 @@ from gca_pyg.graph import GraphConfig
 from gca_pyg.model import LossConfig, NetConfig
 from gca_pyg.trainer import OptimConfig
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "GraphConfig", "TrainConfig", "EvalConfig",
-           "load_config", "apply_overrides", "config_dirs", "available_configs"]
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "GraphConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "load_config",
+    "apply_overrides",
+    "config_dirs",
+    "available_configs",
+]
+
 
 @dataclass
 class DataConfig:
@@ -61,7 +74,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    ks: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batch_size: int = 128
 
 
@@ -77,32 +90,33 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "Config":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
         config = _build(cls, data, prefix="", source=source)
         _check_values(config, source)
         return config
 
 
-def config_dirs() -> List[Path]:
+def config_dirs() -> list[Path]:
     """Where shipped configs live: inside the installed package, or the checkout's ``configs/``."""
     package = Path(__file__).resolve().parent
     return [path for path in (package / "configs", package.parent / "configs") if path.is_dir()]
 
 
-def available_configs() -> List[str]:
+def available_configs() -> list[str]:
     return sorted({path.stem for folder in config_dirs() for path in folder.glob("*.yaml")})
 
 
-def load_config(name_or_path: str, overrides: Sequence[str] = (),
-                data_root: Optional[str] = None) -> Config:
+def load_config(
+    name_or_path: str, overrides: Sequence[str] = (), data_root: Optional[str] = None
+) -> Config:
     """Reads a shipped config by name or a YAML file by path, then applies overrides.
 
     Args:
-        name_or_path: ``cub``, ``demo``, ... (see :func:`available_configs`) or a path to a YAML file.
+        name_or_path: ``cub``, ``demo``, ... (:func:`available_configs`) or a path to a YAML file.
         overrides: ``section.key=value`` strings, applied in order.
         data_root: Sets ``data.root`` (the ``--data-root`` option).
     """
@@ -110,16 +124,21 @@ def load_config(name_or_path: str, overrides: Sequence[str] = (),
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML ({_first_line(error)}); fix the file") from None
+        raise ConfigError(
+            f"{path} is not valid YAML ({_first_line(error)}); fix the file"
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (data:, model:, ...), "
-                          f"not a {type(data).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of sections (data:, model:, ...), "
+            f"not a {type(data).__name__}"
+        )
     data.setdefault("name", path.stem)
     return Config.from_dict(apply_overrides(data, overrides, data_root), source=str(path))
 
 
-def apply_overrides(data: Dict[str, Any], overrides: Sequence[str] = (),
-                    data_root: Optional[str] = None) -> Dict[str, Any]:
+def apply_overrides(
+    data: dict[str, Any], overrides: Sequence[str] = (), data_root: Optional[str] = None
+) -> dict[str, Any]:
     """Applies ``section.key=value`` strings and ``data_root`` to a config mapping (in place)."""
     for override in overrides:
         _apply_override(data, override)
@@ -138,14 +157,16 @@ def _resolve(name_or_path: str) -> Path:
             return candidate
     raise ConfigError(
         f"no config named '{name_or_path}' and no such file; shipped configs: "
-        f"{', '.join(available_configs()) or 'none found'} (or pass a path to a YAML file)")
+        f"{', '.join(available_configs()) or 'none found'} (or pass a path to a YAML file)"
+    )
 
 
-def _apply_override(data: Dict[str, Any], override: str):
+def _apply_override(data: dict[str, Any], override: str):
     key, sep, raw = override.partition("=")
     if not sep or "." not in key:
-        raise ConfigError(f"--set '{override}' must look like section.key=value, "
-                          "e.g. --set optim.epochs=10")
+        raise ConfigError(
+            f"--set '{override}' must look like section.key=value, e.g. --set optim.epochs=10"
+        )
     section, _, name = key.partition(".")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
@@ -154,7 +175,7 @@ def _apply_override(data: Dict[str, Any], override: str):
     _set(data, section, name, value, origin=f"--set '{override}'")
 
 
-def _set(data: Dict[str, Any], section: str, name: str, value: Any, origin: str):
+def _set(data: dict[str, Any], section: str, name: str, value: Any, origin: str):
     target = data.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"{origin}: '{section}' is not a section")
@@ -164,14 +185,17 @@ def _set(data: Dict[str, Any], section: str, name: str, value: Any, origin: str)
 def _build(cls, data: Any, prefix: str, source: str):
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(data, dict):
-        raise ConfigError(f"'{where}' in {source} must be a mapping of keys, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"'{where}' in {source} must be a mapping of keys, got {type(data).__name__}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = [key for key in data if key not in fields]
     if unknown:
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {source}; valid keys of "
-                          f"{where}: {', '.join(fields)}")
+        raise ConfigError(
+            f"unknown key '{prefix}{unknown[0]}' in {source}; valid keys of "
+            f"{where}: {', '.join(fields)}"
+        )
     values = {}
     for key, value in data.items():
         kind = hints[key]
@@ -189,7 +213,7 @@ def _coerce(value: Any, kind, key: str, source: str):
             return None
         kind = next(arg for arg in args if arg is not type(None))
         origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (list, List):
+    if origin in (list, list):
         items = value if isinstance(value, list) else None
         if items is None:
             raise _type_error(key, value, f"a list of {_KIND_PLURALS[args[0]]}", source)
@@ -219,8 +243,9 @@ _KIND_PLURALS = {int: "ints", float: "numbers", bool: "bools", str: "strings"}
 
 
 def _type_error(key: str, value: Any, expected: str, source: str) -> ConfigError:
-    return ConfigError(f"'{key}' in {source} must be {expected}, got {value!r} "
-                       f"({type(value).__name__})")
+    return ConfigError(
+        f"'{key}' in {source} must be {expected}, got {value!r} ({type(value).__name__})"
+    )
 
 
 def _first_line(error: Exception) -> str:
@@ -235,17 +260,22 @@ def _check_values(config: Config, source: str):
         "model.backbone": (config.model.backbone, BACKBONE_NAMES),
         "model.pretrained": (config.model.pretrained, PRETRAINED_CHOICES),
         "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
-        "train.memory_format": (config.train.memory_format, ("auto", "contiguous", "channels_last")),
+        "train.memory_format": (
+            config.train.memory_format,
+            ("auto", "contiguous", "channels_last"),
+        ),
         "train.dist_backend": (config.train.dist_backend, ("auto", "gloo", "nccl")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"'{key}' in {source} is '{value}'; valid values: {', '.join(valid)}")
     device = config.train.device
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:")
-                                                  and device[5:].isdigit())):
-        raise ConfigError(f"'train.device' in {source} is '{device}'; valid values: auto, cpu, "
-                          "cuda, cuda:N")
+    if not (
+        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        raise ConfigError(
+            f"'train.device' in {source} is '{device}'; valid values: auto, cpu, cuda, cuda:N"
+        )
     positive = {
         "data.classes_per_batch": config.data.classes_per_batch,
         "data.image_size": config.data.image_size,
@@ -263,18 +293,25 @@ def _check_values(config: Config, source: str):
         if value <= 0:
             raise ConfigError(f"'{key}' in {source} must be positive, got {value}")
     if config.data.classes_per_batch < 2 or config.data.samples_per_class < 2:
-        raise ConfigError(f"'data.classes_per_batch' and 'data.samples_per_class' in {source} must "
-                          "both be at least 2: GCA-HNG needs positives and negatives in a batch")
+        raise ConfigError(
+            f"'data.classes_per_batch' and 'data.samples_per_class' in {source} must "
+            "both be at least 2: GCA-HNG needs positives and negatives in a batch"
+        )
     if config.model.embedding_size % config.net.heads:
-        raise ConfigError(f"'model.embedding_size' ({config.model.embedding_size}) in {source} must "
-                          f"be divisible by 'net.heads' ({config.net.heads})")
+        raise ConfigError(
+            f"'model.embedding_size' ({config.model.embedding_size}) in {source} must "
+            f"be divisible by 'net.heads' ({config.net.heads})"
+        )
     neighbors = config.graph.neighbors
     if neighbors is not None and neighbors < 1:
-        raise ConfigError(f"'graph.neighbors' in {source} must be a positive int (neighbours per "
-                          f"node of a sparse batch graph) or null (the complete graph), got "
-                          f"{neighbors}")
+        raise ConfigError(
+            f"'graph.neighbors' in {source} must be a positive int (neighbours per "
+            f"node of a sparse batch graph) or null (the complete graph), got "
+            f"{neighbors}"
+        )
     if not config.eval.ks or min(config.eval.ks) < 1:
         raise ConfigError(f"'eval.ks' in {source} must be a non-empty list of positive ints")
     if config.data.num_workers < 0 or config.optim.warmup_epochs < 0:
-        raise ConfigError(f"'data.num_workers' and 'optim.warmup_epochs' in {source} cannot be "
-                          "negative")
+        raise ConfigError(
+            f"'data.num_workers' and 'optim.warmup_epochs' in {source} cannot be negative"
+        )

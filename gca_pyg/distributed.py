@@ -10,10 +10,12 @@ exactly the single-process gradients of the global batch.
 Without ``torchrun`` (or with one process) :func:`setup` returns a context whose ``group`` is
 ``None`` and every collective here is the identity.
 """
+
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,8 +23,18 @@ from torch import Tensor
 
 from gca_pyg.errors import ConfigError
 
-__all__ = ["Context", "setup", "teardown", "all_reduce_sum", "all_reduce_max", "gather_rows",
-           "average_gradients", "average_buffers", "broadcast_parameters", "world_size"]
+__all__ = [
+    "Context",
+    "setup",
+    "teardown",
+    "all_reduce_sum",
+    "all_reduce_max",
+    "gather_rows",
+    "average_gradients",
+    "average_buffers",
+    "broadcast_parameters",
+    "world_size",
+]
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class Context:
         device: This process's device.
         group: The process group of the collectives, or ``None`` for one process.
     """
+
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -69,16 +82,20 @@ def setup(device: torch.device, backend: str = "auto", timeout_seconds: float = 
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes "
-                              f"on this node but it has {torch.cuda.device_count()} CUDA device(s); "
-                              "start at most one process per GPU (--nproc-per-node)")
+            raise ConfigError(
+                f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes "
+                f"on this node but it has {torch.cuda.device_count()} CUDA device(s); "
+                "start at most one process per GPU (--nproc-per-node)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
-        raise ConfigError("train.dist_backend is 'nccl' but training runs on the CPU; use "
-                          "--set train.dist_backend=gloo (or auto)")
+        raise ConfigError(
+            "train.dist_backend is 'nccl' but training runs on the CPU; use "
+            "--set train.dist_backend=gloo (or auto)"
+        )
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
     return Context(rank=rank, world_size=world, device=device, group=dist.group.WORLD)
@@ -126,17 +143,19 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.offsets[ctx.rank]:ctx.offsets[ctx.rank + 1]], None
+        return grad[ctx.offsets[ctx.rank] : ctx.offsets[ctx.rank + 1]], None
 
 
-def _gather(tensor: Tensor, group) -> Tuple[Tensor, List[int]]:
+def _gather(tensor: Tensor, group) -> tuple[Tensor, list[int]]:
     """All processes' rows (their counts may differ) and the row offset of each process."""
-    counts = [torch.zeros(1, dtype=torch.long, device=tensor.device)
-              for _ in range(dist.get_world_size(group))]
+    counts = [
+        torch.zeros(1, dtype=torch.long, device=tensor.device)
+        for _ in range(dist.get_world_size(group))
+    ]
     dist.all_gather(counts, torch.tensor([tensor.size(0)], device=tensor.device), group=group)
     counts = [int(count) for count in counts]
     padded = tensor.new_zeros(max(counts), *tensor.shape[1:])
-    padded[:tensor.size(0)] = tensor
+    padded[: tensor.size(0)] = tensor
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded, group=group)
     offsets = [0]
@@ -170,8 +189,9 @@ def gather_rows(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Te
     return _gather(tensor.detach(), group)[0]
 
 
-def average_gradients(parameters: Iterable[torch.nn.Parameter],
-                      group: Optional[dist.ProcessGroup] = None):
+def average_gradients(
+    parameters: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup] = None
+):
     """Replaces every gradient by its mean over the processes (one flat all-reduce)."""
     _average_in_place([p.grad for p in parameters if p.grad is not None], group)
 
@@ -182,7 +202,7 @@ def average_buffers(module: torch.nn.Module, group: Optional[dist.ProcessGroup] 
     _average_in_place([b for b in module.buffers() if b.is_floating_point()], group)
 
 
-def _average_in_place(tensors: List[Tensor], group: Optional[dist.ProcessGroup]):
+def _average_in_place(tensors: list[Tensor], group: Optional[dist.ProcessGroup]):
     if group is None or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -190,7 +210,7 @@ def _average_in_place(tensors: List[Tensor], group: Optional[dist.ProcessGroup])
     flat /= dist.get_world_size(group)
     offset = 0
     for tensor in tensors:
-        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
         offset += tensor.numel()
 
 
@@ -203,7 +223,7 @@ def broadcast_parameters(module: torch.nn.Module, group: Optional[dist.ProcessGr
             dist.broadcast(tensor.data, src=0, group=group)
 
 
-def all_gather_objects(value, group: Optional[dist.ProcessGroup] = None) -> List:
+def all_gather_objects(value, group: Optional[dist.ProcessGroup] = None) -> list:
     """Every process's `value` (any picklable object), rank by rank."""
     if group is None:
         return [value]
@@ -212,11 +232,15 @@ def all_gather_objects(value, group: Optional[dist.ProcessGroup] = None) -> List
     return values
 
 
-def any_process(flag: bool, group: Optional[dist.ProcessGroup] = None,
-                device: torch.device = torch.device("cpu")) -> bool:
+def any_process(
+    flag: bool,
+    group: Optional[dist.ProcessGroup] = None,
+    device: Optional[torch.device] = None,
+) -> bool:
     """True on every process if `flag` is True on any of them (e.g. a Ctrl-C seen by one)."""
     if group is None:
         return flag
+    device = device if device is not None else torch.device("cpu")
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())

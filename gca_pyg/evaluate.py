@@ -3,10 +3,11 @@
 Evaluates a checkpoint written by ``python -m gca_pyg.train`` on its config's test split and prints
 Recall@K, MAP@R and RP. ``--export`` writes the embeddings and labels (``.npz`` or ``.pt``).
 """
+
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -14,34 +15,56 @@ import torch
 from gca_pyg.checkpoint import load_checkpoint
 from gca_pyg.config import Config, apply_overrides
 from gca_pyg.errors import ConfigError, GcaError
-from gca_pyg.pipeline import (build_model, build_test_data, embed_test_data, format_metrics,
-                              resolve_device, test_metrics)
+from gca_pyg.pipeline import (
+    build_model,
+    build_test_data,
+    embed_test_data,
+    format_metrics,
+    resolve_device,
+    test_metrics,
+)
 from gca_pyg.runtime import retain_freed_memory
 
 EXPORT_FORMATS = (".npz", ".pt")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gca_pyg.evaluate",
-                                     description="Evaluate a GCA-HNG checkpoint.")
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a .pt file (last.pt, best.pt) or a run folder (its last.pt)")
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m gca_pyg.evaluate", description="Evaluate a GCA-HNG checkpoint."
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a .pt file (last.pt, best.pt) or a run folder (its last.pt)",
+    )
     parser.add_argument("--data-root", metavar="DIR", help="the dataset folder, if it moved")
-    parser.add_argument("--export", metavar="FILE",
-                        help=f"write embeddings and labels ({' or '.join(EXPORT_FORMATS)})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="override a config key, e.g. train.device=cpu or eval.batch_size=64")
+    parser.add_argument(
+        "--export",
+        metavar="FILE",
+        help=f"write embeddings and labels ({' or '.join(EXPORT_FORMATS)})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key, e.g. train.device=cpu or eval.batch_size=64",
+    )
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> Dict[str, float]:
+def run(args: argparse.Namespace) -> dict[str, float]:
     if args.export and Path(args.export).suffix not in EXPORT_FORMATS:
-        raise ConfigError(f"--export {args.export}: use a file name ending in "
-                          f"{' or '.join(EXPORT_FORMATS)}")
+        raise ConfigError(
+            f"--export {args.export}: use a file name ending in {' or '.join(EXPORT_FORMATS)}"
+        )
     state = load_checkpoint(args.checkpoint)
-    config = Config.from_dict(apply_overrides(state["config"], args.overrides, args.data_root),
-                              source=f"the checkpoint {args.checkpoint}")
+    config = Config.from_dict(
+        apply_overrides(state["config"], args.overrides, args.data_root),
+        source=f"the checkpoint {args.checkpoint}",
+    )
     device = resolve_device(config.train.device)
     model = build_model(config, len(state["classes"]), device, pretrained="none")
     model.load_state_dict(state["model"])
@@ -49,8 +72,10 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
     embedded = embed_test_data(model, test_data, config)
     metrics = test_metrics(embedded, config.eval.ks)
     epoch = state["training"]["epoch"]
-    print(f"{config.name}, checkpoint {args.checkpoint} (after epoch {epoch}): retrieval on "
-          f"{test_data.describe()} (%)")
+    print(
+        f"{config.name}, checkpoint {args.checkpoint} (after epoch {epoch}): retrieval on "
+        f"{test_data.describe()} (%)"
+    )
     print(format_metrics({"value": metrics}))
     if args.export:
         _export(embedded, Path(args.export))
@@ -58,7 +83,7 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
     return metrics
 
 
-def _export(arrays: Dict[str, torch.Tensor], path: Path):
+def _export(arrays: dict[str, torch.Tensor], path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
         np.savez(path, **{name: value.numpy() for name, value in arrays.items()})
@@ -66,7 +91,7 @@ def _export(arrays: Dict[str, torch.Tensor], path: Path):
         torch.save(arrays, path)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     retain_freed_memory()
     try:
         run(parse_args(argv))

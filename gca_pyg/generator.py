@@ -6,8 +6,9 @@ the K samples of the class into one synthetic sample per group; :func:`synthesiz
 same for every group, from dense fusion weights; :func:`hardness_from_loss` is the hardness
 schedule.
 """
+
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -15,12 +16,23 @@ from torch import Tensor
 from gca_pyg.layout import ClassLayout, class_layout
 from gca_pyg.utils import gather_rows
 
-__all__ = ["synthesize_negatives", "synthesize_groups", "synthesize_batch", "draw_mix",
-           "hardness_from_loss"]
+__all__ = [
+    "synthesize_negatives",
+    "synthesize_groups",
+    "synthesize_batch",
+    "draw_mix",
+    "hardness_from_loss",
+]
 
 
-def synthesize_negatives(anchor: Tensor, positive: Tensor, negative: Tensor, weights: Tensor,
-                         hardness: Union[float, Tensor], eps: float = 1e-12) -> Tensor:
+def synthesize_negatives(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    weights: Tensor,
+    hardness: Union[float, Tensor],
+    eps: float = 1e-12,
+) -> Tensor:
     r"""Moves each negative towards its anchor, each channel by its own learned ratio.
 
     With :math:`d^+ = \lVert \mathbf{a} - \mathbf{p} \rVert_2` and
@@ -30,9 +42,10 @@ def synthesize_negatives(anchor: Tensor, positive: Tensor, negative: Tensor, wei
         \mathbf{r} = \frac{d^+ + (d^- - d^+)\,\boldsymbol{\lambda}\,h}{d^-}, \qquad
         \tilde{\mathbf{n}} = \mathbf{a} + (\mathbf{n} - \mathbf{a}) \odot \mathbf{r},
 
-    so :math:`\boldsymbol{\lambda} h = 0` puts :math:`\tilde{\mathbf{n}}` at distance :math:`d^+` from
-    the anchor and :math:`\boldsymbol{\lambda} h = 1` returns :math:`\mathbf{n}`. A negative that is
-    already hard (:math:`d^+ \ge d^-`, which includes :math:`d^- = 0`) is returned unchanged.
+    so :math:`\boldsymbol{\lambda} h = 0` puts :math:`\tilde{\mathbf{n}}` at distance
+    :math:`d^+` from the anchor and :math:`\boldsymbol{\lambda} h = 1` returns
+    :math:`\mathbf{n}`. A negative that is already hard (:math:`d^+ \ge d^-`, which includes
+    :math:`d^- = 0`) is returned unchanged.
 
     Args:
         anchor, positive, negative: Rows of shape :math:`(M, D)` (or shapes that broadcast).
@@ -50,15 +63,22 @@ def synthesize_negatives(anchor: Tensor, positive: Tensor, negative: Tensor, wei
     offset = negative - anchor
     d_neg = torch.linalg.vector_norm(offset, dim=-1, keepdim=True)
     # r = d+/d- + (1 - d+/d-) h lambda: per-row scalars times the per-channel weights. The clamp
-    # keeps the branch a hard negative does not use finite, so no NaN leaks into gradients at d- = 0.
+    # keeps the branch a hard negative does not use finite: no NaN leaks into gradients at d- = 0.
     base = d_pos / d_neg.clamp_min(eps)
     moved = anchor + offset * (base + (1.0 - base) * hardness * weights)
     return torch.where(d_pos >= d_neg, negative, moved)
 
 
-def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
-                      target_class: Tensor, weights: Tensor, hardness: Union[float, Tensor],
-                      mix: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def synthesize_groups(
+    embeddings: Tensor,
+    layout: ClassLayout,
+    anchor: Tensor,
+    target_class: Tensor,
+    weights: Tensor,
+    hardness: Union[float, Tensor],
+    mix: Tensor,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
     r"""One synthetic sample per (anchor, class) group, merging the class's :math:`K` samples.
 
     For anchor :math:`i` (its positive is the next sample of its class, see
@@ -100,19 +120,22 @@ def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
     """
     samples_per_class = layout.samples_per_class
     if mix.shape != (samples_per_class, samples_per_class - 1):
-        raise ValueError(f"mix must have shape (K, K - 1) = ({samples_per_class}, "
-                         f"{samples_per_class - 1}), got {tuple(mix.shape)}")
+        raise ValueError(
+            f"mix must have shape (K, K - 1) = ({samples_per_class}, "
+            f"{samples_per_class - 1}), got {tuple(mix.shape)}"
+        )
     dim = embeddings.size(1)
     coefficients = mix.to(embeddings.dtype)[layout.rank[anchor]]  # (G, K - 1)
     if mask is None:
         anchors = gather_rows(embeddings, anchor).unsqueeze(1)
         positives = gather_rows(embeddings, layout.positive_index()[anchor]).unsqueeze(1)
         negatives = gather_rows(embeddings, layout.members[target_class])
-        moved = synthesize_negatives(anchors, positives, negatives,
-                                     weights.view(-1, samples_per_class, dim), hardness)
+        moved = synthesize_negatives(
+            anchors, positives, negatives, weights.view(-1, samples_per_class, dim), hardness
+        )
         synthetic = moved[:, 0]
         for k in range(1, samples_per_class):  # K is small: a loop over a class's samples
-            synthetic = moved[:, k] + coefficients[:, k - 1:k] * (synthetic - moved[:, k])
+            synthetic = moved[:, k] + coefficients[:, k - 1 : k] * (synthetic - moved[:, k])
         return synthetic
 
     # Only the joined samples are moved: one row per True of the mask, in row-major order.
@@ -122,22 +145,28 @@ def synthesize_groups(embeddings: Tensor, layout: ClassLayout, anchor: Tensor,
     moved_rows = synthesize_negatives(
         gather_rows(embeddings, anchor[group]),
         gather_rows(embeddings, layout.positive_index()[anchor[group]]),
-        gather_rows(embeddings, layout.members[target_class[group], member]), weights, hardness)
+        gather_rows(embeddings, layout.members[target_class[group], member]),
+        weights,
+        hardness,
+    )
     row = torch.zeros_like(mask, dtype=torch.long)
     row[group, member] = torch.arange(group.numel(), device=mask.device)
     synthetic = gather_rows(moved_rows, row[:, 0])
     started = mask[:, :1]  # whether a joined sample has been merged
     for k in range(1, samples_per_class):
         moved = gather_rows(moved_rows, row[:, k])
-        merged = moved + coefficients[:, k - 1:k] * (synthetic - moved)
-        joined = mask[:, k:k + 1]
+        merged = moved + coefficients[:, k - 1 : k] * (synthetic - moved)
+        joined = mask[:, k : k + 1]
         synthetic = torch.where(joined, torch.where(started, merged, moved), synthetic)
         started = started | joined
     return synthetic
 
 
-def draw_mix(samples_per_class: int, generator: Optional[torch.Generator] = None,
-             device: Optional[torch.device] = None) -> Tensor:
+def draw_mix(
+    samples_per_class: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> Tensor:
     r"""The merge coefficients :math:`u \sim U(0, 1)` of :func:`synthesize_groups`, one per
     (anchor block, k): shape :math:`(K, K - 1)`. Drawn on the CPU from `generator`, so every
     process of a distributed run draws the same values."""
@@ -145,10 +174,16 @@ def draw_mix(samples_per_class: int, generator: Optional[torch.Generator] = None
     return mix.to(device) if device is not None else mix
 
 
-def synthesize_batch(embeddings: Tensor, labels: Tensor, fusion_weights: Tensor,
-                     hardness: float, *, mix: Optional[Tensor] = None,
-                     include_own_class: bool = False, layout: Optional[ClassLayout] = None
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
+def synthesize_batch(
+    embeddings: Tensor,
+    labels: Tensor,
+    fusion_weights: Tensor,
+    hardness: float,
+    *,
+    mix: Optional[Tensor] = None,
+    include_own_class: bool = False,
+    layout: Optional[ClassLayout] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     r"""Synthetic hard negatives of a class-balanced batch from dense fusion weights.
 
     One synthetic sample per (anchor, other class), or per (anchor, class) with
@@ -179,7 +214,8 @@ def synthesize_batch(embeddings: Tensor, labels: Tensor, fusion_weights: Tensor,
         raise ValueError(
             f"fusion_weights must be dense [N, N, D] = [{num_nodes}, {num_nodes}, "
             f"{embeddings.size(1)}], got {tuple(fusion_weights.shape)}; densify per-edge weights "
-            "with gca_pyg.graph.to_dense_edges")
+            "with gca_pyg.graph.to_dense_edges"
+        )
     layout = layout if layout is not None else class_layout(labels)
     if mix is None:
         mix = draw_mix(layout.samples_per_class, device=embeddings.device)

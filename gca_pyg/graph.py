@@ -1,9 +1,9 @@
 """Mini-batch → correlation graph (docs/method.md, "The batch graph").
 
-Every sample of a batch becomes a node; every ordered pair of samples (self-loops included) becomes an
-edge that carries the per-channel correlation of the two embeddings. The complete graph is symmetric
-(``e_ij = e_ji``), so it can also be stored *undirected*: one row per unordered pair ``{i, j}``,
-which halves the edge work of :class:`~gca_pyg.nn.CorrelationNet` exactly.
+Every sample of a batch becomes a node; every ordered pair of samples (self-loops included)
+becomes an edge that carries the per-channel correlation of the two embeddings. The complete graph
+is symmetric (``e_ij = e_ji``), so it can also be stored *undirected*: one row per unordered pair
+``{i, j}``, which halves the edge work of :class:`~gca_pyg.nn.CorrelationNet` exactly.
 
 Several processes share one batch graph by splitting its undirected pairs: :func:`shard_pairs`
 gives each process whole blocks of class pairs, so every (anchor, class) group that synthesis needs
@@ -13,9 +13,10 @@ For large batches the graph can be sparse (``graph.neighbors: k``): :func:`knn_p
 node's :math:`k` most similar samples and all of its classmates, and :func:`sparse_shard` derives
 the (anchor, class) groups of those pairs.
 """
+
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Optional
 
 import faiss
 import torch
@@ -43,16 +44,18 @@ __all__ = [
 class GraphConfig:
     """The batch graph: complete (``neighbors: null``), or each node joined to its ``neighbors``
     most similar samples and to its classmates (:func:`knn_pairs`), for large batches."""
+
     neighbors: Optional[int] = None
 
 
-def complete_edge_index(num_nodes: int, *, undirected: bool = False,
-                        device: Optional[torch.device] = None) -> Tensor:
+def complete_edge_index(
+    num_nodes: int, *, undirected: bool = False, device: Optional[torch.device] = None
+) -> Tensor:
     r"""Edge indices of the complete graph with self-loops.
 
     Args:
         num_nodes (int): Number of nodes :math:`N`.
-        undirected (bool, optional): If :obj:`False`, all :math:`N^2` ordered pairs in row-major order
+        undirected (bool, optional): If :obj:`False`, all :math:`N^2` ordered pairs, row-major
             (edge ``i * N + j`` is :math:`i \to j`). If :obj:`True`, the :math:`N(N+1)/2` unordered
             pairs :math:`\{i, j\}`, :math:`i \le j`, in row-major order of the upper triangle.
             (default: :obj:`False`)
@@ -82,8 +85,9 @@ def pair_index(edge_index: Tensor, num_nodes: int, *, undirected: bool = False) 
     return table
 
 
-def to_dense_edges(edge_values: Tensor, edge_index: Tensor, num_nodes: int, *,
-                   undirected: bool = False) -> Tensor:
+def to_dense_edges(
+    edge_values: Tensor, edge_index: Tensor, num_nodes: int, *, undirected: bool = False
+) -> Tensor:
     r"""Scatters per-edge values of a complete graph into a dense :math:`(N, N, \ast)` tensor.
 
     ``out[i, j]`` is the value of edge :math:`i \to j` (for :obj:`undirected` storage, of the pair
@@ -95,14 +99,21 @@ def to_dense_edges(edge_values: Tensor, edge_index: Tensor, num_nodes: int, *,
     table = pair_index(edge_index, num_nodes, undirected=undirected)
     if bool((table < 0).any()):
         raise ValueError(
-            f"to_dense_edges needs a complete graph on {num_nodes} nodes, but some node pairs have no "
-            "edge; build it with build_batch_graph or complete_edge_index.")
+            f"to_dense_edges needs a complete graph on {num_nodes} nodes, but some node pairs have "
+            "no edge; build it with build_batch_graph or complete_edge_index."
+        )
     return gather_rows(edge_values, table)
 
 
-def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
-                      edge_index: Optional[Tensor] = None, neighbors: Optional[int] = None,
-                      eps: float = 1e-12) -> Data:
+def build_batch_graph(
+    z: Tensor,
+    y: Tensor,
+    *,
+    undirected: bool = False,
+    edge_index: Optional[Tensor] = None,
+    neighbors: Optional[int] = None,
+    eps: float = 1e-12,
+) -> Data:
     r"""Builds the correlation graph of a mini-batch (docs/method.md, "The batch graph").
 
     The nodes carry the embeddings :math:`\mathbf{z}_i` themselves. For the edges each embedding is
@@ -119,8 +130,8 @@ def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
         z (torch.Tensor): Embeddings of shape :math:`(N, D)`.
         y (torch.Tensor): Labels of shape :math:`(N,)`.
         undirected (bool, optional): Store each unordered pair once (:math:`N(N+1)/2` edges, see
-            :func:`complete_edge_index`) instead of all :math:`N^2` ordered pairs. Pass the same flag to
-            :class:`~gca_pyg.nn.CorrelationNet`. (default: :obj:`False`)
+            :func:`complete_edge_index`) instead of all :math:`N^2` ordered pairs. Pass the same
+            flag to :class:`~gca_pyg.nn.CorrelationNet`. (default: :obj:`False`)
         edge_index (torch.Tensor, optional): The pairs to build, :math:`(2, |\mathcal{E}|)`, e.g.
             one process's share from :func:`shard_pairs`; the complete graph if omitted.
             (default: :obj:`None`)
@@ -137,11 +148,14 @@ def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
         Differentiable with respect to :obj:`z`.
     """
     if z.dim() != 2:
-        raise ValueError(f"build_batch_graph expects embeddings of shape [N, D], got {tuple(z.shape)}")
+        raise ValueError(
+            f"build_batch_graph expects embeddings of shape [N, D], got {tuple(z.shape)}"
+        )
     if y.dim() != 1 or y.numel() != z.size(0):
         raise ValueError(
             f"build_batch_graph expects one label per embedding: z has {z.size(0)} rows, "
-            f"y has shape {tuple(y.shape)}")
+            f"y has shape {tuple(y.shape)}"
+        )
     num_nodes = z.size(0)
     centred = z - z.mean(dim=1, keepdim=True)
     unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(eps)
@@ -157,8 +171,9 @@ def build_batch_graph(z: Tensor, y: Tensor, *, undirected: bool = False,
     source, target = edge_index
     edge_attr = gather_rows(unit, source) * gather_rows(unit, target)
     neg_mask = y[source] != y[target]
-    return Data(x=z, edge_index=edge_index, edge_attr=edge_attr, neg_mask=neg_mask, y=y,
-                num_nodes=num_nodes)
+    return Data(
+        x=z, edge_index=edge_index, edge_attr=edge_attr, neg_mask=neg_mask, y=y, num_nodes=num_nodes
+    )
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,7 @@ class EdgeShard:
         mask: Bool :math:`(G_r, K)`, True where the anchor and the sample are a stored pair;
             :obj:`None` for the complete graph, where all are.
     """
+
     edge_index: Tensor
     anchor: Tensor
     target_class: Tensor
@@ -220,17 +236,23 @@ def shard_pairs(layout: ClassLayout, rank: int = 0, world_size: int = 1) -> Edge
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
-    slots = _block_slots(layout.num_classes, layout.samples_per_class, rank, world_size,
-                         str(layout.members.device))
+    slots = _block_slots(
+        layout.num_classes, layout.samples_per_class, rank, world_size, str(layout.members.device)
+    )
     edge_slots, anchor_slots, target_class, edges = slots
     nodes = layout.members.reshape(-1)
-    return EdgeShard(edge_index=nodes[edge_slots], anchor=nodes[anchor_slots],
-                     target_class=target_class, edges=edges)
+    return EdgeShard(
+        edge_index=nodes[edge_slots],
+        anchor=nodes[anchor_slots],
+        target_class=target_class,
+        edges=edges,
+    )
 
 
 @lru_cache(maxsize=32)
-def _block_slots(num_classes: int, samples: int, rank: int, world_size: int, device: str
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _block_slots(
+    num_classes: int, samples: int, rank: int, world_size: int, device: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`shard_pairs` in terms of slots ``class_row * K + k``; depends on sizes only."""
     device = torch.device(device)
     first, second = torch.triu_indices(num_classes, num_classes, device=device)
@@ -247,15 +269,18 @@ def _block_slots(num_classes: int, samples: int, rank: int, world_size: int, dev
     num_cross = cross_a.numel()
     cross_base = torch.arange(num_cross, device=device) * samples * samples
     p, q = k.repeat_interleave(samples), k.repeat(samples)
-    cross_edges = torch.stack([(cross_a * samples).unsqueeze(1) + p,
-                               (cross_b * samples).unsqueeze(1) + q]).reshape(2, -1)
+    cross_edges = torch.stack(
+        [(cross_a * samples).unsqueeze(1) + p, (cross_b * samples).unsqueeze(1) + q]
+    ).reshape(2, -1)
     # Within a class: the pairs p <= q, row t of triu_indices(K, K).
     within = first[same]
     tri_p, tri_q = torch.triu_indices(samples, samples, device=device)
-    within_base = num_cross * samples * samples + \
-        torch.arange(within.numel(), device=device) * tri_p.numel()
-    within_edges = torch.stack([(within * samples).unsqueeze(1) + tri_p,
-                                (within * samples).unsqueeze(1) + tri_q]).reshape(2, -1)
+    within_base = (
+        num_cross * samples * samples + torch.arange(within.numel(), device=device) * tri_p.numel()
+    )
+    within_edges = torch.stack(
+        [(within * samples).unsqueeze(1) + tri_p, (within * samples).unsqueeze(1) + tri_q]
+    ).reshape(2, -1)
     edge_slots = torch.cat([cross_edges, within_edges], dim=1)
 
     # Groups: (anchor slot, target class, K edge rows).
@@ -266,13 +291,27 @@ def _block_slots(num_classes: int, samples: int, rank: int, world_size: int, dev
     triangle[tri_p, tri_q] = torch.arange(tri_p.numel(), device=device)
     triangle[tri_q, tri_p] = torch.arange(tri_p.numel(), device=device)
     within_rows = within_base.view(-1, 1, 1) + triangle  # [block, p, q]
-    anchor_slots = torch.cat([anchors_a.reshape(-1), anchors_b.reshape(-1),
-                              ((within * samples).unsqueeze(1) + k).reshape(-1)])
-    target_class = torch.cat([cross_b.repeat_interleave(samples),
-                              cross_a.repeat_interleave(samples),
-                              within.repeat_interleave(samples)])
-    edges = torch.cat([rows.reshape(-1, samples), rows.transpose(1, 2).reshape(-1, samples),
-                       within_rows.reshape(-1, samples)])
+    anchor_slots = torch.cat(
+        [
+            anchors_a.reshape(-1),
+            anchors_b.reshape(-1),
+            ((within * samples).unsqueeze(1) + k).reshape(-1),
+        ]
+    )
+    target_class = torch.cat(
+        [
+            cross_b.repeat_interleave(samples),
+            cross_a.repeat_interleave(samples),
+            within.repeat_interleave(samples),
+        ]
+    )
+    edges = torch.cat(
+        [
+            rows.reshape(-1, samples),
+            rows.transpose(1, 2).reshape(-1, samples),
+            within_rows.reshape(-1, samples),
+        ]
+    )
     return edge_slots, anchor_slots, target_class, edges
 
 
@@ -305,8 +344,10 @@ def knn_pairs(z: Tensor, y: Tensor, k: int) -> Tensor:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"knn_pairs needs a positive int number of neighbours k, got {k!r}")
     if z.dim() != 2 or y.dim() != 1 or y.numel() != z.size(0):
-        raise ValueError(f"knn_pairs expects embeddings [N, D] and labels [N], got "
-                         f"{tuple(z.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"knn_pairs expects embeddings [N, D] and labels [N], got "
+            f"{tuple(z.shape)} and {tuple(y.shape)}"
+        )
     num_nodes, device = z.size(0), z.device
     k = min(k, num_nodes - 1)
     unit = F.normalize(z.detach().float(), dim=1).cpu().contiguous().numpy()
@@ -331,8 +372,9 @@ def knn_pairs(z: Tensor, y: Tensor, k: int) -> Tensor:
     run = counts[class_of_slot]
     run_start = (torch.cumsum(counts, 0) - counts)[class_of_slot]
     mate_source = torch.repeat_interleave(nodes, run)
-    offsets = torch.arange(mate_source.numel(), device=device) - \
-        torch.repeat_interleave(torch.cumsum(run, 0) - run, run)
+    offsets = torch.arange(mate_source.numel(), device=device) - torch.repeat_interleave(
+        torch.cumsum(run, 0) - run, run
+    )
     mate_target = torch.repeat_interleave(run_start, run) + offsets
 
     first = torch.cat([slot[near_source], mate_source])
@@ -340,8 +382,11 @@ def knn_pairs(z: Tensor, y: Tensor, k: int) -> Tensor:
     code = torch.unique(torch.minimum(first, second) * num_nodes + torch.maximum(first, second))
     low, high = code // num_nodes, code % num_nodes  # sorted by (low, high)
     low_class, high_class = class_of_slot[low], class_of_slot[high]
-    block = torch.where(low_class < high_class, low_class * num_classes + high_class,
-                        num_classes * num_classes + low_class)
+    block = torch.where(
+        low_class < high_class,
+        low_class * num_classes + high_class,
+        num_classes * num_classes + low_class,
+    )
     order = torch.sort(block, stable=True).indices
     return torch.stack([node_of_slot[low[order]], node_of_slot[high[order]]])
 
@@ -376,10 +421,15 @@ def sparse_shard(layout: ClassLayout, edge_index: Tensor) -> EdgeShard:
     anchor_rank = layout.rank[anchor]
     # The group order of shard_pairs: anchors of the lower class of each cross block, anchors of
     # the higher class, then the same-class groups.
-    key = torch.where(anchor_class < member_class, cross_block * samples + anchor_rank,
-                      torch.where(anchor_class > member_class,
-                                  (num_cross + cross_block) * samples + anchor_rank,
-                                  2 * num_cross * samples + anchor_class * samples + anchor_rank))
+    key = torch.where(
+        anchor_class < member_class,
+        cross_block * samples + anchor_rank,
+        torch.where(
+            anchor_class > member_class,
+            (num_cross + cross_block) * samples + anchor_rank,
+            2 * num_cross * samples + anchor_class * samples + anchor_rank,
+        ),
+    )
     groups, group_of = torch.unique(key, return_inverse=True)
     num_groups = groups.numel()
     edges = torch.zeros(num_groups, samples, dtype=torch.long, device=edge_index.device)
@@ -390,5 +440,6 @@ def sparse_shard(layout: ClassLayout, edge_index: Tensor) -> EdgeShard:
     group_class = torch.empty_like(group_anchor)
     group_anchor[group_of] = anchor
     group_class[group_of] = member_class
-    return EdgeShard(edge_index=edge_index, anchor=group_anchor, target_class=group_class,
-                     edges=edges, mask=mask)
+    return EdgeShard(
+        edge_index=edge_index, anchor=group_anchor, target_class=group_class, edges=edges, mask=mask
+    )

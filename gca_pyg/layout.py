@@ -4,11 +4,14 @@ GCA-HNG pairs every sample with a positive of its own class and mixes the sample
 a fixed order (docs/method.md, "Roles within a class"). The reference code reads both off positions
 in a batch laid out sample-major; here the classes come from the labels and the roles within a class
 from the batch order of its samples (the sampler draws them at random). A permutation of the batch
-that keeps each class's internal order therefore permutes every derived quantity without changing it.
+that keeps each class's internal order therefore permutes every derived quantity without
+changing it.
 
 The layout is derived once per training step and passed to the graph, the synthesis and the losses.
 """
+
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -23,6 +26,7 @@ class ClassLayout:
         class_index: For every sample, the row of its class in :attr:`classes`, shape (N,).
         rank: For every sample, its position k within its class, shape (N,).
     """
+
     classes: Tensor
     members: Tensor
     class_index: Tensor
@@ -41,10 +45,12 @@ class ClassLayout:
         return self.members[self.class_index, (self.rank + 1) % self.samples_per_class]
 
     def other_classes(self) -> Tensor:
-        """For every sample, the rows of the C − 1 classes other than its own, ascending: (N, C − 1)."""
+        """For every sample, the rows of the C − 1 other classes, ascending: (N, C − 1)."""
         all_classes = torch.arange(self.num_classes, device=self.members.device)
         is_other = all_classes.unsqueeze(0) != self.class_index.unsqueeze(1)
-        return all_classes.expand(self.class_index.numel(), -1)[is_other].view(-1, self.num_classes - 1)
+        return all_classes.expand(self.class_index.numel(), -1)[is_other].view(
+            -1, self.num_classes - 1
+        )
 
 
 def class_layout(labels: Tensor) -> ClassLayout:
@@ -66,7 +72,8 @@ def class_layout(labels: Tensor) -> ClassLayout:
         raise ValueError(
             "GCA-HNG needs a class-balanced batch (at least 2 classes, every class exactly K >= 2 "
             f"samples) but got class counts {{{described}}}; sample batches with "
-            "gca_pyg.data.ClassBalancedBatchSampler")
+            "gca_pyg.data.ClassBalancedBatchSampler"
+        )
     samples_per_class = int(counts[0])
     order = torch.sort(class_index, stable=True).indices
     members = order.view(classes.numel(), samples_per_class)

@@ -11,6 +11,7 @@ The losses over synthetic samples and fusion weights also take one process's sha
 (``group``): each process passes the rows it computed, sums are combined over the processes with
 :func:`gca_pyg.distributed.all_reduce_sum`, and every process returns the loss of the whole batch.
 """
+
 from typing import Callable, Optional
 
 import torch
@@ -21,8 +22,13 @@ from gca_pyg.distributed import all_reduce_sum
 from gca_pyg.layout import ClassLayout, class_layout
 from gca_pyg.utils import gather_rows
 
-__all__ = ["npair_loss", "synthetic_npair_loss", "synthetic_class_loss", "similarity_loss",
-           "diversity_loss"]
+__all__ = [
+    "npair_loss",
+    "synthetic_npair_loss",
+    "synthetic_class_loss",
+    "similarity_loss",
+    "diversity_loss",
+]
 
 
 def _l2_term(l2_reg: float, *rows: Tensor) -> Tensor:
@@ -30,8 +36,13 @@ def _l2_term(l2_reg: float, *rows: Tensor) -> Tensor:
     return 0.25 * l2_reg * sum(r.square().sum(dim=-1).mean() for r in rows)
 
 
-def npair_loss(embeddings: Tensor, labels: Tensor, l2_reg: float = 3e-3, *,
-               layout: Optional[ClassLayout] = None) -> Tensor:
+def npair_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    l2_reg: float = 3e-3,
+    *,
+    layout: Optional[ClassLayout] = None,
+) -> Tensor:
     r"""The multi-class N-pair loss :math:`J_m` on a class-balanced batch.
 
     The first sample of each class (in batch order) is its anchor; for every other sample index
@@ -55,10 +66,18 @@ def npair_loss(embeddings: Tensor, labels: Tensor, l2_reg: float = 3e-3, *,
     return cross_entropy + _l2_term(l2_reg, *samples.transpose(0, 1))
 
 
-def synthetic_npair_loss(embeddings: Tensor, labels: Tensor, synthetic: Tensor,
-                         synthetic_labels: Tensor, anchor_index: Tensor, l2_reg: float = 3e-3, *,
-                         layout: Optional[ClassLayout] = None, connected: Optional[Tensor] = None,
-                         group=None) -> Tensor:
+def synthetic_npair_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    synthetic: Tensor,
+    synthetic_labels: Tensor,
+    anchor_index: Tensor,
+    l2_reg: float = 3e-3,
+    *,
+    layout: Optional[ClassLayout] = None,
+    connected: Optional[Tensor] = None,
+    group=None,
+) -> Tensor:
     r"""The N-pair loss with synthetic negatives, :math:`J_{syn}`.
 
     Every sample is an anchor once; its logits are :math:`[\mathbf{a}^\top \mathbf{p},\;
@@ -96,11 +115,13 @@ def synthetic_npair_loss(embeddings: Tensor, labels: Tensor, synthetic: Tensor,
         expected = expected & connected
     if group is None:
         filled = torch.bincount(slot[is_other], minlength=num_nodes * num_classes)
-        if not torch.equal(filled.view(num_nodes, num_classes) == 1, expected) or \
-                bool((filled > 1).any()):
-            raise ValueError("synthetic_npair_loss needs exactly one synthetic negative per "
-                             "(anchor, other class)" +
-                             ("" if connected is None else " that connected marks"))
+        if not torch.equal(filled.view(num_nodes, num_classes) == 1, expected) or bool(
+            (filled > 1).any()
+        ):
+            raise ValueError(
+                "synthetic_npair_loss needs exactly one synthetic negative per "
+                "(anchor, other class)" + ("" if connected is None else " that connected marks")
+            )
     anchors = gather_rows(embeddings, anchor_index)
     values = torch.where(is_other, (anchors * synthetic).sum(dim=-1), 0.0)
     logits = torch.zeros(num_nodes * num_classes, dtype=values.dtype, device=values.device)
@@ -112,11 +133,13 @@ def synthetic_npair_loss(embeddings: Tensor, labels: Tensor, synthetic: Tensor,
     if connected is not None:
         logits = logits.masked_fill(~expected.scatter(1, own, True), float("-inf"))
         num_candidates = num_nodes + int(expected.sum())
-    synthetic_norms = all_reduce_sum(torch.where(is_other, synthetic.square().sum(dim=-1),
-                                                 0.0).sum(), group)
+    synthetic_norms = all_reduce_sum(
+        torch.where(is_other, synthetic.square().sum(dim=-1), 0.0).sum(), group
+    )
     candidate_norms = (positives.square().sum() + synthetic_norms) / num_candidates
-    return F.cross_entropy(logits, layout.class_index) + \
-        0.25 * l2_reg * (embeddings.square().sum(dim=-1).mean() + candidate_norms)
+    return F.cross_entropy(logits, layout.class_index) + 0.25 * l2_reg * (
+        embeddings.square().sum(dim=-1).mean() + candidate_norms
+    )
 
 
 def _global_mean(values: Tensor, group) -> Tensor:
@@ -125,18 +148,30 @@ def _global_mean(values: Tensor, group) -> Tensor:
     return all_reduce_sum(values.sum(), group) / all_reduce_sum(count, group)
 
 
-def synthetic_class_loss(synthetic: Tensor, synthetic_labels: Tensor,
-                         classifier: Callable[[Tensor], Tensor], scale: float = 20.0, *,
-                         group=None) -> Tensor:
+def synthetic_class_loss(
+    synthetic: Tensor,
+    synthetic_labels: Tensor,
+    classifier: Callable[[Tensor], Tensor],
+    scale: float = 20.0,
+    *,
+    group=None,
+) -> Tensor:
     r""":math:`J_{ce} = s \cdot \mathrm{CE}(W_s \tilde{\mathbf{n}}, c)`: a synthetic sample must
     still be classified as the class it stands for (mean over the rows of all processes)."""
     losses = F.cross_entropy(classifier(synthetic), synthetic_labels, reduction="none")
     return scale * _global_mean(losses, group)
 
 
-def similarity_loss(embeddings: Tensor, synthetic: Tensor, anchor_index: Tensor,
-                    num_classes: int, *, mask: Optional[Tensor] = None,
-                    num_groups: Optional[int] = None, group=None) -> Tensor:
+def similarity_loss(
+    embeddings: Tensor,
+    synthetic: Tensor,
+    anchor_index: Tensor,
+    num_classes: int,
+    *,
+    mask: Optional[Tensor] = None,
+    num_groups: Optional[int] = None,
+    group=None,
+) -> Tensor:
     r""":math:`J_{sim}`: mean of :math:`1 - \cos(\mathbf{a}, \tilde{\mathbf{n}})` over all
     :math:`N \cdot C` (anchor, class) pairs, the :math:`N` same-class pairs counting as 0 (the
     reference's intent; its mask zeroes other entries by mistake).
@@ -163,9 +198,15 @@ def similarity_loss(embeddings: Tensor, synthetic: Tensor, anchor_index: Tensor,
     return all_reduce_sum(distance.sum(), group) / num_groups
 
 
-def diversity_loss(fusion_weights: Tensor, scale: float = 0.01, eps: float = 1e-12, *,
-                   edge_index: Optional[Tensor] = None, num_nodes: Optional[int] = None,
-                   group=None) -> Tensor:
+def diversity_loss(
+    fusion_weights: Tensor,
+    scale: float = 0.01,
+    eps: float = 1e-12,
+    *,
+    edge_index: Optional[Tensor] = None,
+    num_nodes: Optional[int] = None,
+    group=None,
+) -> Tensor:
     r""":math:`J_{div} = s \big(1 - \sqrt{\textstyle\sum_{ij} \lVert \boldsymbol{\lambda}_{ij} -
     \mathrm{mean}_{j'} \boldsymbol{\lambda}_{ij'} \rVert^2 / N^2}\big)` over the complete graph:
     rewards fusion weights that vary over each anchor's edges.
@@ -195,17 +236,21 @@ def diversity_loss(fusion_weights: Tensor, scale: float = 0.01, eps: float = 1e-
         source, target = edge_index
         mirrored = source != target
         loops = (~mirrored).nonzero().view(-1)  # a self-loop stands once: take it back once
-        sums = torch.zeros(num_nodes, fusion_weights.size(1), dtype=fusion_weights.dtype,
-                           device=fusion_weights.device)
+        sums = torch.zeros(
+            num_nodes,
+            fusion_weights.size(1),
+            dtype=fusion_weights.dtype,
+            device=fusion_weights.device,
+        )
         sums = sums.index_add(0, source, fusion_weights).index_add(0, target, fusion_weights)
         sums = sums.index_add(0, source[loops], gather_rows(fusion_weights, loops), alpha=-1)
-        degree = torch.bincount(source, minlength=num_nodes) + \
-            torch.bincount(target[mirrored], minlength=num_nodes)
+        degree = torch.bincount(source, minlength=num_nodes) + torch.bincount(
+            target[mirrored], minlength=num_nodes
+        )
         degree = all_reduce_sum(degree, group)  # stored directed pairs from each node
         mean = all_reduce_sum(sums, group) / degree.unsqueeze(1)
         from_source = (fusion_weights - gather_rows(mean, source)).square().sum(dim=-1)
         from_target = (fusion_weights - gather_rows(mean, target)).square().sum(dim=-1)
-        total = all_reduce_sum((from_source + torch.where(mirrored, from_target, 0.0)).sum(),
-                               group)
+        total = all_reduce_sum((from_source + torch.where(mirrored, from_target, 0.0)).sum(), group)
         num_pairs = int(degree.sum())
     return scale * (1.0 - (total / num_pairs).clamp_min(eps).sqrt())

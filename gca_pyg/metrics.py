@@ -244,8 +244,9 @@ class _ClassLayout:
         if own_group:
             pairs = [(g, g) for g in groups]
         else:
-            pairs = [(i, j) for i in groups for j in groups
-                     if (j > i if self.self_retrieval else j != i)]
+            pairs = [
+                (i, j) for i in groups for j in groups if (j > i if self.self_retrieval else j != i)
+            ]
         tiles = []
         for i, j in pairs:
             first, stop = self.query_bounds[i], self.query_bounds[i + 1]

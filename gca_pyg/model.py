@@ -1,9 +1,10 @@
 """GCA-HNG: backbone + embedding head + correlation net + classifier, and the losses of its three
 alternating updates (docs/method.md). The optimisers, schedules and running means that drive the
 updates live in :class:`gca_pyg.trainer.AlternatingTrainer`."""
+
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,13 @@ from gca_pyg.distributed import gather_rows as gather_processes
 from gca_pyg.generator import synthesize_groups
 from gca_pyg.graph import EdgeShard, GraphConfig, build_batch_graph
 from gca_pyg.layout import ClassLayout
-from gca_pyg.losses import (diversity_loss, npair_loss, similarity_loss, synthetic_class_loss,
-                            synthetic_npair_loss)
+from gca_pyg.losses import (
+    diversity_loss,
+    npair_loss,
+    similarity_loss,
+    synthetic_class_loss,
+    synthetic_npair_loss,
+)
 from gca_pyg.nn import CorrelationNet
 from gca_pyg.utils import gather_rows
 
@@ -23,6 +29,7 @@ from gca_pyg.utils import gather_rows
 @dataclass
 class NetConfig:
     """The correlation net: 2 layers × 4 heads for CUB/Cars, 1 × 2 for SOP/InShop."""
+
     num_layers: int = 2
     heads: int = 4
     dropout: float = 0.1
@@ -31,6 +38,7 @@ class NetConfig:
 @dataclass
 class LossConfig:
     """Loss weights (ResNet-50 CUB values as defaults; docs/method.md, "Losses")."""
+
     alpha: float = 5.0  # hardness h = exp(-alpha / J̄_m)
     beta: float = 20.0  # J_syn weight 1 - exp(-beta / J̄_gen)
     w_sim: float = 20.0
@@ -70,21 +78,38 @@ class GCAHNG(torch.nn.Module):
         channels_last: Run the backbone in ``torch.channels_last`` memory format (its weights and
             the images), which oneDNN and cuDNN convolutions often run faster.
     """
-    def __init__(self, backbone: torch.nn.Module, num_classes: int, embedding_size: int = 512, *,
-                 net: Optional[NetConfig] = None, loss: Optional[LossConfig] = None,
-                 graph: Optional[GraphConfig] = None, amp_dtype: Optional[torch.dtype] = None,
-                 channels_last: bool = False):
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        num_classes: int,
+        embedding_size: int = 512,
+        *,
+        net: Optional[NetConfig] = None,
+        loss: Optional[LossConfig] = None,
+        graph: Optional[GraphConfig] = None,
+        amp_dtype: Optional[torch.dtype] = None,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.channels_last = channels_last
         self.net_config = net or NetConfig()
         self.loss_config = loss or LossConfig()
         self.graph_config = graph or GraphConfig()
         self.amp_dtype = amp_dtype
-        self.backbone = backbone.to(memory_format=torch.channels_last) if channels_last else backbone
-        self.embedding = Sequential(BatchNorm1d(backbone.out_features),
-                                    Linear(backbone.out_features, embedding_size))
-        self.net = CorrelationNet(embedding_size, num_classes, num_layers=self.net_config.num_layers,
-                                  heads=self.net_config.heads, dropout=self.net_config.dropout)
+        self.backbone = (
+            backbone.to(memory_format=torch.channels_last) if channels_last else backbone
+        )
+        self.embedding = Sequential(
+            BatchNorm1d(backbone.out_features), Linear(backbone.out_features, embedding_size)
+        )
+        self.net = CorrelationNet(
+            embedding_size,
+            num_classes,
+            num_layers=self.net_config.num_layers,
+            heads=self.net_config.heads,
+            dropout=self.net_config.dropout,
+        )
         self.classifier = Linear(embedding_size, num_classes)
 
     @property
@@ -127,19 +152,40 @@ class GCAHNG(torch.nn.Module):
         finally:
             self.train(was_training)
 
-    def correlate(self, embeddings: Tensor, labels: Tensor, shard: EdgeShard, *,
-                  detach_fusion: bool = False, group=None) -> Tuple[Tensor, Tensor]:
+    def correlate(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        shard: EdgeShard,
+        *,
+        detach_fusion: bool = False,
+        group=None,
+    ) -> tuple[Tensor, Tensor]:
         """Node logits :math:`(N, C_{train})` and the fusion weights of the shard's pairs
         :math:`(E_r, D)`, from the batch graph of `embeddings`."""
         graph = build_batch_graph(embeddings, labels, undirected=True, edge_index=shard.edge_index)
         with self._autocast():
-            node_logits, fusion = self.net(graph.x, graph.edge_index, graph.edge_attr,
-                                           graph.neg_mask, undirected=True,
-                                           detach_fusion=detach_fusion, group=group)
+            node_logits, fusion = self.net(
+                graph.x,
+                graph.edge_index,
+                graph.edge_attr,
+                graph.neg_mask,
+                undirected=True,
+                detach_fusion=detach_fusion,
+                group=group,
+            )
         return self._out_of_autocast(node_logits), self._out_of_autocast(fusion)
 
-    def _synthesize(self, embeddings: Tensor, layout: ClassLayout, shard: EdgeShard,
-                    fusion: Tensor, hardness: float, mix: Tensor, own_class: bool):
+    def _synthesize(
+        self,
+        embeddings: Tensor,
+        layout: ClassLayout,
+        shard: EdgeShard,
+        fusion: Tensor,
+        hardness: float,
+        mix: Tensor,
+        own_class: bool,
+    ):
         """The shard's synthetic samples, their class rows and anchors (optionally without the
         groups of the anchor's own class)."""
         anchor, target_class, edges = shard.anchor, shard.target_class, shard.edges
@@ -149,13 +195,23 @@ class GCAHNG(torch.nn.Module):
             anchor, target_class, edges = anchor[keep], target_class[keep], edges[keep]
             mask = None if mask is None else mask[keep]
         weights = gather_rows(fusion, edges if mask is None else edges[mask])
-        synthetic = synthesize_groups(embeddings, layout, anchor, target_class, weights, hardness,
-                                      mix, mask)
+        synthetic = synthesize_groups(
+            embeddings, layout, anchor, target_class, weights, hardness, mix, mask
+        )
         return synthetic, target_class, anchor
 
-    def metric_loss(self, embeddings: Tensor, labels: Tensor, layout: ClassLayout,
-                    shard: EdgeShard, *, hardness: float, synthetic_weight: float,
-                    mix: Tensor, group=None) -> Dict[str, Tensor]:
+    def metric_loss(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        layout: ClassLayout,
+        shard: EdgeShard,
+        *,
+        hardness: float,
+        synthetic_weight: float,
+        mix: Tensor,
+        group=None,
+    ) -> dict[str, Tensor]:
         """:math:`J_{metric} = J_m + w J_{syn} + J_{gce}` (fusion weights detached), for the
         backbone, the embedding head and the correlation net. Returns every term by name.
 
@@ -163,33 +219,55 @@ class GCAHNG(torch.nn.Module):
         (see :func:`~gca_pyg.losses.synthetic_npair_loss`)."""
         cfg = self.loss_config
         j_m = npair_loss(embeddings, labels, cfg.l2_reg, layout=layout)
-        node_logits, fusion = self.correlate(embeddings, labels, shard, detach_fusion=True,
-                                             group=group)
+        node_logits, fusion = self.correlate(
+            embeddings, labels, shard, detach_fusion=True, group=group
+        )
         j_gce = F.cross_entropy(node_logits, labels)
         losses = {"J_m": j_m, "J_gce": j_gce}
         j_metric = j_m + j_gce
         if cfg.synthesis:
             synthetic, target_class, anchor = self._synthesize(
-                embeddings, layout, shard, fusion, hardness, mix, own_class=False)
-            connected = None if shard.mask is None else \
-                shard.connected(embeddings.size(0), layout.num_classes)
-            j_syn = synthetic_npair_loss(embeddings, labels, synthetic, layout.classes[target_class],
-                                         anchor, cfg.l2_reg, layout=layout, connected=connected,
-                                         group=group)
+                embeddings, layout, shard, fusion, hardness, mix, own_class=False
+            )
+            connected = (
+                None
+                if shard.mask is None
+                else shard.connected(embeddings.size(0), layout.num_classes)
+            )
+            j_syn = synthetic_npair_loss(
+                embeddings,
+                labels,
+                synthetic,
+                layout.classes[target_class],
+                anchor,
+                cfg.l2_reg,
+                layout=layout,
+                connected=connected,
+                group=group,
+            )
             j_metric = j_metric + synthetic_weight * j_syn
             losses["J_syn"] = j_syn
         losses["J_metric"] = j_metric
         return losses
 
-    def classifier_loss(self, embeddings: Tensor, labels: Tensor) -> Dict[str, Tensor]:
-        """:math:`J_{cls} = 10\\,\\mathrm{CE}(W_s z, y)` on detached embeddings, for the classifier."""
+    def classifier_loss(self, embeddings: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """:math:`J_{cls} = 10\\,\\mathrm{CE}(W_s z, y)` on detached embeddings (classifier)."""
         j_cls = self.loss_config.classifier_scale * F.cross_entropy(
-            self.classifier(embeddings.detach()), labels)
+            self.classifier(embeddings.detach()), labels
+        )
         return {"J_cls": j_cls}
 
-    def generator_loss(self, embeddings: Tensor, labels: Tensor, layout: ClassLayout,
-                       shard: EdgeShard, *, hardness: float, mix: Tensor,
-                       group=None) -> Dict[str, Tensor]:
+    def generator_loss(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        layout: ClassLayout,
+        shard: EdgeShard,
+        *,
+        hardness: float,
+        mix: Tensor,
+        group=None,
+    ) -> dict[str, Tensor]:
         """:math:`J_{gen} = \\tfrac12 (J_{ce} + w_{sim} J_{sim} + w_{div} J_{div})` on detached
         embeddings, for the correlation net alone. :math:`J_{ce}` covers all :math:`N C` synthetic
         samples (own class included), :math:`J_{sim}` the other-class ones.
@@ -202,15 +280,28 @@ class GCAHNG(torch.nn.Module):
         embeddings = embeddings.detach()
         _, fusion = self.correlate(embeddings, labels, shard, group=group)
         synthetic, target_class, anchor = self._synthesize(
-            embeddings, layout, shard, fusion, hardness, mix, own_class=True)
-        j_ce = synthetic_class_loss(synthetic, layout.classes[target_class],
-                                    self._frozen_classifier, cfg.generator_ce_scale, group=group)
+            embeddings, layout, shard, fusion, hardness, mix, own_class=True
+        )
+        j_ce = synthetic_class_loss(
+            synthetic,
+            layout.classes[target_class],
+            self._frozen_classifier,
+            cfg.generator_ce_scale,
+            group=group,
+        )
         is_other = target_class != layout.class_index[anchor]
-        j_sim = similarity_loss(embeddings, synthetic, anchor, layout.num_classes, mask=is_other,
-                                num_groups=None if shard.mask is None else shard.num_groups,
-                                group=group)
-        j_div = diversity_loss(fusion, edge_index=shard.edge_index,
-                               num_nodes=embeddings.size(0), group=group)
+        j_sim = similarity_loss(
+            embeddings,
+            synthetic,
+            anchor,
+            layout.num_classes,
+            mask=is_other,
+            num_groups=None if shard.mask is None else shard.num_groups,
+            group=group,
+        )
+        j_div = diversity_loss(
+            fusion, edge_index=shard.edge_index, num_nodes=embeddings.size(0), group=group
+        )
         j_gen = 0.5 * (j_ce + cfg.w_sim * j_sim + cfg.w_div * j_div)
         return {"J_gen": j_gen, "J_ce": j_ce, "J_sim": j_sim, "J_div": j_div}
 

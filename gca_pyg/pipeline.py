@@ -1,9 +1,11 @@
-"""From a :class:`~gca_pyg.config.Config` to datasets, a model, embeddings and metrics: the parts that
+"""From a :class:`~gca_pyg.config.Config` to datasets, a model, embeddings and metrics: the parts
+that
 ``python -m gca_pyg.train`` and ``python -m gca_pyg.evaluate`` share."""
+
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
@@ -11,31 +13,53 @@ from torch.utils.data import DataLoader, Subset
 
 from gca_pyg.backbones import build_backbone
 from gca_pyg.config import Config
-from gca_pyg.data import (ClassBalancedBatchSampler, RetrievalDataset, demo_test_transform,
-                          demo_train_transform, get_dataset, test_transform, train_transform)
+from gca_pyg.data import (
+    ClassBalancedBatchSampler,
+    RetrievalDataset,
+    demo_test_transform,
+    demo_train_transform,
+    get_dataset,
+    test_transform,
+    train_transform,
+)
 from gca_pyg.distributed import Context, all_gather_objects
 from gca_pyg.errors import ConfigError, UnreadableImagesError
 from gca_pyg.metrics import retrieval_metrics
 from gca_pyg.model import GCAHNG
 from gca_pyg.runtime import native_bf16
 
-__all__ = ["TestData", "resolve_device", "build_train_dataset", "build_train_sampler",
-           "build_test_data", "build_model", "compute_embeddings", "embed_test_data",
-           "test_metrics", "evaluate", "format_metrics", "one_line_unreadable_error",
-           "report_unreadable", "warn"]
+__all__ = [
+    "TestData",
+    "resolve_device",
+    "build_train_dataset",
+    "build_train_sampler",
+    "build_test_data",
+    "build_model",
+    "compute_embeddings",
+    "embed_test_data",
+    "test_metrics",
+    "evaluate",
+    "format_metrics",
+    "one_line_unreadable_error",
+    "report_unreadable",
+    "warn",
+]
 
 
 @dataclass
 class TestData:
     """The evaluation split: a gallery searched by itself, or by separate queries (In-Shop)."""
+
     gallery: RetrievalDataset
     query: Optional[RetrievalDataset] = None
 
     def describe(self) -> str:
         if self.query is None:
             return f"{self.gallery.num_classes} unseen classes, {len(self.gallery)} images"
-        return (f"{len(self.query)} queries against a gallery of {len(self.gallery)} images, "
-                f"{self.gallery.num_classes} unseen items")
+        return (
+            f"{len(self.query)} queries against a gallery of {len(self.gallery)} images, "
+            f"{self.gallery.num_classes} unseen items"
+        )
 
 
 def warn(message: str):
@@ -60,8 +84,10 @@ def report_unreadable(dataset: RetrievalDataset, what: str, already_reported: in
     if count > already_reported:
         paths = getattr(dataset, "unreadable_paths", [])
         shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
-        warn(f"{count} unreadable {what} image(s) so far, each replaced by another image of its "
-             f"class{': ' + shown if shown else ''}")
+        warn(
+            f"{count} unreadable {what} image(s) so far, each replaced by another image of its "
+            f"class{': ' + shown if shown else ''}"
+        )
     return count
 
 
@@ -74,17 +100,21 @@ def resolve_device(spec: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"train.device is '{spec}' but torch sees no CUDA device here "
-                f"(torch {torch.__version__}); use --set train.device=auto or cpu")
+                f"(torch {torch.__version__}); use --set train.device=auto or cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device is '{spec}' but only {torch.cuda.device_count()} CUDA "
-                              "device(s) exist; use --set train.device=cuda:0")
+            raise ConfigError(
+                f"train.device is '{spec}' but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist; use --set train.device=cuda:0"
+            )
     return device
 
 
 def check_precision(config: Config, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of ``train.precision``. ``auto`` is what measured fastest for the whole
     step (``benchmarks/bench_step.py --backbone``): bf16 on CUDA devices with bf16, fp32 on the CPU
-    (even with AMX, oneDNN's bf16 convolutions made the ResNet-50 step slower than fp32). An explicit
+    (even with AMX, oneDNN's bf16 convolutions made the ResNet-50 step slower than fp32). An
+    explicit
     bf16 without native support runs, with a warning."""
     precision = config.train.precision
     if precision == "auto":
@@ -92,8 +122,10 @@ def check_precision(config: Config, device: torch.device) -> Optional[torch.dtyp
     if precision == "fp32":
         return None
     if not native_bf16(device):
-        warn(f"train.precision is bf16 but this {device.type.upper()} has no native bf16 matmul "
-             "(no AVX512-BF16/AMX): expect it to run many times slower than fp32")
+        warn(
+            f"train.precision is bf16 but this {device.type.upper()} has no native bf16 matmul "
+            "(no AVX512-BF16/AMX): expect it to run many times slower than fp32"
+        )
     return torch.bfloat16
 
 
@@ -119,46 +151,70 @@ def build_train_dataset(config: Config) -> RetrievalDataset:
     return get_dataset(config.data.dataset, config.data.root, "train", train)
 
 
-def build_train_sampler(config: Config, labels, num_replicas: int = 1,
-                        rank: int = 0) -> ClassBalancedBatchSampler:
+def build_train_sampler(
+    config: Config, labels, num_replicas: int = 1, rank: int = 0
+) -> ClassBalancedBatchSampler:
     """The class-balanced batches of `config` over the training `labels`; with `num_replicas`
     processes, this `rank`'s share (whole classes) of every global batch."""
     data = config.data
-    return ClassBalancedBatchSampler(labels, data.classes_per_batch, data.samples_per_class,
-                                     class_sampling=data.class_sampling, seed=config.train.seed,
-                                     num_replicas=num_replicas, rank=rank)
+    return ClassBalancedBatchSampler(
+        labels,
+        data.classes_per_batch,
+        data.samples_per_class,
+        class_sampling=data.class_sampling,
+        seed=config.train.seed,
+        num_replicas=num_replicas,
+        rank=rank,
+    )
 
 
 def build_test_data(config: Config) -> TestData:
     _, test = _transforms(config)
     data = config.data
     if data.dataset == "inshop":
-        return TestData(gallery=get_dataset("inshop", data.root, "gallery", test),
-                        query=get_dataset("inshop", data.root, "query", test))
+        return TestData(
+            gallery=get_dataset("inshop", data.root, "gallery", test),
+            query=get_dataset("inshop", data.root, "query", test),
+        )
     return TestData(gallery=get_dataset(data.dataset, data.root, "test", test))
 
 
-def build_model(config: Config, num_classes: int, device: torch.device,
-                pretrained: Optional[str] = None) -> GCAHNG:
+def build_model(
+    config: Config, num_classes: int, device: torch.device, pretrained: Optional[str] = None
+) -> GCAHNG:
     """The GCA-HNG model of `config` on `device`; `pretrained` overrides ``model.pretrained``
     (evaluation loads every weight from a checkpoint, so it asks for ``none``)."""
-    backbone = build_backbone(config.model.backbone,
-                              pretrained=pretrained or config.model.pretrained,
-                              frozen_bn=config.model.frozen_bn)
-    model = GCAHNG(backbone, num_classes, config.model.embedding_size, net=config.net,
-                   loss=config.loss, graph=config.graph, amp_dtype=check_precision(config, device),
-                   channels_last=use_channels_last(config, device))
+    backbone = build_backbone(
+        config.model.backbone,
+        pretrained=pretrained or config.model.pretrained,
+        frozen_bn=config.model.frozen_bn,
+    )
+    model = GCAHNG(
+        backbone,
+        num_classes,
+        config.model.embedding_size,
+        net=config.net,
+        loss=config.loss,
+        graph=config.graph,
+        amp_dtype=check_precision(config, device),
+        channels_last=use_channels_last(config, device),
+    )
     return model.to(device)
 
 
-def loader_options(config: Config, device: torch.device) -> Dict:
+def loader_options(config: Config, device: torch.device) -> dict:
     workers = config.data.num_workers
-    return {"num_workers": workers, "pin_memory": device.type == "cuda",
-            "persistent_workers": False, **({"prefetch_factor": 2} if workers else {})}
+    return {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": False,
+        **({"prefetch_factor": 2} if workers else {}),
+    }
 
 
-def compute_embeddings(model: GCAHNG, dataset: RetrievalDataset, config: Config,
-                       context: Optional[Context] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def compute_embeddings(
+    model: GCAHNG, dataset: RetrievalDataset, config: Config, context: Optional[Context] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (not normalised) and labels of every item of `dataset`, in order, on the CPU.
 
     Under ``torchrun`` (a `context` with several processes) each process embeds a contiguous
@@ -166,9 +222,13 @@ def compute_embeddings(model: GCAHNG, dataset: RetrievalDataset, config: Config,
     context = context or Context(device=model.device)
     share = np.array_split(np.arange(len(dataset)), context.world_size)[context.rank]
     part = dataset if context.world_size == 1 else Subset(dataset, share.tolist())
-    loader = DataLoader(part, batch_size=config.eval.batch_size, shuffle=False,
-                        **loader_options(config, model.device))
-    embeddings: List[torch.Tensor] = []
+    loader = DataLoader(
+        part,
+        batch_size=config.eval.batch_size,
+        shuffle=False,
+        **loader_options(config, model.device),
+    )
+    embeddings: list[torch.Tensor] = []
     with one_line_unreadable_error(dataset):
         for images, _ in loader:
             embeddings.append(model.embed(images).cpu())
@@ -180,8 +240,9 @@ def compute_embeddings(model: GCAHNG, dataset: RetrievalDataset, config: Config,
     return gathered, torch.as_tensor(dataset.labels)
 
 
-def embed_test_data(model: GCAHNG, test_data: TestData, config: Config,
-                    context: Optional[Context] = None) -> Dict[str, torch.Tensor]:
+def embed_test_data(
+    model: GCAHNG, test_data: TestData, config: Config, context: Optional[Context] = None
+) -> dict[str, torch.Tensor]:
     """``embeddings``/``labels`` of the gallery, plus ``query_embeddings``/``query_labels``."""
     gallery, gallery_labels = compute_embeddings(model, test_data.gallery, config, context)
     embedded = {"embeddings": gallery, "labels": gallery_labels}
@@ -191,19 +252,24 @@ def embed_test_data(model: GCAHNG, test_data: TestData, config: Config,
     return embedded
 
 
-def test_metrics(embedded: Dict[str, torch.Tensor], ks: List[int]) -> Dict[str, float]:
+def test_metrics(embedded: dict[str, torch.Tensor], ks: list[int]) -> dict[str, float]:
     """Recall@K, MAP@R and RP (docs/method.md, "Evaluation") of what :func:`embed_test_data`
     returned."""
-    return retrieval_metrics(embedded["embeddings"], embedded["labels"], ks=ks,
-                             query=embedded.get("query_embeddings"),
-                             query_labels=embedded.get("query_labels"))
+    return retrieval_metrics(
+        embedded["embeddings"],
+        embedded["labels"],
+        ks=ks,
+        query=embedded.get("query_embeddings"),
+        query_labels=embedded.get("query_labels"),
+    )
 
 
 test_metrics.__test__ = False  # not a pytest test, though its name starts with "test_"
 
 
-def evaluate(model: GCAHNG, test_data: TestData, config: Config,
-             context: Optional[Context] = None) -> Dict[str, float]:
+def evaluate(
+    model: GCAHNG, test_data: TestData, config: Config, context: Optional[Context] = None
+) -> dict[str, float]:
     """Embeds the test split (in shares across processes) and returns its retrieval metrics; under
     ``torchrun`` rank 0 computes them and every process receives them."""
     embedded = embed_test_data(model, test_data, config, context)
@@ -212,16 +278,20 @@ def evaluate(model: GCAHNG, test_data: TestData, config: Config,
     return all_gather_objects(metrics, group)[0]
 
 
-def format_metrics(columns: Dict[str, Dict[str, float]]) -> str:
+def format_metrics(columns: dict[str, dict[str, float]]) -> str:
     """A table of metrics (rows) per column, in percent as papers report them."""
     names = list(next(iter(columns.values())))
-    labels = {name: name.replace("recall@", "R@").replace("map@r", "MAP@R")
-              .replace("r_precision", "RP") for name in names}
+    labels = {
+        name: name.replace("recall@", "R@").replace("map@r", "MAP@R").replace("r_precision", "RP")
+        for name in names
+    }
     width = max(len("metric"), *(len(label) for label in labels.values()))
     widths = [max(len(title), 6) for title in columns]
     lines = [" | ".join(["metric".ljust(width)] + [t.rjust(w) for t, w in zip(columns, widths)])]
     lines.append("-+-".join(["-" * width] + ["-" * w for w in widths]))
     for name in names:
-        cells = [f"{100 * column[name]:.2f}".rjust(w) for column, w in zip(columns.values(), widths)]
+        cells = [
+            f"{100 * column[name]:.2f}".rjust(w) for column, w in zip(columns.values(), widths)
+        ]
         lines.append(" | ".join([labels[name].ljust(width)] + cells))
     return "\n".join(lines)

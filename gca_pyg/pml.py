@@ -39,8 +39,8 @@ The split of the updates:
 The synthetic negatives depend on pytorch-metric-learning only through the call convention; the
 ``pml`` extra (``pip install "gca-pyg[pml]"``) installs it for ``examples/pml_triplet.py``.
 """
+
 import math
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -110,17 +110,30 @@ class GCANegativeGenerator(torch.nn.Module):
         - **output:** synthetic negatives :math:`(N (C-1), D)` and their labels
           :math:`(N (C-1),)`, grouped by anchor
     """
-    def __init__(self, embedding_size: int, num_classes: int, num_layers: int = 2, heads: int = 4,
-                 dropout: float = 0.1, *, alpha: float = 5.0, beta: float = 20.0,
-                 w_sim: float = 20.0, w_div: float = 60.0, generator_ce_scale: float = 20.0,
-                 classifier_scale: float = 10.0):
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        num_layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.1,
+        *,
+        alpha: float = 5.0,
+        beta: float = 20.0,
+        w_sim: float = 20.0,
+        w_div: float = 60.0,
+        generator_ce_scale: float = 20.0,
+        classifier_scale: float = 10.0,
+    ):
         super().__init__()
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.alpha, self.beta = alpha, beta
         self.w_sim, self.w_div = w_sim, w_div
         self.generator_ce_scale, self.classifier_scale = generator_ce_scale, classifier_scale
-        self.net = CorrelationNet(embedding_size, num_classes, num_layers=num_layers, heads=heads,
-                                  dropout=dropout)
+        self.net = CorrelationNet(
+            embedding_size, num_classes, num_layers=num_layers, heads=heads, dropout=dropout
+        )
         self.classifier = torch.nn.Linear(embedding_size, num_classes)
         # Buffers, so that a state_dict resumes the schedule too.
         self.register_buffer("mean_metric_loss", torch.tensor(INITIAL_MEAN_LOSS))
@@ -139,7 +152,7 @@ class GCANegativeGenerator(torch.nn.Module):
         negatives: about 0 until the generator's mean loss :math:`\bar{J}_{gen}` is known."""
         return 1.0 - math.exp(-self.beta / float(self.mean_generator_loss))
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Synthetic negatives and their labels: ``ref_emb, ref_labels`` for a PML loss.
 
         Differentiable in `embeddings`; the generator's parameters get no gradient from them.
@@ -150,8 +163,7 @@ class GCANegativeGenerator(torch.nn.Module):
         self._check(embeddings, labels)
         with torch.no_grad():
             _, fusion = self._correlate(embeddings.detach(), labels)
-        synthetic, synthetic_labels, _ = synthesize_batch(embeddings, labels, fusion,
-                                                          self.hardness)
+        synthetic, synthetic_labels, _ = synthesize_batch(embeddings, labels, fusion, self.hardness)
         return synthetic, synthetic_labels
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -162,10 +174,12 @@ class GCANegativeGenerator(torch.nn.Module):
         self._check(embeddings, labels)
         embeddings = embeddings.detach()
         node_logits, fusion = self._correlate(embeddings, labels)
-        synthetic, synthetic_labels, anchor_index = synthesize_batch(embeddings, labels, fusion,
-                                                                     self.hardness)
-        j_ce = synthetic_class_loss(synthetic, synthetic_labels, self._frozen_classifier,
-                                    self.generator_ce_scale)
+        synthetic, synthetic_labels, anchor_index = synthesize_batch(
+            embeddings, labels, fusion, self.hardness
+        )
+        j_ce = synthetic_class_loss(
+            synthetic, synthetic_labels, self._frozen_classifier, self.generator_ce_scale
+        )
         classes_in_batch = synthetic.size(0) // embeddings.size(0) + 1
         j_sim = similarity_loss(embeddings, synthetic, anchor_index, classes_in_batch)
         j_gen = 0.5 * (j_ce + self.w_sim * j_sim + self.w_div * diversity_loss(fusion))
@@ -185,21 +199,25 @@ class GCANegativeGenerator(torch.nn.Module):
         """
         mean_metric_loss = float(mean_metric_loss)
         if not (math.isfinite(mean_metric_loss) and mean_metric_loss > 0):
-            raise ValueError(f"update() needs the mean loss of your model over the epoch, a "
-                             f"positive finite number; got {mean_metric_loss}")
+            raise ValueError(
+                f"update() needs the mean loss of your model over the epoch, a "
+                f"positive finite number; got {mean_metric_loss}"
+            )
         self.mean_metric_loss.fill_(mean_metric_loss)
         if int(self.generator_loss_count) > 0:
             self.mean_generator_loss.copy_(self.generator_loss_sum / self.generator_loss_count)
         self.generator_loss_sum.zero_()
         self.generator_loss_count.zero_()
 
-    def _correlate(self, embeddings: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+    def _correlate(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Node logits and dense fusion weights :math:`(N, N, D)` of the batch graph."""
         graph = build_batch_graph(embeddings, labels, undirected=True)
-        node_logits, fusion = self.net(graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask,
-                                       undirected=True)
-        return node_logits, to_dense_edges(fusion, graph.edge_index, embeddings.size(0),
-                                           undirected=True)
+        node_logits, fusion = self.net(
+            graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask, undirected=True
+        )
+        return node_logits, to_dense_edges(
+            fusion, graph.edge_index, embeddings.size(0), undirected=True
+        )
 
     def _frozen_classifier(self, x: Tensor) -> Tensor:
         """The classifier as a fixed function: :math:`J_{ce}` must not train it."""
@@ -207,16 +225,22 @@ class GCANegativeGenerator(torch.nn.Module):
 
     def _check(self, embeddings: Tensor, labels: Tensor):
         if embeddings.dim() != 2 or embeddings.size(1) != self.embedding_size:
-            raise ValueError(f"GCANegativeGenerator was built for embeddings of shape "
-                             f"[N, {self.embedding_size}], got {tuple(embeddings.shape)}; pass "
-                             "embedding_size=D of your model")
+            raise ValueError(
+                f"GCANegativeGenerator was built for embeddings of shape "
+                f"[N, {self.embedding_size}], got {tuple(embeddings.shape)}; pass "
+                "embedding_size=D of your model"
+            )
         if labels.dim() != 1 or labels.numel() != embeddings.size(0):
-            raise ValueError(f"expected one label per embedding ({embeddings.size(0)}), got labels "
-                             f"of shape {tuple(labels.shape)}")
+            raise ValueError(
+                f"expected one label per embedding ({embeddings.size(0)}), got labels "
+                f"of shape {tuple(labels.shape)}"
+            )
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"labels must be training class ids in 0..{self.num_classes - 1}, "
-                             f"got {int(labels.min())}..{int(labels.max())}; pass num_classes=the "
-                             "number of training classes, or map the labels to 0..C-1")
+            raise ValueError(
+                f"labels must be training class ids in 0..{self.num_classes - 1}, "
+                f"got {int(labels.min())}..{int(labels.max())}; pass num_classes=the "
+                "number of training classes, or map the labels to 0..C-1"
+            )
 
     def extra_repr(self) -> str:
         return f"{self.embedding_size}, num_classes={self.num_classes}, alpha={self.alpha}"

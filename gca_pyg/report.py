@@ -16,6 +16,7 @@ Writes a self-contained report of a training run to one folder (default ``RUN_DI
 It costs one pass of the model over the test split. Needs the ``report`` extra (matplotlib and
 scikit-learn): ``pip install "gca-pyg[report]"``.
 """
+
 import argparse
 import copy
 import html
@@ -24,9 +25,10 @@ import json
 import shlex
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
 import faiss
 import numpy as np
@@ -40,8 +42,15 @@ from gca_pyg.errors import ConfigError, GcaError, MissingExtraError
 from gca_pyg.metrics import retrieval_metrics
 from gca_pyg.pipeline import build_model, build_test_data, embed_test_data, resolve_device
 
-__all__ = ["report_command", "write_report", "plot_curves", "embedding_map", "nearest_neighbours",
-           "per_class_recall_at_1", "read_log"]
+__all__ = [
+    "report_command",
+    "write_report",
+    "plot_curves",
+    "embedding_map",
+    "nearest_neighbours",
+    "per_class_recall_at_1",
+    "read_log",
+]
 
 #: Queries of the retrieval gallery, and neighbours shown per query.
 NUM_QUERIES, NUM_NEIGHBOURS = 16, 8
@@ -68,12 +77,16 @@ def report_command(run_dir: Union[str, Path]) -> str:
 
 def _require_extras():
     """Imports the report's optional dependencies, or says which extra installs them."""
-    missing = [name for name, module in (("matplotlib", "matplotlib"), ("scikit-learn", "sklearn"))
-               if not _importable(module)]
+    missing = [
+        name
+        for name, module in (("matplotlib", "matplotlib"), ("scikit-learn", "sklearn"))
+        if not _importable(module)
+    ]
     if missing:
         raise MissingExtraError(
             f"the report needs {' and '.join(missing)}, which are not installed: "
-            "pip install \"gca-pyg[report]\"")
+            'pip install "gca-pyg[report]"'
+        )
 
 
 def _importable(module: str) -> bool:
@@ -85,7 +98,7 @@ def _importable(module: str) -> bool:
 
 
 # -- the run's log ---------------------------------------------------------------------------------
-def read_log(run_dir: Path) -> List[Dict]:
+def read_log(run_dir: Path) -> list[dict]:
     """The records of ``run_dir/log.jsonl`` (one per epoch), minus a line cut short by a crash."""
     path = run_dir / "log.jsonl"
     if not path.is_file():
@@ -95,17 +108,19 @@ def read_log(run_dir: Path) -> List[Dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            warnings.warn(f"{path}, line {number}, is not JSON and is left out of the curves",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{path}, line {number}, is not JSON and is left out of the curves",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return records
 
 
 def _metric_label(name: str) -> str:
-    return (name.replace("recall@", "R@").replace("map@r", "MAP@R")
-            .replace("r_precision", "RP"))
+    return name.replace("recall@", "R@").replace("map@r", "MAP@R").replace("r_precision", "RP")
 
 
-def plot_curves(records: Sequence[Dict], out_dir: Path) -> List[Tuple[str, str]]:
+def plot_curves(records: Sequence[dict], out_dir: Path) -> list[tuple[str, str]]:
     """One PNG per panel of :data:`CURVE_PANELS` that has a key in `records`, one for the test
     metrics, and one for every other numeric key; absent keys are skipped.
 
@@ -115,11 +130,20 @@ def plot_curves(records: Sequence[Dict], out_dir: Path) -> List[Tuple[str, str]]
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    present = {key for record in records for key, value in record.items() if key != "epoch"
-               and isinstance(value, (int, float)) and not isinstance(value, bool)}
-    test_keys = sorted((key for key in present if key.startswith(TEST_PREFIX)),
-                       key=lambda key: (not key.startswith(TEST_PREFIX + "recall@"),
-                                        int(key.rsplit("@", 1)[1]) if "recall@" in key else 0, key))
+    present = {
+        key
+        for record in records
+        for key, value in record.items()
+        if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    test_keys = sorted(
+        (key for key in present if key.startswith(TEST_PREFIX)),
+        key=lambda key: (
+            not key.startswith(TEST_PREFIX + "recall@"),
+            int(key.rsplit("@", 1)[1]) if "recall@" in key else 0,
+            key,
+        ),
+    )
     panels = [(title, [key for key in keys if key in present]) for title, keys in CURVE_PANELS]
     panels.append(("Test retrieval (%)", test_keys))
     grouped = {key for _, keys in panels for key in keys}
@@ -140,7 +164,7 @@ def plot_curves(records: Sequence[Dict], out_dir: Path) -> List[Tuple[str, str]]
             scale = 100.0 if key.startswith(TEST_PREFIX) else 1.0
             values = [scale * v for v in values]
             values_seen += values
-            label = _metric_label(key[len(TEST_PREFIX):]) if key.startswith(TEST_PREFIX) else key
+            label = _metric_label(key[len(TEST_PREFIX) :]) if key.startswith(TEST_PREFIX) else key
             axes.plot(epochs, values, marker="o", markersize=3, label=label)
         positive = [v for v in values_seen if v > 0]
         if len(positive) == len(values_seen) and max(positive) > 100 * min(positive):
@@ -159,8 +183,9 @@ def plot_curves(records: Sequence[Dict], out_dir: Path) -> List[Tuple[str, str]]
 
 
 # -- the embedding map -----------------------------------------------------------------------------
-def embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: Path, *,
-                  max_points: int = 3000, seed: int = 0) -> str:
+def embedding_map(
+    embeddings: np.ndarray, labels: np.ndarray, path: Path, *, max_points: int = 3000, seed: int = 0
+) -> str:
     """Draws a 2-D map of L2-normalised `embeddings` coloured by class and saves it to `path`.
 
     At most `max_points` rows are drawn (a seeded subsample beyond). They are reduced to 50
@@ -177,20 +202,29 @@ def embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: Path, *,
     if total < 3:
         raise ConfigError(f"the embedding map needs at least 3 test embeddings, got {total}")
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(total, max_points, replace=False)) if total > max_points \
+    rows = (
+        np.sort(rng.choice(total, max_points, replace=False))
+        if total > max_points
         else np.arange(total)
+    )
     points = embeddings[rows].astype(np.float32)
     points /= np.linalg.norm(points, axis=1, keepdims=True).clip(min=1e-12)
     points = PCA(n_components=min(50, *points.shape), random_state=seed).fit_transform(points)
     if _importable("umap"):
         import umap
+
         method = "UMAP"
         flat = umap.UMAP(n_components=2, random_state=seed).fit_transform(points)
     else:
         from sklearn.manifold import TSNE
+
         method = "t-SNE"
-        flat = TSNE(n_components=2, perplexity=min(30.0, (len(points) - 1) / 3), init="pca",
-                    random_state=seed).fit_transform(points)
+        flat = TSNE(
+            n_components=2,
+            perplexity=min(30.0, (len(points) - 1) / 3),
+            init="pca",
+            random_state=seed,
+        ).fit_transform(points)
 
     classes, colour_index = np.unique(labels[rows], return_inverse=True)
     if len(classes) <= 20:
@@ -203,18 +237,25 @@ def embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: Path, *,
     axes.scatter(flat[:, 0], flat[:, 1], c=colours, s=6, linewidths=0)
     axes.set_xticks([])
     axes.set_yticks([])
-    axes.set_title(f"{method} of {len(rows):,} test embeddings, {len(classes)} classes",
-                   fontsize=10)
+    axes.set_title(
+        f"{method} of {len(rows):,} test embeddings, {len(classes)} classes", fontsize=10
+    )
     figure.savefig(path)
-    sample = (f"a seeded subsample of {len(rows):,} of the {total:,} test embeddings"
-              if len(rows) < total else f"all {total:,} test embeddings")
-    return (f"{sample}, L2-normalised, reduced with PCA to {points.shape[1]} dimensions then with "
-            f"{method} to 2; one colour per class ({len(classes)} classes)")
+    sample = (
+        f"a seeded subsample of {len(rows):,} of the {total:,} test embeddings"
+        if len(rows) < total
+        else f"all {total:,} test embeddings"
+    )
+    return (
+        f"{sample}, L2-normalised, reduced with PCA to {points.shape[1]} dimensions then with "
+        f"{method} to 2; one colour per class ({len(classes)} classes)"
+    )
 
 
 # -- retrieval -------------------------------------------------------------------------------------
-def nearest_neighbours(gallery: np.ndarray, k: int, query: Optional[np.ndarray] = None
-                       ) -> np.ndarray:
+def nearest_neighbours(
+    gallery: np.ndarray, k: int, query: Optional[np.ndarray] = None
+) -> np.ndarray:
     r"""The `k` gallery rows of highest cosine similarity to every query, best first.
 
     Without `query`, every gallery row queries the others and never retrieves itself (dropped by
@@ -245,14 +286,16 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 @dataclass
 class ClassRecall:
     """Per-class Recall@1 (:func:`per_class_recall_at_1`); arrays are indexed by class id."""
+
     recall: np.ndarray  # float, NaN for classes without a valid query
     queries: np.ndarray  # valid queries per class
     confused_with: np.ndarray  # class most often retrieved first instead, -1 if none
     confused_count: np.ndarray  # how often
 
 
-def per_class_recall_at_1(query_labels: np.ndarray, first_labels: np.ndarray, valid: np.ndarray,
-                          num_classes: int) -> ClassRecall:
+def per_class_recall_at_1(
+    query_labels: np.ndarray, first_labels: np.ndarray, valid: np.ndarray, num_classes: int
+) -> ClassRecall:
     r"""Recall@1 of every class, and the class its queries most often retrieve first instead.
 
     .. math::
@@ -275,8 +318,9 @@ def per_class_recall_at_1(query_labels: np.ndarray, first_labels: np.ndarray, va
 
     confused_with = np.full(num_classes, -1, dtype=np.int64)
     confused_count = np.zeros(num_classes, dtype=np.int64)
-    pairs, counts = np.unique(np.stack([query_labels[~hit], first_labels[~hit]], axis=1), axis=0,
-                              return_counts=True)
+    pairs, counts = np.unique(
+        np.stack([query_labels[~hit], first_labels[~hit]], axis=1), axis=0, return_counts=True
+    )
     if len(pairs):
         # Per query class, the pair of highest count (the smallest class id among ties).
         order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))
@@ -293,9 +337,9 @@ class _Thumbnails:
         self.raw = copy.copy(dataset)  # the images as stored: a PIL image or a [0, 1] tensor
         self.raw.transform = None
         self.folder, self.prefix = folder, prefix
-        self.written: Dict[int, Tuple[str, bool]] = {}
+        self.written: dict[int, tuple[str, bool]] = {}
 
-    def __call__(self, index: int) -> Tuple[str, bool]:
+    def __call__(self, index: int) -> tuple[str, bool]:
         """The thumbnail's path relative to the report, and whether it is smaller than shown."""
         if index not in self.written:
             from torchvision.transforms.functional import to_pil_image
@@ -354,20 +398,28 @@ def _img(src: str, small: bool, alt: str, title: str = "") -> str:
     return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}"{klass}{title}>'
 
 
-def _metrics_table(columns: Dict[str, Dict[str, float]]) -> str:
+def _metrics_table(columns: dict[str, dict[str, float]]) -> str:
     names = list(next(iter(columns.values())))
     head = "".join(f"<th>{html.escape(title)}</th>" for title in columns)
     rows = []
     for name in names:
-        cells = "".join(f"<td>{100 * column[name]:.2f}</td>" if name in column else "<td>–</td>"
-                        for column in columns.values())
+        cells = "".join(
+            f"<td>{100 * column[name]:.2f}</td>" if name in column else "<td>–</td>"
+            for column in columns.values()
+        )
         rows.append(f"<tr><td>{html.escape(_metric_label(name))}</td>{cells}</tr>")
-    return (f'<table class="metrics"><tr><th>metric (%)</th>{head}</tr>{"".join(rows)}</table>')
+    return f'<table class="metrics"><tr><th>metric (%)</th>{head}</tr>{"".join(rows)}</table>'
 
 
-def write_report(checkpoint: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, *,
-                 data_root: Optional[str] = None, overrides: Sequence[str] = (),
-                 max_points: int = 3000, seed: int = 0) -> Path:
+def write_report(
+    checkpoint: Union[str, Path],
+    out_dir: Optional[Union[str, Path]] = None,
+    *,
+    data_root: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    max_points: int = 3000,
+    seed: int = 0,
+) -> Path:
     """Writes the report of a checkpoint (a ``.pt`` file or a run folder, meaning its ``last.pt``).
 
     Args:
@@ -387,8 +439,10 @@ def write_report(checkpoint: Union[str, Path], out_dir: Optional[Union[str, Path
     checkpoint = Path(checkpoint)
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     state = load_checkpoint(checkpoint)
-    config = Config.from_dict(apply_overrides(state["config"], overrides, data_root),
-                              source=f"the checkpoint {checkpoint}")
+    config = Config.from_dict(
+        apply_overrides(state["config"], overrides, data_root),
+        source=f"the checkpoint {checkpoint}",
+    )
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
     thumbnail_dir = out_dir / "thumbnails"
     thumbnail_dir.mkdir(parents=True, exist_ok=True)
@@ -403,45 +457,62 @@ def write_report(checkpoint: Union[str, Path], out_dir: Optional[Union[str, Path
     query = embedded.get("query_embeddings")
     query = None if query is None else query.numpy()
     query_labels = gallery_labels if query is None else embedded["query_labels"].numpy()
-    metrics = retrieval_metrics(gallery, gallery_labels, ks=config.eval.ks, query=query,
-                                query_labels=None if query is None else query_labels)
+    metrics = retrieval_metrics(
+        gallery,
+        gallery_labels,
+        ks=config.eval.ks,
+        query=query,
+        query_labels=None if query is None else query_labels,
+    )
 
     # Queries with a same-class item to find: itself excluded when the gallery queries itself.
     in_gallery = np.bincount(gallery_labels, minlength=test_data.gallery.num_classes)
     valid = in_gallery[query_labels] > (1 if query is None else 0)
     k = min(NUM_NEIGHBOURS, len(gallery) - (1 if query is None else 0))
     neighbours = nearest_neighbours(gallery, k, query)
-    class_recall = per_class_recall_at_1(query_labels, gallery_labels[neighbours[:, 0]], valid,
-                                         test_data.gallery.num_classes)
+    class_recall = per_class_recall_at_1(
+        query_labels, gallery_labels[neighbours[:, 0]], valid, test_data.gallery.num_classes
+    )
     rng = np.random.default_rng(seed)
     candidates = np.flatnonzero(valid)
     chosen = np.sort(rng.choice(candidates, min(NUM_QUERIES, len(candidates)), replace=False))
 
     classes = test_data.gallery.classes
     gallery_thumbnail = _Thumbnails(test_data.gallery, thumbnail_dir, "gallery")
-    query_thumbnail = (gallery_thumbnail if test_data.query is None
-                       else _Thumbnails(test_data.query, thumbnail_dir, "query"))
+    query_thumbnail = (
+        gallery_thumbnail
+        if test_data.query is None
+        else _Thumbnails(test_data.query, thumbnail_dir, "query")
+    )
 
     curves = plot_curves(read_log(run_dir), out_dir)
-    map_caption = embedding_map(gallery, gallery_labels, out_dir / "embedding-map.png",
-                                max_points=max_points, seed=seed)
+    map_caption = embedding_map(
+        gallery, gallery_labels, out_dir / "embedding-map.png", max_points=max_points, seed=seed
+    )
 
     rows = []
     for q in chosen.tolist():
         name = classes[query_labels[q]]
         src, small = query_thumbnail(q)
-        cells = [f'<div class="thumb query" data-class="{html.escape(name)}">'
-                 f'{_img(src, small, name)}{html.escape(name)}</div>']
+        cells = [
+            f'<div class="thumb query" data-class="{html.escape(name)}">'
+            f"{_img(src, small, name)}{html.escape(name)}</div>"
+        ]
         for rank, g in enumerate(neighbours[q].tolist(), start=1):
             found = classes[gallery_labels[g]]
             kind = "same" if gallery_labels[g] == query_labels[q] else "other"
             src, small = gallery_thumbnail(g)
-            cells.append(f'<div class="thumb {kind}" data-class="{html.escape(found)}">'
-                         f'{_img(src, small, found, f"rank {rank}: {found}")}{rank}</div>')
+            cells.append(
+                f'<div class="thumb {kind}" data-class="{html.escape(found)}">'
+                f"{_img(src, small, found, f'rank {rank}: {found}')}{rank}</div>"
+            )
         rows.append(f'<div class="query-row">{"".join(cells)}</div>')
 
-    ranked = [c for c in np.argsort(class_recall.recall, kind="stable").tolist()
-              if not np.isnan(class_recall.recall[c])][:NUM_WORST_CLASSES]
+    ranked = [
+        c
+        for c in np.argsort(class_recall.recall, kind="stable").tolist()
+        if not np.isnan(class_recall.recall[c])
+    ][:NUM_WORST_CLASSES]
     valid_queries = np.flatnonzero(valid)
     first_classes, first_rows = np.unique(query_labels[valid_queries], return_index=True)
     first_query_of = dict(zip(first_classes.tolist(), valid_queries[first_rows].tolist()))
@@ -451,12 +522,16 @@ def write_report(checkpoint: Union[str, Path], out_dir: Optional[Union[str, Path
         confused = ""
         if class_recall.confused_with[c] >= 0:
             mistaken_for = classes[class_recall.confused_with[c]]
-            confused = (f"<br>mistaken most for {html.escape(mistaken_for)} "
-                        f"({class_recall.confused_count[c]}×)")
-        cards.append(f'<div class="card" data-class="{html.escape(classes[c])}">'
-                     f'{_img(src, small, classes[c])}<div><b>{html.escape(classes[c])}</b><br>'
-                     f'R@1 {100 * class_recall.recall[c]:.1f}% of {class_recall.queries[c]} '
-                     f'queries{confused}</div></div>')
+            confused = (
+                f"<br>mistaken most for {html.escape(mistaken_for)} "
+                f"({class_recall.confused_count[c]}×)"
+            )
+        cards.append(
+            f'<div class="card" data-class="{html.escape(classes[c])}">'
+            f"{_img(src, small, classes[c])}<div><b>{html.escape(classes[c])}</b><br>"
+            f"R@1 {100 * class_recall.recall[c]:.1f}% of {class_recall.queries[c]} "
+            f"queries{confused}</div></div>"
+        )
 
     file_name = "last.pt" if checkpoint.is_dir() else checkpoint.name
     columns = {f"this checkpoint ({file_name})": metrics}
@@ -467,9 +542,13 @@ def write_report(checkpoint: Union[str, Path], out_dir: Optional[Union[str, Path
         columns[f"best R@1 (epoch {state['best'].get('epoch', '?')})"] = state["best_metrics"]
     epoch = state.get("training", {}).get("epoch")
     after = f", after epoch {epoch}" if epoch is not None else ""
-    curve_html = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(title)}">'
-                         f"</figure>" for title, name in curves) or \
-        "<p>No log.jsonl next to the checkpoint: no curves.</p>"
+    curve_html = (
+        "".join(
+            f'<figure><img src="{html.escape(name)}" alt="{html.escape(title)}"></figure>'
+            for title, name in curves
+        )
+        or "<p>No log.jsonl next to the checkpoint: no curves.</p>"
+    )
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -511,30 +590,51 @@ class. Neighbours are numbered by rank (cosine similarity).</p>
     return index
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m gca_pyg.report",
         description="Write an HTML report of a training run: metrics, curves, an embedding map, "
-                    "retrieved neighbours and the worst classes.")
-    parser.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
-                        help="a run folder (its last.pt) or a .pt file (last.pt, best.pt)")
+        "retrieved neighbours and the worst classes.",
+    )
+    parser.add_argument(
+        "checkpoint",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="a run folder (its last.pt) or a .pt file (last.pt, best.pt)",
+    )
     parser.add_argument("--data-root", metavar="DIR", help="the dataset folder, if it moved")
     parser.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report)")
-    parser.add_argument("--max-points", type=int, default=3000, metavar="N",
-                        help="most points of the embedding map (default: 3000)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the queries and of the map (default: 0)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="override a config key, e.g. train.device=cpu or eval.batch_size=64")
+    parser.add_argument(
+        "--max-points",
+        type=int,
+        default=3000,
+        metavar="N",
+        help="most points of the embedding map (default: 3000)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the queries and of the map (default: 0)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key, e.g. train.device=cpu or eval.batch_size=64",
+    )
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        index = write_report(args.checkpoint, args.out, data_root=args.data_root,
-                             overrides=args.overrides, max_points=args.max_points, seed=args.seed)
+        index = write_report(
+            args.checkpoint,
+            args.out,
+            data_root=args.data_root,
+            overrides=args.overrides,
+            max_points=args.max_points,
+            seed=args.seed,
+        )
     except GcaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

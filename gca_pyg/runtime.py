@@ -3,9 +3,11 @@
 PyTorch allocates every large activation afresh. glibc's malloc serves large blocks with ``mmap``
 and returns freed memory to the system, so each training step page-faults its activations in again
 (zero-filled by the kernel): with GCA-HNG's O(N²·D) edge tensors that costs 10–35% of a step on
-the CPU (``benchmarks/bench_step.py`` measures both settings). Keeping freed memory for reuse removes
+the CPU (``benchmarks/bench_step.py`` measures both settings). Keeping freed memory for reuse
+removes
 it, at the price of a process that holds on to its peak memory.
 """
+
 import ctypes
 import os
 import sys

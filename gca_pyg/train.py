@@ -10,6 +10,7 @@ Errors a user can fix print one line and exit with status 2.
 ``torchrun --nproc-per-node W -m gca_pyg.train ...`` trains with W processes on one batch graph
 (see :mod:`gca_pyg.distributed`); rank 0 alone prints, logs and writes checkpoints.
 """
+
 import argparse
 import csv
 import json
@@ -18,10 +19,11 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,9 +35,18 @@ from gca_pyg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_
 from gca_pyg.config import Config, apply_overrides, available_configs, load_config
 from gca_pyg.distributed import Context, all_gather_objects, any_process, setup, teardown
 from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError
-from gca_pyg.pipeline import (build_model, build_test_data, build_train_dataset, evaluate,
-                              format_metrics, loader_options, one_line_unreadable_error,
-                              report_unreadable, resolve_device, build_train_sampler)
+from gca_pyg.pipeline import (
+    build_model,
+    build_test_data,
+    build_train_dataset,
+    build_train_sampler,
+    evaluate,
+    format_metrics,
+    loader_options,
+    one_line_unreadable_error,
+    report_unreadable,
+    resolve_device,
+)
 from gca_pyg.report import report_command
 from gca_pyg.runtime import retain_freed_memory
 from gca_pyg.trainer import AlternatingTrainer
@@ -45,11 +56,12 @@ INTERRUPTED = 130
 
 
 class _SkipBatches(Sampler):
-    """The batches of a batch sampler after the first `skip` (resuming in the middle of an epoch)."""
+    """The batches of a batch sampler after the first `skip` (resuming mid-epoch)."""
+
     def __init__(self, batch_sampler: Sampler, skip: int):
         self.batch_sampler, self.skip = batch_sampler, skip
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
         for index, batch in enumerate(self.batch_sampler):
             if index >= self.skip:
                 yield batch
@@ -64,8 +76,13 @@ class TrainingRun:
     Under ``torchrun`` every process runs it on its share of each batch (whole classes); rank 0
     alone prints, logs and writes checkpoints."""
 
-    def __init__(self, config: Config, run_dir: Path, resume_state: Optional[Dict] = None,
-                 context: Optional[Context] = None):
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        resume_state: Optional[dict] = None,
+        context: Optional[Context] = None,
+    ):
         self.config = config
         self.run_dir = run_dir
         self.context = context or Context(device=resolve_device(config.train.device))
@@ -74,18 +91,26 @@ class TrainingRun:
         _seed_everything(config.train.seed)
         self.train_data = build_train_dataset(config)
         self.test_data = build_test_data(config)
-        self.sampler = build_train_sampler(config, self.train_data.labels,
-                                           num_replicas=self.context.world_size,
-                                           rank=self.context.rank)
+        self.sampler = build_train_sampler(
+            config,
+            self.train_data.labels,
+            num_replicas=self.context.world_size,
+            rank=self.context.rank,
+        )
         self.model = build_model(config, self.train_data.num_classes, self.device)
-        if self.context.world_size > 1 and self.device.type == "cuda" and not config.model.frozen_bn:
+        if (
+            self.context.world_size > 1
+            and self.device.type == "cuda"
+            and not config.model.frozen_bn
+        ):
             # Batch statistics over the whole batch, where torch can (CUDA).
             self.model.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.backbone)
-        self.trainer = AlternatingTrainer(self.model, config.optim, context=self.context,
-                                          seed=config.train.seed)
+        self.trainer = AlternatingTrainer(
+            self.model, config.optim, context=self.context, seed=config.train.seed
+        )
         self.batch_in_epoch = 0
         self.best = {"recall@1": -1.0, "epoch": 0}
-        self.last_metrics: Optional[Dict[str, float]] = None
+        self.last_metrics: Optional[dict[str, float]] = None
         self.stop_requested = False
         self.reported_unreadable = 0
         if resume_state is not None:
@@ -102,11 +127,14 @@ class TrainingRun:
     def fit(self) -> int:
         """Trains to ``optim.epochs``; returns the exit status (0, or 130 after Ctrl-C)."""
         cfg = self.config
-        processes = (f" in {self.context.world_size} processes"
-                     if self.context.world_size > 1 else "")
-        self._print(f"gca_pyg: training {cfg.name} on {self.device}{processes} — "
-                    f"{len(self.train_data)} images of {self.train_data.num_classes} classes; "
-                    f"testing on {self.test_data.describe()}; run folder {self.run_dir}")
+        processes = (
+            f" in {self.context.world_size} processes" if self.context.world_size > 1 else ""
+        )
+        self._print(
+            f"gca_pyg: training {cfg.name} on {self.device}{processes} — "
+            f"{len(self.train_data)} images of {self.train_data.num_classes} classes; "
+            f"testing on {self.test_data.describe()}; run folder {self.run_dir}"
+        )
         with self._ctrl_c_saves():
             while self.trainer.epoch < cfg.optim.epochs:
                 epoch = self.trainer.epoch + 1
@@ -114,19 +142,29 @@ class TrainingRun:
                 self._train_epoch(epoch)
                 if self.stop_requested:
                     self._save("last.pt")
-                    self._print(f"\nInterrupted in epoch {epoch} after {self.batch_in_epoch} "
-                                f"batches; saved {self.run_dir / 'last.pt'}. Continue with: "
-                                f"{_command()} --resume {self.run_dir}")
+                    self._print(
+                        f"\nInterrupted in epoch {epoch} after {self.batch_in_epoch} "
+                        f"batches; saved {self.run_dir / 'last.pt'}. Continue with: "
+                        f"{_command()} --resume {self.run_dir}"
+                    )
                     return INTERRUPTED
-                schedule = {"hardness": self.trainer.hardness,
-                            "synthetic_weight": self.trainer.synthetic_weight}
+                schedule = {
+                    "hardness": self.trainer.hardness,
+                    "synthetic_weight": self.trainer.synthetic_weight,
+                }
                 losses = self.trainer.end_epoch()
                 self.batch_in_epoch = 0
-                self.reported_unreadable = report_unreadable(self.train_data, "training",
-                                                             self.reported_unreadable)
-                record = {"epoch": epoch, "seconds": round(time.perf_counter() - started, 2),
-                          **losses, **schedule, **self.trainer.learning_rates,
-                          "unreadable_images": self.train_data.unreadable_count}
+                self.reported_unreadable = report_unreadable(
+                    self.train_data, "training", self.reported_unreadable
+                )
+                record = {
+                    "epoch": epoch,
+                    "seconds": round(time.perf_counter() - started, 2),
+                    **losses,
+                    **schedule,
+                    **self.trainer.learning_rates,
+                    "unreadable_images": self.train_data.unreadable_count,
+                }
                 if epoch % cfg.train.eval_every == 0 or epoch == cfg.optim.epochs:
                     record.update(self._evaluate(epoch))
                 self._log_epoch(record)
@@ -138,19 +176,33 @@ class TrainingRun:
         self.sampler.set_epoch(epoch - 1)
         batches = _SkipBatches(self.sampler, self.batch_in_epoch)
         generator = torch.Generator().manual_seed(self.config.train.seed * 100_003 + epoch)
-        loader = DataLoader(self.train_data, batch_sampler=batches, generator=generator,
-                            worker_init_fn=_seed_worker, **loader_options(self.config, self.device))
-        progress = tqdm(loader, desc=f"epoch {epoch}/{self.config.optim.epochs}",
-                        total=len(self.sampler), initial=self.batch_in_epoch, leave=False,
-                        dynamic_ncols=True, file=sys.stderr, disable=not self.is_main)
+        loader = DataLoader(
+            self.train_data,
+            batch_sampler=batches,
+            generator=generator,
+            worker_init_fn=_seed_worker,
+            **loader_options(self.config, self.device),
+        )
+        progress = tqdm(
+            loader,
+            desc=f"epoch {epoch}/{self.config.optim.epochs}",
+            total=len(self.sampler),
+            initial=self.batch_in_epoch,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=not self.is_main,
+        )
         with one_line_unreadable_error(self.train_data), progress:
             for images, labels in progress:
                 logs = self._step(images, labels, epoch)
                 self.batch_in_epoch += 1
-                progress.set_postfix({k: f"{logs[k]:.3g}" for k in ("J_m", "J_metric", "J_gen")
-                                      if k in logs})
-                self.stop_requested = any_process(self.stop_requested, self.context.group,
-                                                  self.device)
+                progress.set_postfix(
+                    {k: f"{logs[k]:.3g}" for k in ("J_m", "J_metric", "J_gen") if k in logs}
+                )
+                self.stop_requested = any_process(
+                    self.stop_requested, self.context.group, self.device
+                )
                 if self.stop_requested:
                     break
 
@@ -158,13 +210,16 @@ class TrainingRun:
         """The number of training steps done so far in this run."""
         return self.trainer.epoch * len(self.sampler) + self.batch_in_epoch
 
-    def _step(self, images, labels, epoch: int) -> Dict[str, float]:
+    def _step(self, images, labels, epoch: int) -> dict[str, float]:
         try:
             logs = self.trainer.training_step(images, labels)
         except NonFiniteLossError as error:
             last = self.run_dir / "last.pt"
-            kept = (f"the last good checkpoint is {last} (end of epoch {self.trainer.epoch})"
-                    if last.exists() else "no checkpoint was written yet")
+            kept = (
+                f"the last good checkpoint is {last} (end of epoch {self.trainer.epoch})"
+                if last.exists()
+                else "no checkpoint was written yet"
+            )
             raise NonFiniteLossError(f"{error}; stopped, {kept}") from None
         if not self.is_main:
             return logs
@@ -179,11 +234,12 @@ class TrainingRun:
                 self.tensorboard.add_scalar(f"train/{name}", value, step)
         return logs
 
-    def _evaluate(self, epoch: int) -> Dict[str, float]:
+    def _evaluate(self, epoch: int) -> dict[str, float]:
         metrics = evaluate(self.model, self.test_data, self.config, self.context)
         self.last_metrics = {"epoch": epoch, **metrics}
-        summary = "  ".join(f"{name.replace('recall@', 'R@')} {100 * value:.2f}"
-                            for name, value in metrics.items())
+        summary = "  ".join(
+            f"{name.replace('recall@', 'R@')} {100 * value:.2f}" for name, value in metrics.items()
+        )
         if self.is_main:
             tqdm.write(f"epoch {epoch}: {summary}", file=sys.stderr)
         if metrics["recall@1"] > self.best["recall@1"]:
@@ -219,28 +275,34 @@ class TrainingRun:
         rng = all_gather_objects(rng_state(), self.context.group)
         if not self.is_main:
             return
-        save_checkpoint({
-            "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "training": self.trainer.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "batch_in_epoch": self.batch_in_epoch,
-            "rng": rng[0],
-            "rng_per_process": rng,
-            "best": {k: v for k, v in self.best.items() if k != "metrics"},
-            "best_metrics": self.best.get("metrics", {}),
-            "last_metrics": self.last_metrics or {},
-            "classes": list(self.train_data.classes),
-        }, self.run_dir / name)
+        save_checkpoint(
+            {
+                "config": self.config.to_dict(),
+                "model": self.model.state_dict(),
+                "training": self.trainer.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "batch_in_epoch": self.batch_in_epoch,
+                "rng": rng[0],
+                "rng_per_process": rng,
+                "best": {k: v for k, v in self.best.items() if k != "metrics"},
+                "best_metrics": self.best.get("metrics", {}),
+                "last_metrics": self.last_metrics or {},
+                "classes": list(self.train_data.classes),
+            },
+            self.run_dir / name,
+        )
 
-    def _restore(self, state: Dict):
+    def _restore(self, state: dict):
         saved_processes = len(state["rng_per_process"])
         if saved_processes != self.context.world_size:
             raise ConfigError(
-                f"the checkpoint was written by a run of {saved_processes} process(es) but this run "
+                f"the checkpoint was written by a run of {saved_processes} process(es) but this "
+                "run "
                 f"has {self.context.world_size}; resume with the same number of processes "
-                f"(torchrun --nproc-per-node {saved_processes})" if saved_processes > 1 else
-                "the checkpoint was written by a single-process run; resume it without torchrun")
+                f"(torchrun --nproc-per-node {saved_processes})"
+                if saved_processes > 1
+                else "the checkpoint was written by a single-process run; resume without torchrun"
+            )
         self.model.load_state_dict(state["model"])
         self.trainer.load_state_dict(state["training"])
         self.sampler.load_state_dict(state["sampler"])
@@ -255,12 +317,15 @@ class TrainingRun:
         """Drops the log lines written after the checkpoint a resumed run starts from, so that every
         step and epoch appears exactly once however the previous process ended."""
         steps, epochs = self._global_step(), self.trainer.epoch
-        _keep_lines(self.run_dir / "steps.csv", lambda line, first: first or
-                    int(line.split(",", 1)[0]) <= steps)
-        _keep_lines(self.run_dir / "log.jsonl", lambda line, first:
-                    json.loads(line)["epoch"] <= epochs)
+        _keep_lines(
+            self.run_dir / "steps.csv",
+            lambda line, first: first or int(line.split(",", 1)[0]) <= steps,
+        )
+        _keep_lines(
+            self.run_dir / "log.jsonl", lambda line, first: json.loads(line)["epoch"] <= epochs
+        )
 
-    def _log_epoch(self, record: Dict):
+    def _log_epoch(self, record: dict):
         if self.is_main:
             with open(self.run_dir / "log.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -280,8 +345,10 @@ class TrainingRun:
             first_request.append(time.monotonic())
             self.stop_requested = True
             if self.is_main:
-                tqdm.write("Ctrl-C: saving after this step (press again to quit without saving)",
-                           file=sys.stderr)
+                tqdm.write(
+                    "Ctrl-C: saving after this step (press again to quit without saving)",
+                    file=sys.stderr,
+                )
 
         previous = signal.signal(signal.SIGINT, request_stop)
         try:
@@ -306,8 +373,9 @@ def _keep_lines(path: Path, keep):
 def _command() -> str:
     """How this process was started, for the messages that say how to continue."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return (f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '?')} "
-                "-m gca_pyg.train")
+        return (
+            f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '?')} -m gca_pyg.train"
+        )
     return "python -m gca_pyg.train"
 
 
@@ -342,21 +410,34 @@ def _new_run_dir(config: Config) -> Path:
     return run_dir
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m gca_pyg.train", description="Train GCA-HNG.",
-        epilog=f"shipped configs: {', '.join(available_configs())}")
-    parser.add_argument("config", nargs="?", metavar="NAME_OR_PATH",
-                        help="a shipped config name or a YAML file (not needed with --resume)")
+        prog="python -m gca_pyg.train",
+        description="Train GCA-HNG.",
+        epilog=f"shipped configs: {', '.join(available_configs())}",
+    )
+    parser.add_argument(
+        "config",
+        nargs="?",
+        metavar="NAME_OR_PATH",
+        help="a shipped config name or a YAML file (not needed with --resume)",
+    )
     parser.add_argument("--data-root", metavar="DIR", help="the dataset folder (sets data.root)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its last.pt")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable)",
+    )
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt"
+    )
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     retain_freed_memory()
     context = None
@@ -366,20 +447,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             # --set / --data-root still apply, e.g. optim.epochs=200 to train longer.
             config = Config.from_dict(
                 apply_overrides(state["config"], args.overrides, args.data_root),
-                source=f"the checkpoint in {args.resume}")
+                source=f"the checkpoint in {args.resume}",
+            )
             run_dir = Path(args.resume)
             if run_dir.is_file():
                 run_dir = run_dir.parent
         else:
             if args.config is None:
-                raise ConfigError("name a config (e.g. python -m gca_pyg.train demo) or pass "
-                                  "--resume RUN_DIR")
+                raise ConfigError(
+                    "name a config (e.g. python -m gca_pyg.train demo) or pass --resume RUN_DIR"
+                )
             config, state = load_config(args.config, args.overrides, args.data_root), None
-        context = setup(resolve_device(config.train.device), config.train.dist_backend,
-                        config.train.dist_timeout)
+        context = setup(
+            resolve_device(config.train.device),
+            config.train.dist_backend,
+            config.train.dist_timeout,
+        )
         if state is None:  # rank 0 names the folder: the processes' clocks may differ
-            run_dir = all_gather_objects(_new_run_dir(config) if context.is_main else None,
-                                         context.group)[0]
+            run_dir = all_gather_objects(
+                _new_run_dir(config) if context.is_main else None, context.group
+            )[0]
         return TrainingRun(config, run_dir, resume_state=state, context=context).fit()
     except GcaError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -2,21 +2,29 @@
 
 :class:`AlternatingTrainer` is to :class:`~gca_pyg.model.GCAHNG` what a Lightning module's
 ``configure_optimizers`` and ``training_step`` are to its networks: it owns the optimisers, the
-learning-rate schedules, the running means :math:`\\bar{J}_m` and :math:`\\bar{J}_{gen}` that set the
+learning-rate schedules, the running means :math:`\\bar{J}_m` and :math:`\\bar{J}_{gen}` that set
+the
 hardness and the weight of :math:`J_{syn}`, and the random merge coefficients of synthesis; it runs
 the metric, classifier and generator updates of one iteration; and its :meth:`state_dict` is what a
 checkpoint needs besides the model's weights. It works the same in one process and under
 ``torchrun`` (give it the :class:`~gca_pyg.distributed.Context`).
 """
+
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from gca_pyg.distributed import (Context, average_buffers, average_gradients, broadcast_parameters,
-                                 gather_rows)
+from gca_pyg.distributed import (
+    Context,
+    average_buffers,
+    average_gradients,
+    broadcast_parameters,
+    gather_rows,
+)
 from gca_pyg.errors import ConfigError, NonFiniteLossError
 from gca_pyg.generator import draw_mix, hardness_from_loss
 from gca_pyg.graph import EdgeShard, knn_pairs, shard_pairs, sparse_shard
@@ -33,6 +41,7 @@ INITIAL_MEAN_LOSS = 1e6
 class OptimConfig:
     """Optimisers and schedules (ResNet-50 CUB values as defaults; docs/method.md,
     "Optimisation")."""
+
     epochs: int = 100
     metric_lr: float = 1.5e-4
     embedding_lr_ratio: float = 1.0  # embedding head lr = metric_lr × this
@@ -46,7 +55,7 @@ class OptimConfig:
     grad_clip: float = 10.0  # clip gradients by value, backbone and net
 
 
-def adamw_options(device: torch.device) -> Dict[str, bool]:
+def adamw_options(device: torch.device) -> dict[str, bool]:
     """The fastest AdamW this torch supports on `device`: fused kernels on CUDA and the CPU (torch
     2.4 and later), the default elsewhere."""
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
@@ -82,8 +91,15 @@ class AlternatingTrainer:
         ConfigError: If the model asks for a sparse graph (``graph.neighbors``) under several
             processes, which is not supported yet.
     """
-    def __init__(self, model: GCAHNG, config: Optional[OptimConfig] = None, *,
-                 context: Optional[Context] = None, seed: int = 0):
+
+    def __init__(
+        self,
+        model: GCAHNG,
+        config: Optional[OptimConfig] = None,
+        *,
+        context: Optional[Context] = None,
+        seed: int = 0,
+    ):
         self.model = model
         self.config = config or OptimConfig()
         self.context = context or Context(device=model.device)
@@ -91,30 +107,44 @@ class AlternatingTrainer:
         if model.graph_config.neighbors is not None and self.context.world_size > 1:
             raise ConfigError(
                 "graph.neighbors is not supported with several processes yet; train in one "
-                "process, or drop graph.neighbors to use the complete batch graph")
+                "process, or drop graph.neighbors to use the complete batch graph"
+            )
         broadcast_parameters(model, self.group)
 
         cfg, options = self.config, adamw_options(model.device)
-        self.metric_optimizer = torch.optim.AdamW([
-            {"params": model.backbone.parameters(), "lr": cfg.metric_lr},
-            {"params": model.embedding.parameters(), "lr": cfg.metric_lr * cfg.embedding_lr_ratio},
-        ], weight_decay=cfg.weight_decay, **options)
-        self.net_optimizer = torch.optim.AdamW(model.net.parameters(), lr=cfg.net_lr,
-                                               weight_decay=cfg.weight_decay, **options)
+        self.metric_optimizer = torch.optim.AdamW(
+            [
+                {"params": model.backbone.parameters(), "lr": cfg.metric_lr},
+                {
+                    "params": model.embedding.parameters(),
+                    "lr": cfg.metric_lr * cfg.embedding_lr_ratio,
+                },
+            ],
+            weight_decay=cfg.weight_decay,
+            **options,
+        )
+        self.net_optimizer = torch.optim.AdamW(
+            model.net.parameters(), lr=cfg.net_lr, weight_decay=cfg.weight_decay, **options
+        )
         self.classifier_optimizer = torch.optim.AdamW(
-            model.classifier.parameters(), lr=cfg.classifier_lr,
-            weight_decay=cfg.classifier_weight_decay, **options)
+            model.classifier.parameters(),
+            lr=cfg.classifier_lr,
+            weight_decay=cfg.classifier_weight_decay,
+            **options,
+        )
         self.metric_scheduler = torch.optim.lr_scheduler.StepLR(
-            self.metric_optimizer, step_size=cfg.metric_lr_step, gamma=cfg.metric_lr_gamma)
+            self.metric_optimizer, step_size=cfg.metric_lr_step, gamma=cfg.metric_lr_gamma
+        )
         self.net_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.net_optimizer, T_max=cfg.epochs)
+            self.net_optimizer, T_max=cfg.epochs
+        )
 
         self.epoch = 0
         self.mean_metric_loss = INITIAL_MEAN_LOSS
         self.mean_generator_loss = INITIAL_MEAN_LOSS
-        self._metric_losses: List[float] = []
-        self._generator_losses: List[float] = []
-        self._epoch_sums: Dict[str, float] = {}
+        self._metric_losses: list[float] = []
+        self._generator_losses: list[float] = []
+        self._epoch_sums: dict[str, float] = {}
         self.mix_generator = torch.Generator().manual_seed(seed)
 
     # -- schedules -----------------------------------------------------------------------------
@@ -134,13 +164,16 @@ class AlternatingTrainer:
         return 1.0 - math.exp(-self.model.loss_config.beta / self.mean_generator_loss)
 
     @property
-    def learning_rates(self) -> Dict[str, float]:
-        return {"lr_metric": self.metric_optimizer.param_groups[0]["lr"],
-                "lr_net": self.net_optimizer.param_groups[0]["lr"]}
+    def learning_rates(self) -> dict[str, float]:
+        return {
+            "lr_metric": self.metric_optimizer.param_groups[0]["lr"],
+            "lr_net": self.net_optimizer.param_groups[0]["lr"],
+        }
 
     # -- one iteration -------------------------------------------------------------------------
-    def prepare(self, labels: Tensor, embeddings: Optional[Tensor] = None
-                ) -> Tuple[Tensor, ClassLayout, EdgeShard]:
+    def prepare(
+        self, labels: Tensor, embeddings: Optional[Tensor] = None
+    ) -> tuple[Tensor, ClassLayout, EdgeShard]:
         """The labels of the whole batch, its class layout and this process's share of its pairs.
 
         With ``graph.neighbors`` set on the model, the pairs are those of the sparse graph of the
@@ -151,13 +184,14 @@ class AlternatingTrainer:
         if neighbors is None:
             shard = shard_pairs(layout, self.context.rank, self.context.world_size)
         elif embeddings is None:
-            raise ValueError("prepare needs the batch's embeddings to build the sparse graph of "
-                             "graph.neighbors")
+            raise ValueError(
+                "prepare needs the batch's embeddings to build the sparse graph of graph.neighbors"
+            )
         else:
             shard = sparse_shard(layout, knn_pairs(embeddings, labels, neighbors))
         return labels, layout, shard
 
-    def training_step(self, images: Tensor, labels: Tensor) -> Dict[str, float]:
+    def training_step(self, images: Tensor, labels: Tensor) -> dict[str, float]:
         """One GCA-HNG iteration: metric, classifier and generator updates.
 
         Args:
@@ -174,28 +208,44 @@ class AlternatingTrainer:
         model.train()
         images = images.to(model.device, non_blocking=True)
         embeddings = model(images, freeze_backbone=self.backbone_frozen, group=self.group)
-        labels, layout, shard = self.prepare(labels.to(model.device, non_blocking=True),
-                                             embeddings)
+        labels, layout, shard = self.prepare(labels.to(model.device, non_blocking=True), embeddings)
         synthesis = model.loss_config.synthesis
         # Both draws come first, so the coefficients do not depend on what the updates draw.
-        metric_mix, generator_mix = (draw_mix(layout.samples_per_class, self.mix_generator,
-                                              model.device) for _ in range(2))
+        metric_mix, generator_mix = (
+            draw_mix(layout.samples_per_class, self.mix_generator, model.device) for _ in range(2)
+        )
         hardness = self.hardness
 
-        losses = model.metric_loss(embeddings, labels, layout, shard, hardness=hardness,
-                                   synthetic_weight=self.synthetic_weight, mix=metric_mix,
-                                   group=self.group)
-        self._update(losses["J_metric"], "J_metric", [self.metric_optimizer, self.net_optimizer],
-                     clip=[model.backbone, model.embedding, model.net])
+        losses = model.metric_loss(
+            embeddings,
+            labels,
+            layout,
+            shard,
+            hardness=hardness,
+            synthetic_weight=self.synthetic_weight,
+            mix=metric_mix,
+            group=self.group,
+        )
+        self._update(
+            losses["J_metric"],
+            "J_metric",
+            [self.metric_optimizer, self.net_optimizer],
+            clip=[model.backbone, model.embedding, model.net],
+        )
         classifier_losses = model.classifier_loss(embeddings, labels)
         self._update(classifier_losses["J_cls"], "J_cls", [self.classifier_optimizer], clip=[])
         losses.update(classifier_losses)
         if synthesis:
-            generator_losses = model.generator_loss(embeddings, labels, layout, shard,
-                                                    hardness=hardness, mix=generator_mix,
-                                                    group=self.group)
-            self._update(generator_losses["J_gen"], "J_gen", [self.net_optimizer],
-                         clip=[model.net])
+            generator_losses = model.generator_loss(
+                embeddings,
+                labels,
+                layout,
+                shard,
+                hardness=hardness,
+                mix=generator_mix,
+                group=self.group,
+            )
+            self._update(generator_losses["J_gen"], "J_gen", [self.net_optimizer], clip=[model.net])
             losses.update(generator_losses)
         # A backbone's BatchNorm sees only this process's images: keep one set of statistics.
         average_buffers(model.backbone, self.group)
@@ -208,18 +258,28 @@ class AlternatingTrainer:
             self._epoch_sums[name] = self._epoch_sums.get(name, 0.0) + value
         return logs
 
-    def _update(self, loss: Tensor, name: str, optimizers: List[torch.optim.Optimizer],
-                clip: Iterable[torch.nn.Module]):
+    def _update(
+        self,
+        loss: Tensor,
+        name: str,
+        optimizers: list[torch.optim.Optimizer],
+        clip: Iterable[torch.nn.Module],
+    ):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"{name} became {loss.item()} at epoch {self.epoch + 1}, iteration "
                 f"{len(self._metric_losses) + 1}: no update was applied; lower the learning rates "
-                "or check the data")
+                "or check the data"
+            )
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        parameters = [p for optimizer in optimizers for group in optimizer.param_groups
-                      for p in group["params"]]
+        parameters = [
+            p
+            for optimizer in optimizers
+            for group in optimizer.param_groups
+            for p in group["params"]
+        ]
         average_gradients(parameters, self.group)
         clipped = [p for module in clip for p in module.parameters() if p.grad is not None]
         if clipped:  # empty while the backbone is frozen and nothing else is clipped
@@ -228,7 +288,7 @@ class AlternatingTrainer:
             optimizer.step()
 
     # -- epochs and state ----------------------------------------------------------------------
-    def end_epoch(self) -> Dict[str, float]:
+    def end_epoch(self) -> dict[str, float]:
         """Rolls :math:`\\bar{J}_m`, :math:`\\bar{J}_{gen}` over the epoch just ended, steps the
         learning-rate schedules and advances :attr:`epoch`.
 
@@ -249,8 +309,8 @@ class AlternatingTrainer:
         self.epoch += 1
         return means
 
-    def state_dict(self) -> Dict:
-        """Everything a resumed run needs besides the model's :meth:`~torch.nn.Module.state_dict`."""
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the model's :meth:`~torch.nn.Module.state_dict`."""
         return {
             "epoch": self.epoch,
             "mean_metric_loss": self.mean_metric_loss,
@@ -263,7 +323,7 @@ class AlternatingTrainer:
             "schedulers": {name: getattr(self, name).state_dict() for name in self._SCHEDULERS},
         }
 
-    def load_state_dict(self, state: Dict):
+    def load_state_dict(self, state: dict):
         self.epoch = state["epoch"]
         self.mean_metric_loss = state["mean_metric_loss"]
         self.mean_generator_loss = state["mean_generator_loss"]

@@ -1,4 +1,5 @@
 """Small tensor helpers shared across modules."""
+
 from torch import Tensor
 
 __all__ = ["gather_rows"]

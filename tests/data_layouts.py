@@ -49,8 +49,21 @@ def make_cars(parent: Path, classes: int = 4, per_class: int = 3) -> Path:
 
     root = parent / "cars196"
     n = classes * per_class
-    annotations = np.zeros((1, n), dtype=[(field, object) for field in (
-        "relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")])
+    annotations = np.zeros(
+        (1, n),
+        dtype=[
+            (field, object)
+            for field in (
+                "relative_im_path",
+                "bbox_x1",
+                "bbox_y1",
+                "bbox_x2",
+                "bbox_y2",
+                "class",
+                "test",
+            )
+        ],
+    )
     for i in range(n):
         rel = f"car_ims/{i + 1:06d}.jpg"
         write_image(root / rel, i)
@@ -61,13 +74,16 @@ def make_cars(parent: Path, classes: int = 4, per_class: int = 3) -> Path:
     return root
 
 
-def make_sop(parent: Path, train_classes: int = 3, test_classes: int = 3,
-             per_class: int = 2) -> Path:
+def make_sop(
+    parent: Path, train_classes: int = 3, test_classes: int = 3, per_class: int = 2
+) -> Path:
     root = parent / "Stanford_Online_Products"
     header = "image_id class_id super_class_id path"
     image_id = 0
-    for split, first, count in (("train", 1, train_classes),
-                                ("test", train_classes + 1, test_classes)):
+    for split, first, count in (
+        ("train", 1, train_classes),
+        ("test", train_classes + 1, test_classes),
+    ):
         rows = [header]
         for cid in range(first, first + count):
             for k in range(per_class):
@@ -85,18 +101,25 @@ def make_inshop(parent: Path) -> Path:
     root = parent / "In-shop Clothes Retrieval Benchmark"
     rows = []
     for item in range(1, 7):
-        statuses = (["train"] * 3 if item <= 3 else ["gallery"] * 3 if item == 4
-                    else ["query", "gallery", "gallery"])
+        statuses = (
+            ["train"] * 3
+            if item <= 3
+            else ["gallery"] * 3
+            if item == 4
+            else ["query", "gallery", "gallery"]
+        )
         for k, status in enumerate(statuses):
             name = f"img/WOMEN/Dresses/id_{item:08d}/{k + 1:02d}_1_front.jpg"
             write_image(root / "Img" / name, 10 * item + k)
             rows.append(f"{name}  id_{item:08d}  {status}")
-    write_resource_fork(root / "Img" / "img" / "WOMEN" / "Dresses" / "id_00000001",
-                        "01_1_front.jpg")
+    write_resource_fork(
+        root / "Img" / "img" / "WOMEN" / "Dresses" / "id_00000001", "01_1_front.jpg"
+    )
     partition = root / "Eval" / "list_eval_partition.txt"
     partition.parent.mkdir(parents=True)
-    partition.write_text(f"{len(rows)}\nimage_name item_id evaluation_status\n"
-                         + "\n".join(rows) + "\n")
+    partition.write_text(
+        f"{len(rows)}\nimage_name item_id evaluation_status\n" + "\n".join(rows) + "\n"
+    )
     return root
 
 

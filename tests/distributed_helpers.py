@@ -1,5 +1,6 @@
 """A tiny GCA-HNG set-up for the multi-process tests: the same model, batches and trainer in one
 process or in each of several (gloo) processes."""
+
 import os
 import sys
 
@@ -14,7 +15,8 @@ CLASSES, SAMPLES, TRAIN_CLASSES, INPUT, STEPS = 5, 3, 12, 16, 3
 
 
 class Features(torch.nn.Linear):
-    """A backbone without BatchNorm: its output is the same whether one process or several run it."""
+    """A backbone without BatchNorm: the same output whether one process or several run it."""
+
     def __init__(self):
         super().__init__(INPUT, 24)
         self.out_features = 24
@@ -22,10 +24,16 @@ class Features(torch.nn.Linear):
 
 def build(context: Context) -> AlternatingTrainer:
     torch.manual_seed(0)
-    model = GCAHNG(Features(), TRAIN_CLASSES, 16, net=NetConfig(num_layers=2, heads=2, dropout=0.0),
-                   loss=LossConfig())
-    trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0, metric_lr=1e-3, net_lr=1e-3),
-                                 context=context, seed=0)
+    model = GCAHNG(
+        Features(),
+        TRAIN_CLASSES,
+        16,
+        net=NetConfig(num_layers=2, heads=2, dropout=0.0),
+        loss=LossConfig(),
+    )
+    trainer = AlternatingTrainer(
+        model, OptimConfig(warmup_epochs=0, metric_lr=1e-3, net_lr=1e-3), context=context, seed=0
+    )
     # Past the first epoch: hardness below 1 and J_syn at full weight.
     trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 0.5
     return trainer
@@ -61,8 +69,12 @@ def worker(rank: int, world_size: int, folder: str):
     """Entry point of a spawned process: gloo group through a file, float64, one thread."""
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}",
-                            rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{os.path.join(folder, 'rendezvous')}",
+        rank=rank,
+        world_size=world_size,
+    )
     try:
         context = Context(rank=rank, world_size=world_size, group=dist.group.WORLD)
         torch.save(train(context), os.path.join(folder, f"rank{rank}.pt"))

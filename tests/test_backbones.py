@@ -70,8 +70,9 @@ def test_frozen_batch_norm_keeps_its_statistics_and_trains_its_affine_parameters
     assert norms and all(norm.training is not frozen_bn for norm in norms)
     # Frozen or not, gamma and beta require grad and receive it.
     assert all(norm.weight.requires_grad and norm.bias.requires_grad for norm in norms)
-    assert all(norm.weight.grad.abs().sum() > 0 and norm.bias.grad.abs().sum() > 0
-               for norm in norms)
+    assert all(
+        norm.weight.grad.abs().sum() > 0 and norm.bias.grad.abs().sum() > 0 for norm in norms
+    )
     unchanged = [torch.equal(old, norm.running_mean) for old, norm in zip(running_means, norms)]
     assert all(unchanged) is frozen_bn
     assert all(conv.weight.grad is not None for conv in convs)
@@ -89,9 +90,9 @@ def test_frozen_batch_norm_normalises_with_its_running_statistics():
         norm.running_var.uniform_(0.5, 2)
     images = torch.randn(4, 3, 32, 32)
     conv_out = backbone.trunk[0](images)
-    expected = ((conv_out - norm.running_mean[:, None, None])
-                / (norm.running_var[:, None, None] + norm.eps).sqrt()
-                * norm.weight[:, None, None] + norm.bias[:, None, None])
+    expected = (conv_out - norm.running_mean[:, None, None]) / (
+        norm.running_var[:, None, None] + norm.eps
+    ).sqrt() * norm.weight[:, None, None] + norm.bias[:, None, None]
     torch.testing.assert_close(norm(conv_out), expected)
 
 
@@ -114,8 +115,10 @@ def test_small_cnn_trains_on_a_demo_batch():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"name": "resnet18"},
-         "unknown backbone 'resnet18'; choose one of resnet50, googlenet, small_cnn"),
+        (
+            {"name": "resnet18"},
+            "unknown backbone 'resnet18'; choose one of resnet50, googlenet, small_cnn",
+        ),
         ({"name": "resnet50", "pretrained": "imagenet21k"}, "choose one of imagenet, none"),
         ({"name": "resnet50", "pretrained": True}, "choose one of imagenet, none"),
         ({"name": "small_cnn", "pretrained": "imagenet"}, "small_cnn has no ImageNet weights"),
@@ -126,10 +129,13 @@ def test_bad_names_are_config_errors_that_list_the_choices(kwargs, message):
         build_backbone(**kwargs)
 
 
-@pytest.mark.parametrize("name, weights", [
-    ("resnet50", models.ResNet50_Weights.IMAGENET1K_V1),
-    ("googlenet", models.GoogLeNet_Weights.IMAGENET1K_V1),
-])
+@pytest.mark.parametrize(
+    "name, weights",
+    [
+        ("resnet50", models.ResNet50_Weights.IMAGENET1K_V1),
+        ("googlenet", models.GoogLeNet_Weights.IMAGENET1K_V1),
+    ],
+)
 def test_uncached_weights_that_cannot_be_downloaded_are_one_clear_error(
     empty_hub, monkeypatch, name, weights
 ):

@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from gca_pyg.checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint,
-                                set_rng_state)
+from gca_pyg.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 def test_round_trip_through_a_run_folder(tmp_path):
@@ -14,8 +19,15 @@ def test_round_trip_through_a_run_folder(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": 3, "config": {"name": "x", "ks": [1, 2]}}, tmp_path / "last.pt")
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": 3,
+            "config": {"name": "x", "ks": [1, 2]},
+        },
+        tmp_path / "last.pt",
+    )
     state = load_checkpoint(tmp_path)  # a folder means its last.pt
     assert state["epoch"] == 3 and state["config"] == {"name": "x", "ks": [1, 2]}
     assert torch.equal(state["model"]["weight"], model.weight)

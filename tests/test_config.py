@@ -3,8 +3,17 @@ import pytest
 from gca_pyg.config import Config, available_configs, load_config
 from gca_pyg.errors import ConfigError
 
-RECIPES = ["cub", "cub_googlenet", "cars", "cars_googlenet", "sop", "sop_googlenet", "inshop",
-           "inshop_googlenet", "folder"]
+RECIPES = [
+    "cub",
+    "cub_googlenet",
+    "cars",
+    "cars_googlenet",
+    "sop",
+    "sop_googlenet",
+    "inshop",
+    "inshop_googlenet",
+    "folder",
+]
 
 
 def test_every_recipe_is_shipped_and_valid():
@@ -28,8 +37,10 @@ def test_spec_values_reach_the_typed_config():
     assert (sop.loss.alpha, sop.loss.beta) == (5, 20)
     assert (sop.optim.metric_lr, sop.optim.net_lr) == (pytest.approx(3e-4), pytest.approx(1.5e-4))
     inshop = load_config("inshop_googlenet")
-    assert (inshop.optim.metric_lr, inshop.optim.net_lr) == (pytest.approx(3e-4),
-                                                             pytest.approx(1.5e-4))
+    assert (inshop.optim.metric_lr, inshop.optim.net_lr) == (
+        pytest.approx(3e-4),
+        pytest.approx(1.5e-4),
+    )
     assert load_config("inshop").eval.ks == [1, 10, 20, 30, 40, 50]
 
 
@@ -41,8 +52,11 @@ def test_sop_and_inshop_recipes_draw_classes_uniformly():
 
 
 def test_overrides_and_data_root(tmp_path):
-    config = load_config("cub", ["optim.epochs=3", "loss.synthesis=false", "optim.net_lr=1e-4",
-                                 "eval.ks=[1, 5]"], data_root=str(tmp_path))
+    config = load_config(
+        "cub",
+        ["optim.epochs=3", "loss.synthesis=false", "optim.net_lr=1e-4", "eval.ks=[1, 5]"],
+        data_root=str(tmp_path),
+    )
     assert config.optim.epochs == 3 and config.loss.synthesis is False
     assert config.optim.net_lr == pytest.approx(1e-4)  # "1e-4" is a string in YAML 1.1
     assert config.eval.ks == [1, 5] and config.data.root == str(tmp_path)
@@ -56,23 +70,32 @@ def test_a_yaml_file_by_path(tmp_path):
     assert config.net.num_layers == 2  # untouched keys keep their defaults
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.epoch=3", r"unknown key 'optim.epoch'.*valid keys of optim: epochs, metric_lr"),
-    ("optimizer.epochs=3", r"unknown key 'optimizer'.*valid keys of the top level: name, data"),
-    ("optim.epochs=three", r"'optim.epochs' .* must be an int, got 'three' \(str\)"),
-    ("optim.epochs=2.5", r"'optim.epochs' .* must be an int, got 2.5"),
-    ("loss.synthesis=maybe", r"'loss.synthesis' .* must be a bool"),
-    ("eval.ks=4", r"'eval.ks' .* must be a list of ints, got 4 \(int\)"),
-    ("data.dataset=imagenet", r"'data.dataset' .* valid values: cub, cars, sop, inshop, folder"),
-    ("train.device=gpu", r"'train.device' .* valid values: auto, cpu, cuda, cuda:N"),
-    ("train.precision=fp16", r"valid values: auto, fp32, bf16"),
-    ("data.class_sampling=random", r"'data.class_sampling' .* is 'random'; valid values: balanced, "
-                                   "uniform"),
-    ("data.samples_per_class=1", r"at least 2"),
-    ("model.embedding_size=510", r"divisible by 'net.heads'"),
-    ("optim.epochs=0", r"'optim.epochs' .* must be positive"),
-    ("epochs=3", r"must look like section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.epoch=3", r"unknown key 'optim.epoch'.*valid keys of optim: epochs, metric_lr"),
+        ("optimizer.epochs=3", r"unknown key 'optimizer'.*valid keys of the top level: name, data"),
+        ("optim.epochs=three", r"'optim.epochs' .* must be an int, got 'three' \(str\)"),
+        ("optim.epochs=2.5", r"'optim.epochs' .* must be an int, got 2.5"),
+        ("loss.synthesis=maybe", r"'loss.synthesis' .* must be a bool"),
+        ("eval.ks=4", r"'eval.ks' .* must be a list of ints, got 4 \(int\)"),
+        (
+            "data.dataset=imagenet",
+            r"'data.dataset' .* valid values: cub, cars, sop, inshop, folder",
+        ),
+        ("train.device=gpu", r"'train.device' .* valid values: auto, cpu, cuda, cuda:N"),
+        ("train.precision=fp16", r"valid values: auto, fp32, bf16"),
+        (
+            "data.class_sampling=random",
+            r"'data.class_sampling' .* is 'random'; valid values: balanced, "
+            "uniform",
+        ),
+        ("data.samples_per_class=1", r"at least 2"),
+        ("model.embedding_size=510", r"divisible by 'net.heads'"),
+        ("optim.epochs=0", r"'optim.epochs' .* must be positive"),
+        ("epochs=3", r"must look like section.key=value"),
+    ],
+)
 def test_bad_values_are_one_clear_error(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("cub", [override])

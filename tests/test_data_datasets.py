@@ -9,13 +9,22 @@ import pytest
 import torch
 from PIL import Image
 
-from gca_pyg.data import (CUB200, DATASETS, Cars196, ImageFolderByClass, InShop,
-                          StanfordOnlineProducts, get_dataset, transforms)
+from gca_pyg.data import (
+    CUB200,
+    DATASETS,
+    Cars196,
+    ImageFolderByClass,
+    InShop,
+    StanfordOnlineProducts,
+    get_dataset,
+    transforms,
+)
 from gca_pyg.errors import ConfigError, DatasetLayoutError, DatasetNotFoundError, GcaError
 from tests.data_layouts import make_cars, make_cub, make_folder, make_inshop, make_sop, write_image
 
-needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None,
-                                 reason="scipy is needed to write cars_annos.mat")
+needs_scipy = pytest.mark.skipif(
+    importlib.util.find_spec("scipy") is None, reason="scipy is needed to write cars_annos.mat"
+)
 
 # dataset class, fixture builder, splits that must be class-disjoint, classes per split.
 OFFICIAL = {
@@ -63,8 +72,9 @@ def test_root_is_the_extracted_folder_or_its_parent(tmp_path, name):
 def test_official_counts_are_checked_by_default(tmp_path, name):
     cls, make, (split, _), _ = OFFICIAL[name]
     make(tmp_path)
-    with pytest.raises(DatasetLayoutError,
-                       match=r"the official archive has \d\d,\d{3}.*verify_counts=False"):
+    with pytest.raises(
+        DatasetLayoutError, match=r"the official archive has \d\d,\d{3}.*verify_counts=False"
+    ):
         cls(tmp_path, split)
 
 

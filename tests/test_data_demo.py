@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from gca_pyg.data import DemoDataset, default_cache_dir, demo_test_transform, demo_train_transform
-from gca_pyg.data import get_dataset, synthetic
+from gca_pyg.data import (
+    DemoDataset,
+    default_cache_dir,
+    demo_test_transform,
+    demo_train_transform,
+    get_dataset,
+    synthetic,
+)
 
 SMALL = {"num_classes": 20, "images_per_class": 4}
 
@@ -77,7 +83,8 @@ def test_items_are_float_images_and_transforms_apply(full_cache):
     raw, _ = DemoDataset("train", cache_dir=cache)[0]
     assert augmented.shape == normalised.shape == (3, 32, 32)
     expected = (raw - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor(
-        [0.229, 0.224, 0.225])[:, None, None]
+        [0.229, 0.224, 0.225]
+    )[:, None, None]
     assert torch.allclose(normalised, expected)
 
 
@@ -109,11 +116,11 @@ def test_corrupt_cache_is_regenerated(tmp_path, damage):
     expected = DemoDataset(cache_dir=tmp_path, **SMALL).images
     (path,) = tmp_path.iterdir()
     content = path.read_bytes()
-    path.write_bytes(damage if damage is not None else content[:len(content) // 2])
+    path.write_bytes(damage if damage is not None else content[: len(content) // 2])
     with pytest.warns(RuntimeWarning, match="is unreadable"):
         regenerated = DemoDataset(cache_dir=tmp_path, **SMALL)
     assert torch.equal(regenerated.images, expected)
-    assert path.read_bytes() != (damage or content[:len(content) // 2])
+    assert path.read_bytes() != (damage or content[: len(content) // 2])
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
 

@@ -113,8 +113,12 @@ def test_ranks_share_every_batch_by_whole_classes(scheme):
     labels = uneven_labels()
     single = ClassBalancedBatchSampler(labels, 6, 2, seed=5, class_sampling=scheme)
     single.set_epoch(2)
-    ranks = [ClassBalancedBatchSampler(labels, 6, 2, seed=5, class_sampling=scheme,
-                                       num_replicas=3, rank=r) for r in range(3)]
+    ranks = [
+        ClassBalancedBatchSampler(
+            labels, 6, 2, seed=5, class_sampling=scheme, num_replicas=3, rank=r
+        )
+        for r in range(3)
+    ]
     for sampler in ranks:
         sampler.set_epoch(2)
     expected = list(single)
@@ -130,16 +134,19 @@ def test_ranks_share_every_batch_by_whole_classes(scheme):
 def test_ranks_share_an_odd_number_of_classes_by_whole_classes():
     labels = uneven_labels()
     single = ClassBalancedBatchSampler(labels, 5, 2, seed=1)
-    ranks = [ClassBalancedBatchSampler(labels, 5, 2, seed=1, num_replicas=2, rank=r)
-             for r in range(2)]
+    ranks = [
+        ClassBalancedBatchSampler(labels, 5, 2, seed=1, num_replicas=2, rank=r) for r in range(2)
+    ]
     for batch, first, second in zip(single, *ranks):
         assert (len(first), len(second)) == (4, 6)  # 2 and 3 classes of K = 2
         assert first + second == batch
 
 
 def test_more_processes_than_classes_are_a_clear_error():
-    message = (r"classes_per_batch=2 is fewer than the 3 processes: .*set classes_per_batch "
-               r"\(data.classes_per_batch\) to at least 3")
+    message = (
+        r"classes_per_batch=2 is fewer than the 3 processes: .*set classes_per_batch "
+        r"\(data.classes_per_batch\) to at least 3"
+    )
     with pytest.raises(ValueError, match=message):
         ClassBalancedBatchSampler(uneven_labels(), 2, 2, num_replicas=3, rank=0)
 
@@ -174,11 +181,11 @@ def test_uniform_sampling_walks_a_shuffled_list_per_class():
         per_class = {c: [] for c in range(4)}
         for batch in sampler:
             for k in (0, 2):
-                per_class[int(labels[batch[k]])].append(batch[k:k + 2])
+                per_class[int(labels[batch[k]])].append(batch[k : k + 2])
         for c in range(3):
             draws = per_class[c]
             for start in range(0, len(draws), 3):
-                samples = sum(draws[start:start + 3], [])
+                samples = sum(draws[start : start + 3], [])
                 assert len(set(samples)) == len(samples)
             if len(draws) >= 3:
                 left_over |= set(range(7 * c, 7 * c + 7)) - set(sum(draws[:3], []))
@@ -217,8 +224,9 @@ def test_too_few_classes_is_a_clear_error():
         ClassBalancedBatchSampler([0, 0, 1, 1, 2, 2], 4, 2)
     with pytest.raises(ValueError, match="rank must be in 0..1"):
         ClassBalancedBatchSampler([0, 0, 1, 1], 2, 2, num_replicas=2, rank=2)
-    with pytest.raises(ValueError, match="unknown class_sampling 'random'; choose one of "
-                                         "balanced, uniform"):
+    with pytest.raises(
+        ValueError, match="unknown class_sampling 'random'; choose one of balanced, uniform"
+    ):
         ClassBalancedBatchSampler([0, 0, 1, 1], 2, 2, class_sampling="random")
     with pytest.raises(ValueError, match="4 samples fill no batch of 2 classes × 3 samples"):
         ClassBalancedBatchSampler([0, 0, 1, 1], 2, 3, class_sampling="uniform")
@@ -227,14 +235,16 @@ def test_too_few_classes_is_a_clear_error():
 def test_works_as_a_dataloader_batch_sampler():
     labels = uneven_labels()
     dataset = torch.utils.data.TensorDataset(torch.arange(len(labels)), torch.as_tensor(labels))
-    loader = torch.utils.data.DataLoader(dataset,
-                                         batch_sampler=ClassBalancedBatchSampler(labels, 4, 2))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=ClassBalancedBatchSampler(labels, 4, 2)
+    )
     _, batch_labels = next(iter(loader))
     assert batch_labels.view(4, 2).unique(dim=0).shape == (4, 2)
 
 
-@pytest.mark.parametrize("recipe, scheme, replicas",
-                         [("sop", "uniform", 2), ("cub", "balanced", 3)])
+@pytest.mark.parametrize(
+    "recipe, scheme, replicas", [("sop", "uniform", 2), ("cub", "balanced", 3)]
+)
 def test_the_config_sets_the_scheme_and_the_ranks(recipe, scheme, replicas):
     from gca_pyg.config import load_config
     from gca_pyg.pipeline import build_train_sampler
@@ -246,4 +256,4 @@ def test_the_config_sets_the_scheme_and_the_ranks(recipe, scheme, replicas):
     assert (sampler.class_sampling, sampler.seed) == (scheme, 3)
     share = C // replicas * K
     expected = ClassBalancedBatchSampler(labels, C, K, class_sampling=scheme, seed=3)
-    assert [batch[share:2 * share] for batch in expected] == list(sampler)
+    assert [batch[share : 2 * share] for batch in expected] == list(sampler)

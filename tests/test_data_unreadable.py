@@ -64,8 +64,10 @@ def test_a_class_without_any_readable_image_stops(tmp_path):
         (tmp_path / "ant" / f"{k}.jpg").unlink()
     (tmp_path / "ant" / "0.jpg").write_bytes(b"")
     dataset = ImageFolderByClass(tmp_path, "train")  # 1 of 101 broken: within 1%
-    with pytest.warns(RuntimeWarning), pytest.raises(UnreadableImagesError,
-                                                     match="no image of class 'ant'"):
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(UnreadableImagesError, match="no image of class 'ant'"),
+    ):
         dataset[0]
 
 

@@ -1,9 +1,11 @@
-"""Several processes train on one batch graph exactly as one process does (gloo, 2 CPU processes)."""
+"""Several processes train on one batch graph exactly as one process does (gloo, 2 CPUs)."""
+
 import torch
 import torch.multiprocessing as mp
 
-import distributed_helpers as helpers
 from gca_pyg.distributed import Context
+
+import distributed_helpers as helpers
 
 
 def test_two_processes_train_like_one_on_the_global_batch(tmp_path):
@@ -19,8 +21,9 @@ def test_two_processes_train_like_one_on_the_global_batch(tmp_path):
 
     for name, expected in single["state"].items():
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
-        torch.testing.assert_close(ranks[0]["state"][name], expected, rtol=1e-7, atol=1e-9,
-                                   msg=name)
+        torch.testing.assert_close(
+            ranks[0]["state"][name], expected, rtol=1e-7, atol=1e-9, msg=name
+        )
     for step_single, step_ranks in zip(single["losses"], ranks[0]["losses"]):
         assert step_single.keys() == step_ranks.keys()
         for name, value in step_single.items():
@@ -29,5 +32,7 @@ def test_two_processes_train_like_one_on_the_global_batch(tmp_path):
     for step in range(helpers.STEPS):
         counts = [ranks[rank]["edges"][step] for rank in range(2)]
         assert sum(counts) == single["edges"][step]
-        assert all(abs(count - single["edges"][step] / 2) <= 0.1 * single["edges"][step]
-                   for count in counts)
+        assert all(
+            abs(count - single["edges"][step] / 2) <= 0.1 * single["edges"][step]
+            for count in counts
+        )

@@ -1,4 +1,5 @@
 """docs/method.md states the shipped recipes' values; they must not drift apart."""
+
 import re
 from pathlib import Path
 

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from gca_pyg.generator import (draw_mix, hardness_from_loss, synthesize_batch,
-                               synthesize_negatives)
+from gca_pyg.generator import draw_mix, hardness_from_loss, synthesize_batch, synthesize_negatives
 from gca_pyg.layout import class_layout
 
 
@@ -34,8 +33,9 @@ def test_zero_weight_puts_the_negative_at_the_positive_distance():
 def test_unit_weight_times_hardness_returns_the_negative():
     anchor, positive = torch.randn(3, 5), torch.randn(3, 5)
     negative = anchor + 10 * torch.randn(3, 5)
-    out = synthesize_negatives(anchor, positive, negative, torch.full((3, 5), 0.5),
-                               hardness=torch.full((3,), 2.0))
+    out = synthesize_negatives(
+        anchor, positive, negative, torch.full((3, 5), 0.5), hardness=torch.full((3,), 2.0)
+    )
     assert torch.allclose(out, negative, atol=1e-5)
 
 
@@ -91,8 +91,10 @@ def test_three_samples_per_class_roles_and_merge_order_by_hand():
     assert layout.members.tolist() == [[0, 2, 4], [1, 3, 5]]
     assert layout.rank.tolist() == [0, 0, 1, 1, 2, 2]
     assert layout.positive_index().tolist() == [2, 3, 4, 5, 0, 1]  # sample k -> sample k+1 mod 3
-    z = torch.tensor([[0.0, 1.0], [5.0, 5.0], [1.0, 0.0], [6.0, 4.0], [0.5, 0.5], [4.0, 7.0]],
-                     dtype=torch.float64)
+    z = torch.tensor(
+        [[0.0, 1.0], [5.0, 5.0], [1.0, 0.0], [6.0, 4.0], [0.5, 0.5], [4.0, 7.0]],
+        dtype=torch.float64,
+    )
     fusion = torch.rand(6, 6, 2, dtype=torch.float64)
     mix = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], dtype=torch.float64)
     synthetic, labels, anchors = synthesize_batch(z, y, fusion, 0.9, mix=mix)
@@ -131,22 +133,29 @@ def test_a_permutation_keeping_each_class_order_permutes_the_synthetic_set():
     original = {(int(a), int(c)): s for a, c, s in zip(anchors, labels, synthetic)}
     interleaved = torch.arange(12).view(4, 3).t().reshape(-1)  # classes interleaved, order kept
     synthetic_p, labels_p, anchors_p = synthesize_batch(
-        z[interleaved], y[interleaved], fusion[interleaved][:, interleaved], 0.8, mix=mix)
+        z[interleaved], y[interleaved], fusion[interleaved][:, interleaved], 0.8, mix=mix
+    )
     for a, c, s in zip(anchors_p, labels_p, synthetic_p):
         assert torch.allclose(s, original[(int(interleaved[a]), int(c))], atol=1e-12)
     # Reordering samples within a class changes their roles, hence the synthetic set.
     swapped = torch.tensor([1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
     synthetic_s, labels_s, anchors_s = synthesize_batch(
-        z[swapped], y[swapped], fusion[swapped][:, swapped], 0.8, mix=mix)
-    assert not all(torch.allclose(s, original[(int(swapped[a]), int(c))])
-                   for a, c, s in zip(anchors_s, labels_s, synthetic_s))
+        z[swapped], y[swapped], fusion[swapped][:, swapped], 0.8, mix=mix
+    )
+    assert not all(
+        torch.allclose(s, original[(int(swapped[a]), int(c))])
+        for a, c, s in zip(anchors_s, labels_s, synthetic_s)
+    )
 
 
-@pytest.mark.parametrize("labels", [
-    torch.tensor([0, 0, 0, 1, 1, 2, 2, 2]),
-    torch.tensor([0, 1, 2, 3]),
-    torch.tensor([5, 5, 5]),
-])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        torch.tensor([0, 0, 0, 1, 1, 2, 2, 2]),
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([5, 5, 5]),
+    ],
+)
 def test_unbalanced_batches_fail_clearly(labels):
     z = torch.randn(labels.numel(), 4)
     fusion = torch.rand(labels.numel(), labels.numel(), 4)

@@ -1,16 +1,25 @@
 import pytest
 import torch
 
-from gca_pyg.graph import (build_batch_graph, complete_edge_index, pair_index, shard_pairs,
-                           to_dense_edges)
+from gca_pyg.graph import (
+    build_batch_graph,
+    complete_edge_index,
+    pair_index,
+    shard_pairs,
+    to_dense_edges,
+)
 from gca_pyg.layout import class_layout
 
 
 def test_complete_edge_index_orders_pairs_row_major():
-    assert complete_edge_index(3).tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2],
-                                               [0, 1, 2, 0, 1, 2, 0, 1, 2]]
-    assert complete_edge_index(3, undirected=True).tolist() == [[0, 0, 0, 1, 1, 2],
-                                                                [0, 1, 2, 1, 2, 2]]
+    assert complete_edge_index(3).tolist() == [
+        [0, 0, 0, 1, 1, 1, 2, 2, 2],
+        [0, 1, 2, 0, 1, 2, 0, 1, 2],
+    ]
+    assert complete_edge_index(3, undirected=True).tolist() == [
+        [0, 0, 0, 1, 1, 2],
+        [0, 1, 2, 1, 2, 2],
+    ]
 
 
 def test_batch_graph_shapes_and_masks(device):
@@ -46,7 +55,9 @@ def test_undirected_storage_holds_the_same_pairs():
     undirected = build_batch_graph(z, y, undirected=True)
     assert undirected.edge_index.size(1) == 15
     dense_directed = to_dense_edges(directed.edge_attr, directed.edge_index, 5)
-    dense_undirected = to_dense_edges(undirected.edge_attr, undirected.edge_index, 5, undirected=True)
+    dense_undirected = to_dense_edges(
+        undirected.edge_attr, undirected.edge_index, 5, undirected=True
+    )
     assert torch.equal(dense_directed, dense_undirected)
     mask = to_dense_edges(undirected.neg_mask, undirected.edge_index, 5, undirected=True)
     assert torch.equal(mask, y[:, None] != y[None, :])
@@ -70,10 +81,13 @@ def test_pair_index_and_to_dense_reject_incomplete_graphs():
         to_dense_edges(torch.randn(2, 3), edge_index, 3)
 
 
-@pytest.mark.parametrize("z, y, match", [
-    (torch.randn(4), torch.arange(4), r"\[N, D\]"),
-    (torch.randn(4, 3), torch.arange(5), "one label per embedding"),
-])
+@pytest.mark.parametrize(
+    "z, y, match",
+    [
+        (torch.randn(4), torch.arange(4), r"\[N, D\]"),
+        (torch.randn(4, 3), torch.arange(5), "one label per embedding"),
+    ],
+)
 def test_batch_graph_rejects_bad_shapes(z, y, match):
     with pytest.raises(ValueError, match=match):
         build_batch_graph(z, y)
@@ -96,8 +110,12 @@ def test_shards_cover_every_pair_once_and_hold_whole_groups(world_size):
         members = layout.members[shard.target_class]  # (G, K)
         ends = shard.edge_index[:, shard.edges]  # (2, G, K)
         anchor = shard.anchor.unsqueeze(1)
-        assert bool((((ends[0] == anchor) & (ends[1] == members)) |
-                     ((ends[1] == anchor) & (ends[0] == members))).all())
+        assert bool(
+            (
+                ((ends[0] == anchor) & (ends[1] == members))
+                | ((ends[1] == anchor) & (ends[0] == members))
+            ).all()
+        )
         groups.update(zip(shard.anchor.tolist(), shard.target_class.tolist()))
     assert bool((covered == 1).all())  # every ordered pair, self-loops included, exactly once
     assert len(groups) == nodes * classes  # every (anchor, class) group on exactly one process

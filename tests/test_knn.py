@@ -1,5 +1,6 @@
 """The sparse batch graph of graph.neighbors: k-NN pairs, their groups, masked synthesis and losses,
 and the training step on it (equal to the dense step on the complete graph)."""
+
 import math
 
 import pytest
@@ -10,8 +11,14 @@ from gca_pyg.config import load_config
 from gca_pyg.distributed import Context
 from gca_pyg.errors import ConfigError, NonFiniteLossError
 from gca_pyg.generator import synthesize_groups, synthesize_negatives
-from gca_pyg.graph import (GraphConfig, build_batch_graph, knn_pairs, shard_pairs, sparse_shard,
-                           to_dense_edges)
+from gca_pyg.graph import (
+    GraphConfig,
+    build_batch_graph,
+    knn_pairs,
+    shard_pairs,
+    sparse_shard,
+    to_dense_edges,
+)
 from gca_pyg.layout import class_layout
 from gca_pyg.losses import diversity_loss, similarity_loss, synthetic_npair_loss
 from gca_pyg.model import GCAHNG, NetConfig
@@ -20,6 +27,7 @@ from gca_pyg.trainer import AlternatingTrainer, OptimConfig
 
 class TinyBackbone(torch.nn.Module):
     """Stands in for a CNN: a linear map of fixed random 'images' (feature vectors)."""
+
     out_features = 24
 
     def __init__(self):
@@ -69,8 +77,10 @@ def test_k_of_at_least_n_minus_1_gives_the_dense_pairs_and_groups():
         assert shard.mask.shape == (75, 3) and bool(shard.mask.all())
     graph = build_batch_graph(z, y, undirected=True, neighbors=14)
     complete = build_batch_graph(z, y, undirected=True)
-    assert torch.equal(to_dense_edges(graph.edge_attr, graph.edge_index, 15, undirected=True),
-                       to_dense_edges(complete.edge_attr, complete.edge_index, 15, undirected=True))
+    assert torch.equal(
+        to_dense_edges(graph.edge_attr, graph.edge_index, 15, undirected=True),
+        to_dense_edges(complete.edge_attr, complete.edge_index, 15, undirected=True),
+    )
 
 
 def test_small_k_joins_the_nearest_samples_and_every_classmate():
@@ -94,8 +104,9 @@ def test_small_k_joins_the_nearest_samples_and_every_classmate():
 
 def adjacency_directed(edge_index, num_nodes):
     table = torch.zeros(num_nodes, num_nodes, dtype=torch.long)
-    table.index_put_(tuple(edge_index), torch.ones(edge_index.size(1), dtype=torch.long),
-                     accumulate=True)
+    table.index_put_(
+        tuple(edge_index), torch.ones(edge_index.size(1), dtype=torch.long), accumulate=True
+    )
     assert bool((table <= 1).all())
     return table.bool()
 
@@ -111,13 +122,17 @@ def test_groups_of_a_sparse_graph_are_the_classes_each_anchor_is_joined_to():
     assert torch.equal(shard.mask, joined)
     ends = pairs[:, shard.edges]  # (2, G, K)
     anchor = shard.anchor.unsqueeze(1)
-    hits = ((ends[0] == anchor) & (ends[1] == members)) | \
-        ((ends[1] == anchor) & (ends[0] == members))
+    hits = ((ends[0] == anchor) & (ends[1] == members)) | (
+        (ends[1] == anchor) & (ends[0] == members)
+    )
     assert bool(hits[shard.mask].all())
     # One group per (anchor, class) joined by at least one pair; own classes always complete.
     expected = torch.zeros(18, 6, dtype=torch.bool)
-    expected.index_put_((torch.arange(18).repeat_interleave(18), layout.class_index.repeat(18)),
-                        table.reshape(-1), accumulate=True)
+    expected.index_put_(
+        (torch.arange(18).repeat_interleave(18), layout.class_index.repeat(18)),
+        table.reshape(-1),
+        accumulate=True,
+    )
     assert torch.equal(shard.connected(18, 6), expected)
     assert shard.num_groups == int(expected.sum()) < 18 * 6
     own = shard.target_class == layout.class_index[shard.anchor]
@@ -133,22 +148,27 @@ def test_synthesis_merges_only_the_joined_members_by_hand():
     target_class = torch.tensor([1, 1, 1, 1])
     weights = torch.rand(4, 3, 4, dtype=torch.float64)
     mix = torch.rand(3, 2, dtype=torch.float64)
-    mask = torch.tensor([[True, True, True], [False, True, True], [True, False, True],
-                         [False, False, True]])
+    mask = torch.tensor(
+        [[True, True, True], [False, True, True], [True, False, True], [False, False, True]]
+    )
     out = synthesize_groups(z, layout, anchor, target_class, weights[mask], 0.7, mix, mask)
     u = mix[1]  # the coefficients of anchor block r(1) = 1
     moved = [synthesize_negatives(z[1], z[2], z[3 + k], weights[:, k], 0.7) for k in range(3)]
-    expected = torch.stack([
-        moved[2][0] + u[1] * (moved[1][0] + u[0] * (moved[0][0] - moved[1][0]) - moved[2][0]),
-        moved[2][1] + u[1] * (moved[1][1] - moved[2][1]),  # sample 0 missing: 1 starts
-        moved[2][2] + u[1] * (moved[0][2] - moved[2][2]),  # sample 1 missing: skipped
-        moved[2][3],  # only sample 2 joined
-    ])
+    expected = torch.stack(
+        [
+            moved[2][0] + u[1] * (moved[1][0] + u[0] * (moved[0][0] - moved[1][0]) - moved[2][0]),
+            moved[2][1] + u[1] * (moved[1][1] - moved[2][1]),  # sample 0 missing: 1 starts
+            moved[2][2] + u[1] * (moved[0][2] - moved[2][2]),  # sample 1 missing: skipped
+            moved[2][3],  # only sample 2 joined
+        ]
+    )
     assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
     full = synthesize_groups(z, layout, anchor, target_class, weights, 0.7, mix)
     every = torch.ones(4, 3, dtype=torch.bool)
-    assert torch.equal(synthesize_groups(z, layout, anchor, target_class, weights.view(12, 4),
-                                         0.7, mix, every), full)
+    assert torch.equal(
+        synthesize_groups(z, layout, anchor, target_class, weights.view(12, 4), 0.7, mix, every),
+        full,
+    )
 
 
 def log_softmax_at(logits, index):
@@ -168,8 +188,9 @@ def test_masked_synthetic_npair_loss_by_hand():
     loss = synthetic_npair_loss(z, y, synthetic, classes, anchor_index, connected=connected)
     total, candidate_norms = 0.0, []
     for i in range(6):
-        candidates = [z[i ^ 1]] + [synthetic[r] for r in range(len(synthetic))
-                                   if anchor_index[r] == i]
+        candidates = [z[i ^ 1]] + [
+            synthetic[r] for r in range(len(synthetic)) if anchor_index[r] == i
+        ]
         total -= log_softmax_at([float(z[i] @ c) for c in candidates], 0)
         candidate_norms += [float(c.square().sum()) for c in candidates]
     assert len(candidate_norms) == 6 + 8  # 6 positives, 12 - 4 synthetic negatives
@@ -177,8 +198,9 @@ def test_masked_synthetic_npair_loss_by_hand():
     assert loss.item() == pytest.approx(total / 6 + 0.25 * 3e-3 * l2, rel=1e-12)
     # Every connected (anchor, other class) needs its row, and only those may come.
     with pytest.raises(ValueError, match="exactly one synthetic negative.*connected"):
-        synthetic_npair_loss(z, y, synthetic[1:], classes[1:], anchor_index[1:],
-                             connected=connected)
+        synthetic_npair_loss(
+            z, y, synthetic[1:], classes[1:], anchor_index[1:], connected=connected
+        )
     with pytest.raises(ValueError, match="exactly one synthetic negative"):
         synthetic_npair_loss(z, y, synthetic, classes, anchor_index)
 
@@ -197,18 +219,26 @@ def test_sparse_similarity_and_diversity_losses_by_hand():
         neighbours[i].append(weights[row])
         if i != j:
             neighbours[j].append(weights[row])
-    total = sum(float((w - torch.stack(ws).mean(0)).square().sum())
-                for ws in neighbours.values() for w in ws)
+    total = sum(
+        float((w - torch.stack(ws).mean(0)).square().sum())
+        for ws in neighbours.values()
+        for w in ws
+    )
     expected = 0.01 * (1 - math.sqrt(total / 10))  # 10 stored directed pairs
-    assert diversity_loss(weights, edge_index=pairs, num_nodes=4).item() == \
-        pytest.approx(expected, rel=1e-12)
+    assert diversity_loss(weights, edge_index=pairs, num_nodes=4).item() == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 def make_trainer(neighbors, dtype=torch.float64):
     torch.manual_seed(0)
-    model = GCAHNG(TinyBackbone(), num_classes=6, embedding_size=16,
-                   net=NetConfig(num_layers=2, heads=4, dropout=0.1),
-                   graph=GraphConfig(neighbors=neighbors)).to(dtype)
+    model = GCAHNG(
+        TinyBackbone(),
+        num_classes=6,
+        embedding_size=16,
+        net=NetConfig(num_layers=2, heads=4, dropout=0.1),
+        graph=GraphConfig(neighbors=neighbors),
+    ).to(dtype)
     trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0, epochs=10))
     trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 1.0  # h < 1, J_syn weighs in
     return trainer
@@ -226,10 +256,12 @@ def test_a_step_on_the_sparse_graph_with_k_of_n_minus_1_equals_the_dense_step():
     fusion = torch.rand(dense_shard.num_edges, 16, dtype=torch.float64)
     mix = torch.rand(3, 2, dtype=torch.float64)
     for own_class in (False, True):
-        expected = dense.model._synthesize(embeddings, layout, dense_shard, fusion, 0.4, mix,
-                                           own_class)
-        actual = sparse.model._synthesize(embeddings, layout, sparse_shard_, fusion, 0.4, mix,
-                                          own_class)
+        expected = dense.model._synthesize(
+            embeddings, layout, dense_shard, fusion, 0.4, mix, own_class
+        )
+        actual = sparse.model._synthesize(
+            embeddings, layout, sparse_shard_, fusion, 0.4, mix, own_class
+        )
         for a, b in zip(actual, expected):
             assert torch.equal(a, b)
 
@@ -265,9 +297,13 @@ def test_the_model_synthesises_and_scores_a_sparse_graph_group_by_group():
         result = None
         for k in range(3):
             if shard.mask[g, k]:
-                n = synthesize_negatives(embeddings[i], embeddings[positive[i]],
-                                         embeddings[layout.members[c, k]],
-                                         fusion[shard.edges[g, k]], hardness)
+                n = synthesize_negatives(
+                    embeddings[i],
+                    embeddings[positive[i]],
+                    embeddings[layout.members[c, k]],
+                    fusion[shard.edges[g, k]],
+                    hardness,
+                )
                 u = mix[layout.rank[i], k - 1]
                 result = n if result is None else n + u * (result - n)
         synthetic.append(result)
@@ -281,13 +317,15 @@ def test_the_model_synthesises_and_scores_a_sparse_graph_group_by_group():
     assert losses["J_div"].item() == pytest.approx(expected_div.item(), rel=1e-12)
 
     torch.manual_seed(3)  # the same dropout, so the same fusion weights
-    metric = model.metric_loss(embeddings, labels, layout, shard, hardness=hardness,
-                               synthetic_weight=1.0, mix=mix)
+    metric = model.metric_loss(
+        embeddings, labels, layout, shard, hardness=hardness, synthetic_weight=1.0, mix=mix
+    )
     other = shard.target_class != layout.class_index[shard.anchor]
     total, norms = 0.0, []
     for i in range(12):
         candidates = [embeddings[positive[i]]] + [
-            synthetic[g] for g in range(shard.num_groups) if other[g] and shard.anchor[g] == i]
+            synthetic[g] for g in range(shard.num_groups) if other[g] and shard.anchor[g] == i
+        ]
         total -= log_softmax_at([float(embeddings[i] @ c) for c in candidates], 0)
         norms += [float(c.square().sum()) for c in candidates]
     l2 = embeddings.square().sum(1).mean().item() + sum(norms) / len(norms)
@@ -321,11 +359,16 @@ def test_bad_neighbours_are_clear_errors():
     with pytest.raises(ValueError, match="positive int number of neighbours"):
         knn_pairs(torch.randn(4, 3), torch.arange(4), 0)
     with pytest.raises(ValueError, match="not both"):
-        build_batch_graph(torch.randn(4, 3), torch.arange(4), neighbors=2,
-                          edge_index=torch.zeros(2, 1, dtype=torch.long))
+        build_batch_graph(
+            torch.randn(4, 3),
+            torch.arange(4),
+            neighbors=2,
+            edge_index=torch.zeros(2, 1, dtype=torch.long),
+        )
     trainer = make_trainer(2, dtype=torch.float32)
     with pytest.raises(ValueError, match="needs the batch's embeddings"):
         trainer.prepare(torch.arange(4).repeat_interleave(3))
-    with pytest.raises(ConfigError, match="graph.neighbors is not supported with several "
-                                          "processes yet"):
+    with pytest.raises(
+        ConfigError, match="graph.neighbors is not supported with several processes yet"
+    ):
         AlternatingTrainer(trainer.model, context=Context(world_size=2))

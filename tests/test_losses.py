@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from gca_pyg.generator import synthesize_batch
-from gca_pyg.losses import (diversity_loss, npair_loss, similarity_loss, synthetic_class_loss,
-                            synthetic_npair_loss)
+from gca_pyg.losses import (
+    diversity_loss,
+    npair_loss,
+    similarity_loss,
+    synthetic_class_loss,
+    synthetic_npair_loss,
+)
 
 
 def log_softmax_at(logits, target):
@@ -41,7 +46,8 @@ def test_synthetic_npair_loss_by_hand():
     z = torch.randn(6, 4, dtype=torch.float64)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     synthetic, synthetic_labels, anchor_index = synthesize_batch(
-        z, y, torch.rand(6, 6, 4, dtype=torch.float64), 0.5)
+        z, y, torch.rand(6, 6, 4, dtype=torch.float64), 0.5
+    )
     loss = synthetic_npair_loss(z, y, synthetic, synthetic_labels, anchor_index)
     total, candidate_norms = 0.0, []
     for i in range(6):
@@ -53,8 +59,9 @@ def test_synthetic_npair_loss_by_hand():
     assert loss.item() == pytest.approx(total / 6 + 0.25 * 3e-3 * l2, rel=1e-9)
     # Rows may come in any order: the loss reads the anchor index.
     perm = torch.randperm(12)
-    shuffled = synthetic_npair_loss(z, y, synthetic[perm], synthetic_labels[perm],
-                                    anchor_index[perm])
+    shuffled = synthetic_npair_loss(
+        z, y, synthetic[perm], synthetic_labels[perm], anchor_index[perm]
+    )
     assert torch.allclose(shuffled, loss)
 
 
@@ -65,13 +72,20 @@ def test_synthetic_npair_loss_ignores_own_class_rows_and_needs_every_other_class
     mix = torch.rand(2, 1, dtype=torch.float64)
     others = synthesize_batch(z, y, fusion, 0.5, mix=mix)
     everything = synthesize_batch(z, y, fusion, 0.5, mix=mix, include_own_class=True)
-    assert torch.allclose(synthetic_npair_loss(z, y, *everything), synthetic_npair_loss(z, y, *others))
+    assert torch.allclose(
+        synthetic_npair_loss(z, y, *everything), synthetic_npair_loss(z, y, *others)
+    )
     synthetic, labels, anchors = others
     with pytest.raises(ValueError, match="exactly one synthetic negative"):
         synthetic_npair_loss(z, y, synthetic[1:], labels[1:], anchors[1:])
     with pytest.raises(ValueError, match="exactly one synthetic negative"):
-        synthetic_npair_loss(z, y, torch.cat([synthetic, synthetic[:1]]),
-                             torch.cat([labels, labels[:1]]), torch.cat([anchors, anchors[:1]]))
+        synthetic_npair_loss(
+            z,
+            y,
+            torch.cat([synthetic, synthetic[:1]]),
+            torch.cat([labels, labels[:1]]),
+            torch.cat([anchors, anchors[:1]]),
+        )
 
 
 def test_synthetic_class_loss_by_hand():
@@ -90,11 +104,13 @@ def test_similarity_loss_by_hand():
     anchor_index = torch.tensor([0, 0, 1])
     cosines = [1 / math.sqrt(2), 0.0, 0.0]
     expected = sum(1 - c for c in cosines) / (2 * 3)  # N * C pairs, same-class ones count 0
-    assert similarity_loss(z, synthetic, anchor_index, num_classes=3).item() == \
-        pytest.approx(expected)
+    assert similarity_loss(z, synthetic, anchor_index, num_classes=3).item() == pytest.approx(
+        expected
+    )
     # A mask leaves rows out (e.g. the anchors' own-class rows).
-    masked = similarity_loss(z, synthetic, anchor_index, num_classes=3,
-                             mask=torch.tensor([True, False, True]))
+    masked = similarity_loss(
+        z, synthetic, anchor_index, num_classes=3, mask=torch.tensor([True, False, True])
+    )
     assert masked.item() == pytest.approx((1 - cosines[0] + 1 - cosines[2]) / 6)
 
 
@@ -118,6 +134,6 @@ def test_diversity_loss_of_undirected_pairs_equals_the_dense_one():
     expected = diversity_loss(dense)
     actual = diversity_loss(weights, edge_index=pairs, num_nodes=5)
     assert torch.allclose(actual, expected)
-    grad_expected, = torch.autograd.grad(expected, weights)
-    grad_actual, = torch.autograd.grad(actual, weights)
+    (grad_expected,) = torch.autograd.grad(expected, weights)
+    (grad_actual,) = torch.autograd.grad(actual, weights)
     assert torch.allclose(grad_actual, grad_expected)

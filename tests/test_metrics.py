@@ -82,8 +82,16 @@ def test_hand_made_embeddings_give_the_metrics_worked_out_by_hand():
     # 5 (C, 45°), 3 (B, 50°), 6 (C, 60°), 2, 1, 0.
     degrees = [0, 12, 30, 90, 105, 185, 200, 140]
     labels = np.array(list("AABBACCC"))
-    rankings = ["1001000", "1001000", "0010000", "0010000",
-                "0000101", "1100000", "1100000", "0101000"]
+    rankings = [
+        "1001000",
+        "1001000",
+        "0010000",
+        "0010000",
+        "0000101",
+        "1100000",
+        "1100000",
+        "0101000",
+    ]
     ks = (1, 2, 4, 8)
 
     metrics = retrieval_metrics(on_circle(degrees), labels, ks)
@@ -93,8 +101,14 @@ def test_hand_made_embeddings_give_the_metrics_worked_out_by_hand():
     # 1/2,1/2,0,0,0,1,1,1/2 and 1/2,1/2,0,0,0,1,1,1/4.
     assert_metrics_equal(
         metrics,
-        {"recall@1": 4 / 8, "recall@2": 5 / 8, "recall@4": 7 / 8, "recall@8": 1.0,
-         "map@r": 3.25 / 8, "r_precision": 3.5 / 8},
+        {
+            "recall@1": 4 / 8,
+            "recall@2": 5 / 8,
+            "recall@4": 7 / 8,
+            "recall@8": 1.0,
+            "map@r": 3.25 / 8,
+            "r_precision": 3.5 / 8,
+        },
     )
 
 
@@ -137,7 +151,11 @@ def test_another_class_tied_with_a_positive_ranks_before_it(chunk_size):
         collapsed, np.array([0, 0, 1, 1, 2, 2]), ks=(1, 4, 5), chunk_size=chunk_size
     )
     assert metrics == {
-        "recall@1": 0.0, "recall@4": 0.0, "recall@5": 1.0, "map@r": 0.0, "r_precision": 0.0
+        "recall@1": 0.0,
+        "recall@4": 0.0,
+        "recall@5": 1.0,
+        "map@r": 0.0,
+        "r_precision": 0.0,
     }
 
 
@@ -198,9 +216,10 @@ def test_the_number_of_threads_does_not_change_the_result():
     assert_metrics_equal(one_thread, brute_force(x, y, ks))
     for num_threads in (2, 3, 64):
         assert retrieval_metrics(x, y, ks, chunk_size=37, num_threads=num_threads) == one_thread
-        assert retrieval_metrics(
-            x[150:], y[150:], ks, **split, chunk_size=37, num_threads=num_threads
-        ) == query_mode
+        assert (
+            retrieval_metrics(x[150:], y[150:], ks, **split, chunk_size=37, num_threads=num_threads)
+            == query_mode
+        )
 
 
 def test_torch_tensors_of_any_dtype_give_the_numpy_answer():
@@ -256,7 +275,9 @@ def test_matches_pytorch_metric_learning(spread, duplicates):
 def test_query_mode_matches_pytorch_metric_learning():
     x, y = clustered(n_classes=30, sizes=(3, 10), dim=16, spread=1.5, seed=8)
     with pytest.warns(UserWarning, match="of 100 queries have no same-class item"):
-        ours = retrieval_metrics(x[100:], y[100:], query=x[:100], query_labels=y[:100], chunk_size=64)
+        ours = retrieval_metrics(
+            x[100:], y[100:], query=x[:100], query_labels=y[:100], chunk_size=64
+        )
     assert_matches_pml(ours, pml_metrics(x[100:], y[100:], x[:100], y[:100]))
 
 
@@ -266,8 +287,10 @@ def test_query_mode_matches_pytorch_metric_learning():
         (lambda x, y: retrieval_metrics(x, y[:-1]), r"labels must have shape \(20,\)"),
         (lambda x, y: retrieval_metrics(x[0], y), "2-D"),
         (lambda x, y: retrieval_metrics(x[:1], y[:1]), "at least 2 samples"),
-        (lambda x, y: retrieval_metrics(np.where(np.arange(20)[:, None] == 3, np.nan, x), y),
-         "1 rows with NaN.*row 3"),
+        (
+            lambda x, y: retrieval_metrics(np.where(np.arange(20)[:, None] == 3, np.nan, x), y),
+            "1 rows with NaN.*row 3",
+        ),
         (lambda x, y: retrieval_metrics(x, y, ks=(1, 0)), "ks must be positive"),
         (lambda x, y: retrieval_metrics(x, y, ks=()), "ks must be positive"),
         (lambda x, y: retrieval_metrics(x, y, ks=(1.5,)), "ks must be positive"),

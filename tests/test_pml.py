@@ -1,4 +1,5 @@
 """gca_pyg.pml: the generator in a pytorch-metric-learning loop, and the example that uses it."""
+
 import math
 import os
 import re
@@ -30,10 +31,13 @@ def test_negatives_come_in_pml_reference_form():
     # Grouped by anchor, one per other class: never the anchor's own class.
     anchor_labels = labels.repeat_interleave(3)
     assert not (negative_labels == anchor_labels).any()
-    assert torch.equal(negative_labels.view(12, 3).sort(dim=1).values,
-                       torch.stack([torch.tensor([c for c in range(4) if c != y]) for y in labels]))
-    loss = losses.TripletMarginLoss(margin=0.1)(embeddings, labels, ref_emb=negatives,
-                                                ref_labels=negative_labels)
+    assert torch.equal(
+        negative_labels.view(12, 3).sort(dim=1).values,
+        torch.stack([torch.tensor([c for c in range(4) if c != y]) for y in labels]),
+    )
+    loss = losses.TripletMarginLoss(margin=0.1)(
+        embeddings, labels, ref_emb=negatives, ref_labels=negative_labels
+    )
     assert torch.isfinite(loss) and loss > 0
 
 
@@ -41,8 +45,9 @@ def test_the_users_loss_trains_the_model_and_never_the_generator():
     embeddings, labels = batch()
     generator = GCANegativeGenerator(16, num_classes=4, num_layers=1, heads=2)
     negatives, negative_labels = generator(embeddings, labels)
-    losses.TripletMarginLoss(margin=0.5)(embeddings, labels, ref_emb=negatives,
-                                         ref_labels=negative_labels).backward()
+    losses.TripletMarginLoss(margin=0.5)(
+        embeddings, labels, ref_emb=negatives, ref_labels=negative_labels
+    ).backward()
     assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
     assert all(p.grad is None for p in generator.parameters())
 
@@ -82,13 +87,16 @@ def test_update_sets_the_hardness_and_the_synthetic_weight():
     assert (near - anchors).norm(dim=1).mean() < (far - anchors).norm(dim=1).mean()
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda g, z, y: g(z[:, :8], y), r"embeddings of shape \[N, 16\], got \(12, 8\)"),
-    (lambda g, z, y: g(z, y[:-1]), r"one label per embedding \(12\)"),
-    (lambda g, z, y: g(z, y + 5), r"labels must be training class ids in 0\.\.5, got 5\.\.8"),
-    (lambda g, z, y: g(z[:-1], y[:-1]), r"class"),  # class 3 has 2 samples, the others 3
-    (lambda g, z, y: g.update(float("nan")), r"positive finite number; got nan"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda g, z, y: g(z[:, :8], y), r"embeddings of shape \[N, 16\], got \(12, 8\)"),
+        (lambda g, z, y: g(z, y[:-1]), r"one label per embedding \(12\)"),
+        (lambda g, z, y: g(z, y + 5), r"labels must be training class ids in 0\.\.5, got 5\.\.8"),
+        (lambda g, z, y: g(z[:-1], y[:-1]), r"class"),  # class 3 has 2 samples, the others 3
+        (lambda g, z, y: g.update(float("nan")), r"positive finite number; got nan"),
+    ],
+)
 def test_bad_input_is_one_clear_error(call, message):
     embeddings, labels = batch()
     generator = GCANegativeGenerator(16, num_classes=6, num_layers=1, heads=2)
@@ -99,12 +107,27 @@ def test_bad_input_is_one_clear_error(call, message):
 def test_the_example_trains_with_and_without_the_generator(tmp_path):
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "GCA_PYG_CACHE": str(tmp_path)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "pml_triplet.py"), "--epochs", "1", "--seeds", "0",
-         "--max-steps", "3", "--classes-per-batch", "10"],
-        capture_output=True, text=True, env=environment, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "examples" / "pml_triplet.py"),
+            "--epochs",
+            "1",
+            "--seeds",
+            "0",
+            "--max-steps",
+            "3",
+            "--classes-per-batch",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
-    (row,) = re.findall(r"^\s+0 \|\s+(\d+\.\d\d) \|\s+(\d+\.\d\d) \|\s+([+-]\d+\.\d\d)$",
-                        result.stdout, flags=re.M)
+    (row,) = re.findall(
+        r"^\s+0 \|\s+(\d+\.\d\d) \|\s+(\d+\.\d\d) \|\s+([+-]\d+\.\d\d)$", result.stdout, flags=re.M
+    )
     plain, generated, difference = map(float, row)
     assert 0 < plain <= 100 and 0 < generated <= 100
     assert difference == pytest.approx(generated - plain, abs=0.011)

@@ -1,4 +1,5 @@
 """python -m gca_pyg.report: the report of a tiny demo run, its parts, how it looks in a browser."""
+
 import re
 import shlex
 import shutil
@@ -18,9 +19,16 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
 # The demo recipe shrunk to one quick epoch: 50 steps of 30 classes x 2 images, a small net.
-TINY_DEMO = ["model.embedding_size=16", "net.heads=1", "net.num_layers=1", "optim.warmup_epochs=0",
-             "optim.epochs=1", "data.classes_per_batch=30", "data.samples_per_class=2",
-             "eval.batch_size=500"]
+TINY_DEMO = [
+    "model.embedding_size=16",
+    "net.heads=1",
+    "net.num_layers=1",
+    "optim.warmup_epochs=0",
+    "optim.epochs=1",
+    "data.classes_per_batch=30",
+    "data.samples_per_class=2",
+    "eval.batch_size=500",
+]
 SECTIONS = ("summary", "curves", "map", "retrieval", "worst-classes")
 
 
@@ -88,7 +96,7 @@ def test_report_holds_every_section_and_every_image_it_links(demo_run):
 
 def test_retrieval_gallery_frames_neighbours_by_class(demo_run):
     page = _Page((demo_run / "report" / "index.html").read_text(encoding="utf-8"))
-    rows = [page.thumbs[i:i + 9] for i in range(0, len(page.thumbs), 9)]
+    rows = [page.thumbs[i : i + 9] for i in range(0, len(page.thumbs), 9)]
     assert len(rows) == report.NUM_QUERIES
     classes = set()
     for (kind, query_class), *neighbours in rows:
@@ -100,8 +108,10 @@ def test_retrieval_gallery_frames_neighbours_by_class(demo_run):
     kinds = [kind for row in rows for kind, _ in row[1:]]
     assert "same" in kinds and "other" in kinds  # a one-epoch model finds some, misses some
     # The worst classes follow the gallery: ten of them, each with a thumbnail and its R@1.
-    worst = re.findall(r'<div class="card" data-class="[^"]+"><img src="([^"]+)".*?R@1 ([\d.]+)%',
-                       (demo_run / "report" / "index.html").read_text(encoding="utf-8"))
+    worst = re.findall(
+        r'<div class="card" data-class="[^"]+"><img src="([^"]+)".*?R@1 ([\d.]+)%',
+        (demo_run / "report" / "index.html").read_text(encoding="utf-8"),
+    )
     assert len(worst) == report.NUM_WORST_CLASSES
     recalls = [float(value) for _, value in worst]
     assert recalls == sorted(recalls)
@@ -128,11 +138,17 @@ def test_per_class_recall_at_1_and_the_class_mistaken_for():
 
 
 def test_curves_plot_the_keys_present_and_skip_the_absent(tmp_path):
-    records = [{"epoch": 1, "J_m": 3.0, "hardness": 0.2, "custom_stat": 5},
-               {"epoch": 2, "J_m": 2.0, "hardness": 0.1, "custom_stat": 4, "test/recall@1": 0.5}]
+    records = [
+        {"epoch": 1, "J_m": 3.0, "hardness": 0.2, "custom_stat": 5},
+        {"epoch": 2, "J_m": 2.0, "hardness": 0.1, "custom_stat": 4, "test/recall@1": 0.5},
+    ]
     written = dict(report.plot_curves(records, tmp_path))
-    assert set(written) == {"Metric losses", "Synthesis schedule", "Test retrieval (%)",
-                            "custom_stat"}
+    assert set(written) == {
+        "Metric losses",
+        "Synthesis schedule",
+        "Test retrieval (%)",
+        "custom_stat",
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written.values())
 
 
@@ -150,7 +166,7 @@ def test_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an uninstalled package looks like
     assert report.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "matplotlib" in err and 'gca-pyg[report]' in err
+    assert err.count("\n") == 1 and "matplotlib" in err and "gca-pyg[report]" in err
 
 
 def test_no_checkpoint_is_one_line(tmp_path, capsys):
@@ -159,21 +175,44 @@ def test_no_checkpoint_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "no checkpoint at" in err
 
 
-CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(name)), None)
+CHROMIUM = next(
+    (
+        shutil.which(name)
+        for name in ("chromium", "chromium-browser", "google-chrome")
+        if shutil.which(name)
+    ),
+    None,
+)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine: apt-get install "
-                    "chromium (Debian) to test how the report renders")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium on this machine: apt-get install "
+    "chromium (Debian) to test how the report renders",
+)
 def test_the_report_renders_in_headless_chromium(demo_run, tmp_path):
     screenshot = tmp_path / "report.png"
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-         "--window-size=1200,1600", f"--screenshot={screenshot}",
-         (demo_run / "report" / "index.html").as_uri()],
-        check=True, capture_output=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,1600",
+            f"--screenshot={screenshot}",
+            (demo_run / "report" / "index.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     with Image.open(screenshot) as image:
         assert image.size == (1200, 1600)
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)

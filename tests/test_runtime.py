@@ -1,5 +1,6 @@
 """retain_freed_memory, observed through glibc's own counters in a child process: the setting is
 process-wide, so it must not leak into the pytest process."""
+
 import json
 import os
 import subprocess
@@ -40,8 +41,15 @@ def run_child(malloc_setting):
     if malloc_setting is not None:
         env["GCA_PYG_MALLOC"] = malloc_setting
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", CHILD], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 

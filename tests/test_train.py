@@ -1,4 +1,5 @@
-"""The training and evaluation commands, end to end, in-process (python -m gca_pyg.train / evaluate)."""
+"""The training and evaluation commands end to end, in-process (gca_pyg.train / evaluate)."""
+
 import errno
 import importlib.util
 import json
@@ -17,10 +18,17 @@ import gca_pyg.trainer
 from gca_pyg import evaluate as evaluate_cli
 from gca_pyg import train as train_cli
 from gca_pyg.checkpoint import load_checkpoint
+
 from data_layouts import make_cub
 
-TINY = ["model.embedding_size=32", "net.heads=2", "net.num_layers=1", "optim.warmup_epochs=0",
-        "train.eval_every=1", "eval.batch_size=64"]
+TINY = [
+    "model.embedding_size=32",
+    "net.heads=2",
+    "net.num_layers=1",
+    "optim.warmup_epochs=0",
+    "train.eval_every=1",
+    "eval.batch_size=64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +47,19 @@ def image_folder(tmp_path_factory):
 
 def folder_args(root, output, *extra):
     """`folder` recipe shrunk to seconds: 4 train classes × 8 images, batches of 4 × 2."""
-    settings = TINY + ["data.classes_per_batch=4", "data.samples_per_class=2", "data.image_size=32",
-                       "data.resize=36", "data.num_workers=0", "model.backbone=small_cnn",
-                       "model.pretrained=none", "model.frozen_bn=false", "optim.epochs=2",
-                       f"train.output_dir={output}", *extra]
+    settings = TINY + [
+        "data.classes_per_batch=4",
+        "data.samples_per_class=2",
+        "data.image_size=32",
+        "data.resize=36",
+        "data.num_workers=0",
+        "model.backbone=small_cnn",
+        "model.pretrained=none",
+        "model.frozen_bn=false",
+        "optim.epochs=2",
+        f"train.output_dir={output}",
+        *extra,
+    ]
     return ["folder", "--data-root", str(root)] + [a for s in settings for a in ("--set", s)]
 
 
@@ -53,7 +70,11 @@ def only_run_dir(output):
 
 def test_demo_trains_and_reports_on_unseen_classes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GCA_PYG_CACHE", str(tmp_path / "cache"))
-    settings = TINY + ["optim.epochs=1", "data.classes_per_batch=10", f"train.output_dir={tmp_path}"]
+    settings = TINY + [
+        "optim.epochs=1",
+        "data.classes_per_batch=10",
+        f"train.output_dir={tmp_path}",
+    ]
     code = train_cli.main(["demo"] + [a for s in settings for a in ("--set", s)])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -122,8 +143,9 @@ def test_ctrl_c_saves_and_resume_continues_exactly(image_folder, tmp_path, monke
     # The epoch's means in log.jsonl cover all of its steps, before and after the resume.
     header, rows = steps[0].split(","), [line.split(",") for line in steps[1:]]
     logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    straight_log = [json.loads(line) for line in
-                    (only_run_dir(straight) / "log.jsonl").read_text().splitlines()]
+    straight_log = [
+        json.loads(line) for line in (only_run_dir(straight) / "log.jsonl").read_text().splitlines()
+    ]
     for name in ("J_m", "J_metric", "J_gen"):
         column = header.index(name)
         first_epoch = [float(row[column]) for row in rows if row[1] == "1"]
@@ -134,8 +156,12 @@ def test_ctrl_c_saves_and_resume_continues_exactly(image_folder, tmp_path, monke
 
 def test_after_a_kill_each_step_and_epoch_is_logged_once(image_folder, tmp_path):
     """SIGKILL in the middle of a later epoch; the resumed run logs from its checkpoint on."""
-    command = [sys.executable, "-m", "gca_pyg.train",
-               *folder_args(image_folder, tmp_path, "optim.epochs=4")]
+    command = [
+        sys.executable,
+        "-m",
+        "gca_pyg.train",
+        *folder_args(image_folder, tmp_path, "optim.epochs=4"),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = time.monotonic()
     while time.monotonic() - started < 300:
@@ -150,16 +176,19 @@ def test_after_a_kill_each_step_and_epoch_is_logged_once(image_folder, tmp_path)
     assert load_checkpoint(run_dir)["training"]["epoch"] >= 1
 
     assert train_cli.main(["--resume", str(run_dir)]) == 0
-    steps = [int(line.split(",")[0])
-             for line in (run_dir / "steps.csv").read_text().splitlines()[1:]]
+    steps = [
+        int(line.split(",")[0]) for line in (run_dir / "steps.csv").read_text().splitlines()[1:]
+    ]
     assert steps == list(range(1, 17))
-    epochs = [json.loads(line)["epoch"]
-              for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    epochs = [
+        json.loads(line)["epoch"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+    ]
     assert epochs == [1, 2, 3, 4]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path,
-                                                                  monkeypatch, capsys):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    image_folder, tmp_path, monkeypatch, capsys
+):
     original = gca_pyg.model.npair_loss
     calls = []
 
@@ -171,8 +200,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, 
     monkeypatch.setattr(gca_pyg.model, "npair_loss", exploding)
     assert train_cli.main(folder_args(image_folder, tmp_path)) == 2
     err = capsys.readouterr().err
-    assert re.search(r"error: J_metric became nan at epoch 2, iteration 2: no update was applied"
-                     r".*the last good checkpoint is .*last\.pt \(end of epoch 1\)", err), err
+    assert re.search(
+        r"error: J_metric became nan at epoch 2, iteration 2: no update was applied"
+        r".*the last good checkpoint is .*last\.pt \(end of epoch 1\)",
+        err,
+    ), err
     assert "Traceback" not in err
     assert load_checkpoint(only_run_dir(tmp_path))["training"]["epoch"] == 1
 
@@ -214,8 +246,11 @@ def test_an_unreadable_image_is_substituted_and_reported(larger_folder, tmp_path
     with pytest.warns(RuntimeWarning, match=r"unreadable image .*class1/5\.png"):
         assert train_cli.main(folder_args(root, tmp_path / "out", "optim.epochs=1")) == 0
     err = capsys.readouterr().err
-    assert re.search(r"warning: 1 unreadable training image\(s\) so far, each replaced by another "
-                     r"image of its class: .*class1/5\.png", err), err
+    assert re.search(
+        r"warning: 1 unreadable training image\(s\) so far, each replaced by another "
+        r"image of its class: .*class1/5\.png",
+        err,
+    ), err
     record = json.loads((only_run_dir(tmp_path / "out") / "log.jsonl").read_text())
     assert record["unreadable_images"] == 1
 
@@ -223,8 +258,9 @@ def test_an_unreadable_image_is_substituted_and_reported(larger_folder, tmp_path
 @pytest.mark.filterwarnings("ignore:unreadable image")
 @pytest.mark.parametrize("workers", [0, 2])
 def test_more_than_one_percent_unreadable_stops(larger_folder, tmp_path, capsys, workers):
-    root = copy_with_broken_images(larger_folder, tmp_path / "images",
-                                   ["class0/3.png", "class2/4.png"])
+    root = copy_with_broken_images(
+        larger_folder, tmp_path / "images", ["class0/3.png", "class2/4.png"]
+    )
     code = train_cli.main(folder_args(root, tmp_path / "out", f"data.num_workers={workers}"))
     assert code == 2
     err = capsys.readouterr().err

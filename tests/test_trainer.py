@@ -1,4 +1,5 @@
 """GCA-HNG's networks (GCAHNG) and their alternating optimisation (AlternatingTrainer)."""
+
 import copy
 
 import pytest
@@ -14,6 +15,7 @@ from gca_pyg.trainer import AlternatingTrainer, OptimConfig, adamw_options
 
 class TinyBackbone(torch.nn.Module):
     """Stands in for a CNN: a linear map of fixed random 'images' (feature vectors)."""
+
     out_features = 24
 
     def __init__(self):
@@ -26,9 +28,14 @@ class TinyBackbone(torch.nn.Module):
 
 def make_trainer(warmup_epochs=0, synthesis=True, amp_dtype=None, **optim):
     torch.manual_seed(0)
-    model = GCAHNG(TinyBackbone(), num_classes=6, embedding_size=16,
-                   net=NetConfig(num_layers=2, heads=4, dropout=0.1),
-                   loss=LossConfig(synthesis=synthesis), amp_dtype=amp_dtype)
+    model = GCAHNG(
+        TinyBackbone(),
+        num_classes=6,
+        embedding_size=16,
+        net=NetConfig(num_layers=2, heads=4, dropout=0.1),
+        loss=LossConfig(synthesis=synthesis),
+        amp_dtype=amp_dtype,
+    )
     return AlternatingTrainer(model, OptimConfig(warmup_epochs=warmup_epochs, epochs=10, **optim))
 
 
@@ -44,13 +51,20 @@ def snapshot(module):
 
 
 def parts(model):
-    return {"backbone": model.backbone, "embedding": model.embedding, "net": model.net,
-            "classifier": model.classifier}
+    return {
+        "backbone": model.backbone,
+        "embedding": model.embedding,
+        "net": model.net,
+        "classifier": model.classifier,
+    }
 
 
 def changed_parts(model, before):
-    return {part for part, module in parts(model).items()
-            if any(not torch.equal(p, before[part][name]) for name, p in module.named_parameters())}
+    return {
+        part
+        for part, module in parts(model).items()
+        if any(not torch.equal(p, before[part][name]) for name, p in module.named_parameters())
+    }
 
 
 def snapshots(model):
@@ -79,9 +93,12 @@ def test_each_update_changes_exactly_the_parameters_it_owns():
 
     before = snapshots(model)
     losses = model.metric_loss(embeddings, labels, layout, shard, synthetic_weight=1.0, **schedule)
-    trainer._update(losses["J_metric"], "J_metric",
-                    [trainer.metric_optimizer, trainer.net_optimizer],
-                    clip=[model.backbone, model.embedding, model.net])
+    trainer._update(
+        losses["J_metric"],
+        "J_metric",
+        [trainer.metric_optimizer, trainer.net_optimizer],
+        clip=[model.backbone, model.embedding, model.net],
+    )
     assert changed_parts(model, before) == {"backbone", "embedding", "net"}
 
 
@@ -94,9 +111,10 @@ def test_j_syn_trains_the_embeddings_through_the_synthetic_negatives_not_the_net
     embeddings = model(images).detach().requires_grad_(True)
     mix = torch.rand(3, 2)
     torch.manual_seed(7)
-    j_syn = model.metric_loss(embeddings, labels, layout, shard, hardness=0.4,
-                              synthetic_weight=1.0, mix=mix)["J_syn"]
-    grad, = torch.autograd.grad(j_syn, embeddings, retain_graph=True)
+    j_syn = model.metric_loss(
+        embeddings, labels, layout, shard, hardness=0.4, synthetic_weight=1.0, mix=mix
+    )["J_syn"]
+    (grad,) = torch.autograd.grad(j_syn, embeddings, retain_graph=True)
     net_grads = torch.autograd.grad(j_syn, list(model.net.parameters()), allow_unused=True)
     assert all(g is None or not g.any() for g in net_grads)
 
@@ -106,13 +124,14 @@ def test_j_syn_trains_the_embeddings_through_the_synthetic_negatives_not_the_net
     dense = to_dense_edges(fusion, shard.edge_index, labels.numel(), undirected=True)
     synthetic = synthesize_batch(embeddings, labels, dense, 0.4, mix=mix, layout=layout)
     expected = synthetic_npair_loss(embeddings, labels, *synthetic, layout=layout)
-    expected_grad, = torch.autograd.grad(expected, embeddings)
+    (expected_grad,) = torch.autograd.grad(expected, embeddings)
     assert torch.allclose(j_syn, expected)
     assert torch.allclose(grad, expected_grad, atol=1e-6)
     # Through the negatives alone the gradient is far from zero.
-    detached = synthetic_npair_loss(embeddings, labels, synthetic[0].detach(), *synthetic[1:],
-                                    layout=layout)
-    detached_grad, = torch.autograd.grad(detached, embeddings)
+    detached = synthetic_npair_loss(
+        embeddings, labels, synthetic[0].detach(), *synthetic[1:], layout=layout
+    )
+    (detached_grad,) = torch.autograd.grad(detached, embeddings)
     assert (grad - detached_grad).abs().max() > 1e-3
 
 
@@ -129,7 +148,17 @@ def test_training_lowers_the_metric_loss_and_stays_finite():
     trainer = make_trainer()
     images, labels = batch()
     first = trainer.training_step(images, labels)
-    expected_keys = {"J_m", "J_gce", "J_syn", "J_metric", "J_cls", "J_gen", "J_ce", "J_sim", "J_div"}
+    expected_keys = {
+        "J_m",
+        "J_gce",
+        "J_syn",
+        "J_metric",
+        "J_cls",
+        "J_gen",
+        "J_ce",
+        "J_sim",
+        "J_div",
+    }
     assert set(first) == expected_keys
     logs = [first] + [trainer.training_step(images, labels) for _ in range(29)]
     assert all(torch.isfinite(torch.tensor(list(log.values()))).all() for log in logs)
@@ -264,8 +293,14 @@ def test_adamw_is_fused_where_torch_has_fused_kernels():
     assert adamw_options(torch.device("cpu")) == {"fused": True}
     assert adamw_options(torch.device("meta")) == {}
     trainer = make_trainer()
-    assert all(optimizer.defaults.get("fused") for optimizer in
-               (trainer.metric_optimizer, trainer.net_optimizer, trainer.classifier_optimizer))
+    assert all(
+        optimizer.defaults.get("fused")
+        for optimizer in (
+            trainer.metric_optimizer,
+            trainer.net_optimizer,
+            trainer.classifier_optimizer,
+        )
+    )
 
 
 def _cpu_bf16_reason():
@@ -292,8 +327,12 @@ def test_after_warmup_batchnorm_affine_parameters_train_while_statistics_stay_fr
     from gca_pyg.backbones import build_backbone
 
     torch.manual_seed(0)
-    model = GCAHNG(build_backbone("small_cnn", pretrained="none", frozen_bn=True), num_classes=6,
-                   embedding_size=16, net=NetConfig(num_layers=1, heads=2))
+    model = GCAHNG(
+        build_backbone("small_cnn", pretrained="none", frozen_bn=True),
+        num_classes=6,
+        embedding_size=16,
+        net=NetConfig(num_layers=1, heads=2),
+    )
     trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=1))
     norm = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(4).repeat_interleave(2)

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from ..errors import ConfigError
-from .base import ImageFileDataset, RetrievalDataset
-from .cars import Cars196
-from .cub import CUB200
-from .folder import ImageFolderByClass
-from .inshop import InShop
-from .official import OfficialDataset
-from .sampler import CLASS_SAMPLING, ClassBalancedBatchSampler
-from .sop import StanfordOnlineProducts
-from .synthetic import DemoDataset, default_cache_dir, generate_demo
-from .transforms import demo_test_transform, demo_train_transform, test_transform, train_transform
+from gca_pyg.data.base import ImageFileDataset, RetrievalDataset
+from gca_pyg.data.cars import Cars196
+from gca_pyg.data.cub import CUB200
+from gca_pyg.data.folder import ImageFolderByClass
+from gca_pyg.data.inshop import InShop
+from gca_pyg.data.official import OfficialDataset
+from gca_pyg.data.sampler import CLASS_SAMPLING, ClassBalancedBatchSampler
+from gca_pyg.data.sop import StanfordOnlineProducts
+from gca_pyg.data.synthetic import DemoDataset, default_cache_dir, generate_demo
+from gca_pyg.data.transforms import (
+    demo_test_transform,
+    demo_train_transform,
+    test_transform,
+    train_transform,
+)
+from gca_pyg.errors import ConfigError
 
 DATASETS = {
     "cub": CUB200,
@@ -31,8 +36,9 @@ DATASETS = {
 }
 
 
-def get_dataset(name: str, root=None, split: str = "train", transform: Optional[Callable] = None,
-                **options) -> RetrievalDataset:
+def get_dataset(
+    name: str, root=None, split: str = "train", transform: Optional[Callable] = None, **options
+) -> RetrievalDataset:
     """The ``split`` of dataset ``name`` (a key of :data:`DATASETS`) read from ``root``.
 
     For ``"demo"``, ``root`` is the cache folder (default: :func:`default_cache_dir`). ``options``
@@ -46,8 +52,23 @@ def get_dataset(name: str, root=None, split: str = "train", transform: Optional[
 
 
 __all__ = [
-    "CLASS_SAMPLING", "CUB200", "Cars196", "ClassBalancedBatchSampler", "DATASETS", "DemoDataset",
-    "ImageFileDataset", "ImageFolderByClass", "InShop", "OfficialDataset", "RetrievalDataset",
-    "StanfordOnlineProducts", "default_cache_dir", "demo_test_transform", "demo_train_transform",
-    "generate_demo", "get_dataset", "test_transform", "train_transform",
+    "CLASS_SAMPLING",
+    "CUB200",
+    "Cars196",
+    "ClassBalancedBatchSampler",
+    "DATASETS",
+    "DemoDataset",
+    "ImageFileDataset",
+    "ImageFolderByClass",
+    "InShop",
+    "OfficialDataset",
+    "RetrievalDataset",
+    "StanfordOnlineProducts",
+    "default_cache_dir",
+    "demo_test_transform",
+    "demo_train_transform",
+    "generate_demo",
+    "get_dataset",
+    "test_transform",
+    "train_transform",
 ]

@@ -18,14 +18,15 @@ worker PyTorch re-raises it wrapped with the worker's traceback).
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import UnreadableImagesError
+from gca_pyg.errors import UnreadableImagesError
 
 #: Share of a split's images that may fail to decode before loading stops.
 MAX_UNREADABLE_FRACTION = 0.01
@@ -45,8 +46,9 @@ class RetrievalDataset(Dataset):
         transform: applied to each image before it is returned.
     """
 
-    def __init__(self, labels: Sequence[int], classes: Sequence[str],
-                 transform: Optional[Callable] = None):
+    def __init__(
+        self, labels: Sequence[int], classes: Sequence[str], transform: Optional[Callable] = None
+    ):
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.classes = list(classes)
         self.transform = transform
@@ -80,8 +82,13 @@ class ImageFileDataset(RetrievalDataset):
         transform: applied to the decoded ``PIL.Image``; without one the image itself is returned.
     """
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], classes: Sequence[str],
-                 transform: Optional[Callable] = None):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        classes: Sequence[str],
+        transform: Optional[Callable] = None,
+    ):
         super().__init__(labels, classes, transform)
         self.paths = [str(p) for p in paths]
         # Shared memory: writes from DataLoader workers are seen by the main process.
@@ -103,7 +110,8 @@ class ImageFileDataset(RetrievalDataset):
             raise UnreadableImagesError(
                 f"{failed} of {len(self)} images could not be decoded (more than "
                 f"{MAX_UNREADABLE_FRACTION:.0%}), e.g. {first}; re-extract the dataset archive or "
-                f"remove the broken files")
+                f"remove the broken files"
+            )
 
     def __getitem__(self, index: int):
         image = self._decode(index)
@@ -123,10 +131,11 @@ class ImageFileDataset(RetrievalDataset):
                 return image
         raise UnreadableImagesError(
             f"no image of class {self.classes[int(self.labels[index])]!r} can be decoded (e.g. "
-            f"{self.paths[index]}); re-extract the dataset archive or remove the class")
+            f"{self.paths[index]}); re-extract the dataset archive or remove the class"
+        )
 
     def _decode(self, index: int) -> Optional[Image.Image]:
-        """Item ``index`` as an RGB image, or ``None`` (counted, warned once) if it cannot be read."""
+        """Item ``index`` as an RGB image, or ``None`` (counted, warned once) if unreadable."""
         if self._failed[index]:
             return None
         try:
@@ -134,8 +143,12 @@ class ImageFileDataset(RetrievalDataset):
                 return image.convert("RGB")
         except _DECODE_ERRORS as error:
             self._failed[index] = True
-            warnings.warn(f"unreadable image {self.paths[index]} ({error}); using another image of "
-                          f"its class instead", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"unreadable image {self.paths[index]} ({error}); using another image of "
+                f"its class instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             self.check_unreadable()
             return None
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import GcaError
-from .official import ArchiveLayout, OfficialDataset, SplitIndex, first_half_of_classes
+from gca_pyg.data.official import ArchiveLayout, OfficialDataset, SplitIndex, first_half_of_classes
+from gca_pyg.errors import GcaError
 
 
 class Cars196(OfficialDataset):
@@ -21,15 +21,24 @@ class Cars196(OfficialDataset):
     """
 
     layout = ArchiveLayout(
-        name="Cars196", marker="cars_annos.mat", folder=None,
+        name="Cars196",
+        marker="cars_annos.mat",
+        folder=None,
         archive="car_ims.tgz and cars_annos.mat",
         source="https://ai.stanford.edu/~jkrause/cars/car_dataset.html (offline now: use a mirror "
-               "of those two files; the Kaggle car_data/ folders are a different layout)")
+        "of those two files; the Kaggle car_data/ folders are a different layout)",
+    )
     official_counts = {
-        "train": {"images in cars_annos.mat": 16_185, "classes in cars_annos.mat": 196,
-                  "images of the first 98 classes": 8_054},
-        "test": {"images in cars_annos.mat": 16_185, "classes in cars_annos.mat": 196,
-                 "images of the last 98 classes": 8_131},
+        "train": {
+            "images in cars_annos.mat": 16_185,
+            "classes in cars_annos.mat": 196,
+            "images of the first 98 classes": 8_054,
+        },
+        "test": {
+            "images in cars_annos.mat": 16_185,
+            "classes in cars_annos.mat": 196,
+            "images of the last 98 classes": 8_131,
+        },
     }
 
     def read_split(self, split: str) -> SplitIndex:
@@ -37,22 +46,32 @@ class Cars196(OfficialDataset):
         rel_paths, class_ids, names = self._read_annotations(annotations)
         low, high = class_ids.min(), class_ids.max()
         if low < 1 or high > len(names):
-            raise self.layout.fail(annotations, f"class ids run {low}..{high} but class_names has "
-                                                f"{len(names)} names")
+            raise self.layout.fail(
+                annotations, f"class ids run {low}..{high} but class_names has {len(names)} names"
+            )
         keep = first_half_of_classes(class_ids, split)
         files = [self.root / path for path, kept in zip(rel_paths, keep) if kept]
         half = "first" if split == "train" else "last"
-        return SplitIndex(files, class_ids[keep], dict(enumerate(names, start=1)), {
-            "images in cars_annos.mat": len(rel_paths), "classes in cars_annos.mat": len(names),
-            f"images of the {half} 98 classes": len(files)}, "cars_annos.mat")
+        return SplitIndex(
+            files,
+            class_ids[keep],
+            dict(enumerate(names, start=1)),
+            {
+                "images in cars_annos.mat": len(rel_paths),
+                "classes in cars_annos.mat": len(names),
+                f"images of the {half} 98 classes": len(files),
+            },
+            "cars_annos.mat",
+        )
 
     def _read_annotations(self, path) -> tuple[list[str], np.ndarray, list[str]]:
         """``(relative image paths, class ids 1..196, class names)`` from ``cars_annos.mat``."""
         try:
             from scipy.io import loadmat
         except ImportError:
-            raise GcaError("reading Cars196's cars_annos.mat needs scipy: "
-                           'pip install "gca-pyg[cars]"') from None
+            raise GcaError(
+                'reading Cars196\'s cars_annos.mat needs scipy: pip install "gca-pyg[cars]"'
+            ) from None
         try:
             mat = loadmat(path, squeeze_me=True)
             annotations = np.atleast_1d(mat["annotations"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .official import ArchiveLayout, OfficialDataset, SplitIndex, first_half_of_classes
+from gca_pyg.data.official import ArchiveLayout, OfficialDataset, SplitIndex, first_half_of_classes
 
 
 class CUB200(OfficialDataset):
@@ -17,13 +17,23 @@ class CUB200(OfficialDataset):
     """
 
     layout = ArchiveLayout(
-        name="CUB-200-2011", marker="images.txt", folder="CUB_200_2011",
-        archive="CUB_200_2011.tgz", source="https://www.vision.caltech.edu/datasets/cub_200_2011/")
+        name="CUB-200-2011",
+        marker="images.txt",
+        folder="CUB_200_2011",
+        archive="CUB_200_2011.tgz",
+        source="https://www.vision.caltech.edu/datasets/cub_200_2011/",
+    )
     official_counts = {
-        "train": {"images in images.txt": 11_788, "classes in classes.txt": 200,
-                  "images of the first 100 classes": 5_864},
-        "test": {"images in images.txt": 11_788, "classes in classes.txt": 200,
-                 "images of the last 100 classes": 5_924},
+        "train": {
+            "images in images.txt": 11_788,
+            "classes in classes.txt": 200,
+            "images of the first 100 classes": 5_864,
+        },
+        "test": {
+            "images in images.txt": 11_788,
+            "classes in classes.txt": 200,
+            "images of the last 100 classes": 5_924,
+        },
     }
 
     def read_split(self, split: str) -> SplitIndex:
@@ -32,17 +42,29 @@ class CUB200(OfficialDataset):
         class_of = dict(read(self.root / "image_class_labels.txt", 2))
         names = {int(cid): name for cid, name in read(self.root / "classes.txt", 2)}
         if class_of.keys() != paths.keys():
-            raise self.layout.fail(self.root, "image_class_labels.txt and images.txt list "
-                                              "different image ids")
+            raise self.layout.fail(
+                self.root, "image_class_labels.txt and images.txt list different image ids"
+            )
         image_ids = sorted(paths, key=int)
         class_ids = np.array([int(class_of[i]) for i in image_ids], dtype=np.int64)
         unknown = set(class_ids.tolist()) - names.keys()
         if unknown:
-            raise self.layout.fail(self.root, f"image_class_labels.txt uses class {min(unknown)}, "
-                                              f"which classes.txt does not name")
+            raise self.layout.fail(
+                self.root,
+                f"image_class_labels.txt uses class {min(unknown)}, "
+                f"which classes.txt does not name",
+            )
         keep = first_half_of_classes(class_ids, split)
         files = [self.root / "images" / paths[i] for i, kept in zip(image_ids, keep) if kept]
         half = "first" if split == "train" else "last"
-        return SplitIndex(files, class_ids[keep], names, {
-            "images in images.txt": len(image_ids), "classes in classes.txt": len(names),
-            f"images of the {half} 100 classes": len(files)}, "images.txt")
+        return SplitIndex(
+            files,
+            class_ids[keep],
+            names,
+            {
+                "images in images.txt": len(image_ids),
+                "classes in classes.txt": len(names),
+                f"images of the {half} 100 classes": len(files),
+            },
+            "images.txt",
+        )

@@ -6,8 +6,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import DatasetLayoutError, DatasetNotFoundError
-from .base import DEMO_HINT, ImageFileDataset, check_split
+from gca_pyg.data.base import DEMO_HINT, ImageFileDataset, check_split
+from gca_pyg.errors import DatasetLayoutError, DatasetNotFoundError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -31,11 +31,13 @@ class ImageFolderByClass(ImageFileDataset):
         if root is None:
             raise DatasetNotFoundError(
                 f"the folder dataset needs a data root: pass --data-root DIR, a folder of class "
-                f"folders (DIR/<class>/*.jpg); {DEMO_HINT}")
+                f"folders (DIR/<class>/*.jpg); {DEMO_HINT}"
+            )
         if not Path(root).expanduser().is_dir():
             raise DatasetNotFoundError(
                 f"image folder {root} does not exist: point the data root at a folder of "
-                f"class folders (root/<class>/*.jpg); {DEMO_HINT}")
+                f"class folders (root/<class>/*.jpg); {DEMO_HINT}"
+            )
         self.root = Path(root).expanduser()
         if (self.root / "train").is_dir() and (self.root / "test").is_dir():
             folder = self.root / split
@@ -43,20 +45,25 @@ class ImageFolderByClass(ImageFileDataset):
             if split == "train":
                 shared = by_class.keys() & _images_by_class(self.root / "test").keys()
                 if shared:
-                    warnings.warn(f"{self.root}: train/ and test/ share {len(shared)} class names "
-                                  f"(e.g. {min(shared)!r}); retrieval is usually measured on "
-                                  f"unseen classes", UserWarning, stacklevel=2)
+                    warnings.warn(
+                        f"{self.root}: train/ and test/ share {len(shared)} class names "
+                        f"(e.g. {min(shared)!r}); retrieval is usually measured on "
+                        f"unseen classes",
+                        UserWarning,
+                        stacklevel=2,
+                    )
         else:
             folder = self.root
             by_class = _images_by_class(folder)
             names = sorted(by_class)
-            half = names[:len(names) // 2] if split == "train" else names[len(names) // 2:]
+            half = names[: len(names) // 2] if split == "train" else names[len(names) // 2 :]
             by_class = {name: by_class[name] for name in half}
         if len(by_class) < 2:
             raise DatasetLayoutError(
                 f"{folder} gives the {split} split {len(by_class)} class folder(s) with images; it "
                 f"needs at least 2 (root/<class>/*.jpg split in halves, or root/train/<class>/ and "
-                f"root/test/<class>/)")
+                f"root/test/<class>/)"
+            )
         classes = sorted(by_class)
         paths = [path for name in classes for path in by_class[name]]
         labels = [label for label, name in enumerate(classes) for _ in by_class[name]]
@@ -70,9 +77,13 @@ def _images_by_class(folder: Path) -> dict[str, list[Path]]:
     for class_dir in folder.iterdir():
         if class_dir.name.startswith(".") or not class_dir.is_dir():
             continue
-        images = sorted(path for path in class_dir.iterdir()
-                        if not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-                        and path.is_file())
+        images = sorted(
+            path
+            for path in class_dir.iterdir()
+            if not path.name.startswith(".")
+            and path.suffix.lower() in IMAGE_EXTENSIONS
+            and path.is_file()
+        )
         if images:
             by_class[class_dir.name] = images
     return by_class

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .official import ArchiveLayout, OfficialDataset, SplitIndex
+from gca_pyg.data.official import ArchiveLayout, OfficialDataset, SplitIndex
 
 
 class InShop(OfficialDataset):
@@ -20,9 +20,12 @@ class InShop(OfficialDataset):
     """
 
     layout = ArchiveLayout(
-        name="In-Shop Clothes Retrieval", marker="Eval/list_eval_partition.txt", folder=None,
+        name="In-Shop Clothes Retrieval",
+        marker="Eval/list_eval_partition.txt",
+        folder=None,
         archive="Img/img.zip (with Eval/list_eval_partition.txt)",
-        source="https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html")
+        source="https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html",
+    )
     splits = ("train", "query", "gallery")
     official_counts = {
         "train": {"rows": 52_712, "train images": 25_882, "train items": 3_997},
@@ -32,12 +35,14 @@ class InShop(OfficialDataset):
 
     def read_split(self, split: str) -> SplitIndex:
         partition = self.root / "Eval" / "list_eval_partition.txt"
-        rows = self.layout.read_rows(partition, 3, header="image_name item_id evaluation_status",
-                                     skip=1)
+        rows = self.layout.read_rows(
+            partition, 3, header="image_name item_id evaluation_status", skip=1
+        )
         stated = partition.read_text(encoding="utf-8").split(maxsplit=1)[0]
         if stated != str(len(rows)):
-            raise self.layout.fail(partition, f"line 1 states {stated} images but {len(rows):,} "
-                                              f"rows follow")
+            raise self.layout.fail(
+                partition, f"line 1 states {stated} images but {len(rows):,} rows follow"
+            )
         names, items, status = np.array([row[:3] for row in rows], dtype=str).reshape(-1, 3).T
         unknown = set(status.tolist()) - set(self.splits)
         if unknown:
@@ -47,8 +52,15 @@ class InShop(OfficialDataset):
         side = np.isin(status, ("train",) if split == "train" else ("query", "gallery"))
         numbering = np.unique(items[side])
         items_counted = "train items" if split == "train" else "query and gallery items"
-        return SplitIndex([self.root / "Img" / name for name in names[in_split]], items[in_split],
-                          {item: item for item in numbering.tolist()},
-                          {"rows": len(rows), f"{split} images": int(in_split.sum()),
-                           items_counted: len(numbering)},
-                          "list_eval_partition.txt", numbering)
+        return SplitIndex(
+            [self.root / "Img" / name for name in names[in_split]],
+            items[in_split],
+            {item: item for item in numbering.tolist()},
+            {
+                "rows": len(rows),
+                f"{split} images": int(in_split.sum()),
+                items_counted: len(numbering),
+            },
+            "list_eval_partition.txt",
+            numbering,
+        )

@@ -4,14 +4,15 @@ layout and counts, and number its classes — the part CUB, Cars196, SOP and In-
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from ..errors import DatasetLayoutError, DatasetNotFoundError
-from .base import DEMO_HINT, ImageFileDataset, check_split
+from gca_pyg.data.base import DEMO_HINT, ImageFileDataset, check_split
+from gca_pyg.errors import DatasetLayoutError, DatasetNotFoundError
 
 
 @dataclass(frozen=True)
@@ -37,30 +38,40 @@ class ArchiveLayout:
         if root is None:
             raise DatasetNotFoundError(
                 f"{self.name} needs a data root (the folder holding {self.marker}): download "
-                f"{self.archive} from {self.source}, extract it and pass its folder; {DEMO_HINT}")
+                f"{self.archive} from {self.source}, extract it and pass its folder; {DEMO_HINT}"
+            )
         root = Path(root).expanduser()
         candidates = [root]
         if self.folder is not None:
             candidates.append(root / self.folder)
         if root.is_dir():
-            candidates += sorted(child for child in root.iterdir()
-                                 if child.is_dir() and not child.name.startswith("."))
+            candidates += sorted(
+                child
+                for child in root.iterdir()
+                if child.is_dir() and not child.name.startswith(".")
+            )
         for folder in candidates:
             if (folder / self.marker).is_file():
                 return folder
-        looked = (f"no {self.marker} in {root} or the folders directly inside it"
-                  if root.is_dir() else f"{root} does not exist")
+        looked = (
+            f"no {self.marker} in {root} or the folders directly inside it"
+            if root.is_dir()
+            else f"{root} does not exist"
+        )
         raise DatasetNotFoundError(
             f"{self.name} not found: {looked}; download {self.archive} from {self.source} and "
-            f"extract it there; {DEMO_HINT}")
+            f"extract it there; {DEMO_HINT}"
+        )
 
     def fail(self, where, problem: str) -> DatasetLayoutError:
         """A layout error: ``problem`` found at ``where``, and to extract the archive again."""
         return DatasetLayoutError(
-            f"{self.name} at {where}: {problem}; re-extract {self.archive} (from {self.source})")
+            f"{self.name} at {where}: {problem}; re-extract {self.archive} (from {self.source})"
+        )
 
-    def read_rows(self, path: Path, fields: int, header: Optional[str] = None,
-                  skip: int = 0) -> list[list[str]]:
+    def read_rows(
+        self, path: Path, fields: int, header: Optional[str] = None, skip: int = 0
+    ) -> list[list[str]]:
         """Whitespace-separated rows of an index file, each with ``fields`` fields.
 
         ``skip`` leading lines are dropped, then the header line (if given) must match.
@@ -82,16 +93,22 @@ class ArchiveLayout:
         """Every image the index lists must exist (a half-extracted archive fails here)."""
         missing = [path for path in paths if not os.path.isfile(path)]
         if missing:
-            raise self.fail(missing[0].parent, f"{len(missing):,} of the {len(paths):,} images "
-                                               f"that {index_file} lists are missing, e.g. {missing[0]}")
+            raise self.fail(
+                missing[0].parent,
+                f"{len(missing):,} of the {len(paths):,} images "
+                f"that {index_file} lists are missing, e.g. {missing[0]}",
+            )
 
     def check_counts(self, where, found: dict, official: dict) -> None:
         """Compare counts with the official archive's (keys: what is counted)."""
         for what, expected in official.items():
             if found[what] != expected:
-                raise self.fail(where, f"{found[what]:,} {what}, the official archive has "
-                                       f"{expected:,} (pass verify_counts=False for a deliberately "
-                                       f"reduced copy)")
+                raise self.fail(
+                    where,
+                    f"{found[what]:,} {what}, the official archive has "
+                    f"{expected:,} (pass verify_counts=False for a deliberately "
+                    f"reduced copy)",
+                )
 
 
 class SplitIndex(NamedTuple):
@@ -134,8 +151,13 @@ class OfficialDataset(ImageFileDataset):
     #: split -> what is counted -> the official archive's count.
     official_counts: Mapping[str, Mapping[str, int]]
 
-    def __init__(self, root, split: str = "train", transform: Optional[Callable] = None,
-                 verify_counts: bool = True):
+    def __init__(
+        self,
+        root,
+        split: str = "train",
+        transform: Optional[Callable] = None,
+        verify_counts: bool = True,
+    ):
         check_split(split, self.splits)
         self.root = self.layout.find(root)
         self.split = split
@@ -145,8 +167,9 @@ class OfficialDataset(ImageFileDataset):
             self.layout.check_counts(self.root, index.counts, self.official_counts[split])
         ids = np.unique(index.class_ids if index.numbering is None else index.numbering)
         labels = np.searchsorted(ids, index.class_ids)
-        super().__init__(index.files, labels, [index.class_names[i] for i in ids.tolist()],
-                         transform)
+        super().__init__(
+            index.files, labels, [index.class_names[i] for i in ids.tolist()], transform
+        )
 
     def read_split(self, split: str) -> SplitIndex:
         """Read the index files under :attr:`root` for ``split``."""
@@ -160,6 +183,6 @@ def first_half_of_classes(class_ids: np.ndarray, split: str) -> np.ndarray:
     For the official archives this is CUB 1–100 / 101–200 and Cars 1–98 / 99–196.
     """
     ordered = np.unique(class_ids)
-    train_classes = ordered[:len(ordered) // 2]
+    train_classes = ordered[: len(ordered) // 2]
     in_train = np.isin(class_ids, train_classes)
     return in_train if split == "train" else ~in_train

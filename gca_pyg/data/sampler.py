@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
-
 
 CLASS_SAMPLING = ("balanced", "uniform")
 
@@ -54,29 +53,45 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         rank: this process's rank in ``0..num_replicas-1``.
     """
 
-    def __init__(self, labels, classes_per_batch: int, samples_per_class: int, *,
-                 class_sampling: str = "balanced", seed: int = 0, num_replicas: int = 1,
-                 rank: int = 0):
+    def __init__(
+        self,
+        labels,
+        classes_per_batch: int,
+        samples_per_class: int,
+        *,
+        class_sampling: str = "balanced",
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
         if labels.ndim != 1:
             raise ValueError(f"labels must be 1-D, not of shape {labels.shape}")
         if classes_per_batch < 2 or samples_per_class < 1:
-            raise ValueError(f"need classes_per_batch >= 2 and samples_per_class >= 1, not "
-                             f"{classes_per_batch} and {samples_per_class}")
+            raise ValueError(
+                f"need classes_per_batch >= 2 and samples_per_class >= 1, not "
+                f"{classes_per_batch} and {samples_per_class}"
+            )
         if class_sampling not in CLASS_SAMPLING:
-            raise ValueError(f"unknown class_sampling {class_sampling!r}; choose one of "
-                             f"{', '.join(CLASS_SAMPLING)}")
+            raise ValueError(
+                f"unknown class_sampling {class_sampling!r}; choose one of "
+                f"{', '.join(CLASS_SAMPLING)}"
+            )
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in 0..{num_replicas - 1}, not {rank}")
         if classes_per_batch < num_replicas:
-            raise ValueError(f"classes_per_batch={classes_per_batch} is fewer than the "
-                             f"{num_replicas} processes: every process holds whole classes of "
-                             "each batch; set classes_per_batch (data.classes_per_batch) to at "
-                             f"least {num_replicas}")
+            raise ValueError(
+                f"classes_per_batch={classes_per_batch} is fewer than the "
+                f"{num_replicas} processes: every process holds whole classes of "
+                "each batch; set classes_per_batch (data.classes_per_batch) to at "
+                f"least {num_replicas}"
+            )
         classes, self._class_of, sizes = np.unique(labels, return_inverse=True, return_counts=True)
         if len(classes) < classes_per_batch:
-            raise ValueError(f"the labels hold {len(classes)} classes, fewer than "
-                             f"classes_per_batch={classes_per_batch}; lower classes_per_batch")
+            raise ValueError(
+                f"the labels hold {len(classes)} classes, fewer than "
+                f"classes_per_batch={classes_per_batch}; lower classes_per_batch"
+            )
         self.classes_per_batch = classes_per_batch
         self.samples_per_class = samples_per_class
         self.class_sampling = class_sampling
@@ -91,14 +106,19 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         else:
             self.batches_per_epoch = len(labels) // (classes_per_batch * samples_per_class)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(labels)} samples fill no batch of {classes_per_batch} classes "
-                             f"× {samples_per_class} samples; lower classes_per_batch or "
-                             "samples_per_class")
+            raise ValueError(
+                f"{len(labels)} samples fill no batch of {classes_per_batch} classes "
+                f"× {samples_per_class} samples; lower classes_per_batch or "
+                "samples_per_class"
+            )
         small = int((sizes < samples_per_class).sum())
         if small:
-            warnings.warn(f"{small} of {len(classes)} classes have fewer than {samples_per_class} "
-                          f"samples; their batches repeat samples (drawn with replacement)",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{small} of {len(classes)} classes have fewer than {samples_per_class} "
+                f"samples; their batches repeat samples (drawn with replacement)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def __len__(self) -> int:
         """Batches per epoch, the same on every rank."""
@@ -168,8 +188,9 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         pass_class = np.repeat(np.arange(num_classes), passes)
         pass_start = np.cumsum(sizes[pass_class]) - sizes[pass_class]
         slot_pass = np.repeat(np.arange(len(pass_class)), sizes[pass_class])
-        slot_sample = members[class_start[pass_class[slot_pass]]
-                              + np.arange(len(slot_pass)) - pass_start[slot_pass]]
+        slot_sample = members[
+            class_start[pass_class[slot_pass]] + np.arange(len(slot_pass)) - pass_start[slot_pass]
+        ]
         shuffled = slot_sample[np.lexsort((rng.random(len(slot_pass)), slot_pass))]
 
         batches = np.empty((len(chosen), K), dtype=np.int64)

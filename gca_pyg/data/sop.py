@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .official import ArchiveLayout, OfficialDataset, SplitIndex
+from gca_pyg.data.official import ArchiveLayout, OfficialDataset, SplitIndex
 
 
 class StanfordOnlineProducts(OfficialDataset):
@@ -17,9 +17,12 @@ class StanfordOnlineProducts(OfficialDataset):
     """
 
     layout = ArchiveLayout(
-        name="Stanford Online Products", marker="Ebay_train.txt",
-        folder="Stanford_Online_Products", archive="Stanford_Online_Products.zip",
-        source="https://cvgl.stanford.edu/projects/lifted_struct/")
+        name="Stanford Online Products",
+        marker="Ebay_train.txt",
+        folder="Stanford_Online_Products",
+        archive="Stanford_Online_Products.zip",
+        source="https://cvgl.stanford.edu/projects/lifted_struct/",
+    )
     official_counts = {
         "train": {"images in Ebay_train.txt": 59_551, "classes in Ebay_train.txt": 11_318},
         "test": {"images in Ebay_test.txt": 60_502, "classes in Ebay_test.txt": 11_316},
@@ -27,9 +30,15 @@ class StanfordOnlineProducts(OfficialDataset):
 
     def read_split(self, split: str) -> SplitIndex:
         index = f"Ebay_{split}.txt"
-        rows = self.layout.read_rows(self.root / index, 4,
-                                     header="image_id class_id super_class_id path")
+        rows = self.layout.read_rows(
+            self.root / index, 4, header="image_id class_id super_class_id path"
+        )
         class_ids = np.array([int(row[1]) for row in rows], dtype=np.int64)
         names = {int(cid): str(cid) for cid in np.unique(class_ids)}
-        return SplitIndex([self.root / row[3] for row in rows], class_ids, names, {
-            f"images in {index}": len(rows), f"classes in {index}": len(names)}, index)
+        return SplitIndex(
+            [self.root / row[3] for row in rows],
+            class_ids,
+            names,
+            {f"images in {index}": len(rows), f"classes in {index}": len(names)},
+            index,
+        )

@@ -49,7 +49,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .base import RetrievalDataset, check_split
+from gca_pyg.data.base import RetrievalDataset, check_split
 
 #: Bump when the images change, so that old cache files are not reused.
 GENERATOR_VERSION = 1
@@ -64,8 +64,15 @@ FACTORS = (SHAPES, tuple(BODY_HUES), TEXTURES, MARK_LAYOUTS, tuple(MARK_TONES))
 # Geometry in the object's frame, where the body has radius 1.
 MARK_OFFSET, MARK_RADIUS = 1.45, 0.33
 # Two mark centres per layout (a single mark is listed twice).
-MARK_CENTRES = np.array([[(0, -MARK_OFFSET)] * 2, [(0, MARK_OFFSET)] * 2,
-                         [(-MARK_OFFSET, 0), (MARK_OFFSET, 0)], [(0, 0)] * 2], dtype=np.float32)
+MARK_CENTRES = np.array(
+    [
+        [(0, -MARK_OFFSET)] * 2,
+        [(0, MARK_OFFSET)] * 2,
+        [(-MARK_OFFSET, 0), (MARK_OFFSET, 0)],
+        [(0, 0)] * 2,
+    ],
+    dtype=np.float32,
+)
 TEXTURE_PERIOD, TEXTURE_CONTRAST = 0.6, 0.3
 CLUTTER_LINES, CLUTTER_BLOBS = 3, 2
 NOISE_STD = 0.035
@@ -96,20 +103,34 @@ class DemoDataset(RetrievalDataset):
         seed: the generator's seed.
     """
 
-    def __init__(self, split: str = "train", transform: Optional[Callable] = None,
-                 cache_dir=None, *, num_classes: int = 200, images_per_class: int = 30,
-                 image_size: int = 32, seed: int = 0):
+    def __init__(
+        self,
+        split: str = "train",
+        transform: Optional[Callable] = None,
+        cache_dir=None,
+        *,
+        num_classes: int = 200,
+        images_per_class: int = 30,
+        image_size: int = 32,
+        seed: int = 0,
+    ):
         check_split(split, ("train", "test"))
-        images, labels, factors = load_demo(cache_dir, num_classes=num_classes,
-                                            images_per_class=images_per_class,
-                                            image_size=image_size, seed=seed)
+        images, labels, factors = load_demo(
+            cache_dir,
+            num_classes=num_classes,
+            images_per_class=images_per_class,
+            image_size=image_size,
+            seed=seed,
+        )
         half = num_classes // 2
         first = 0 if split == "train" else half
         items = slice(first * images_per_class, (first + half) * images_per_class)
         #: Each class's index into every vocabulary of :data:`FACTORS`, ``(C, 5)``.
-        self.factors = torch.from_numpy(factors[first:first + half])
-        names = ["-".join(vocabulary[i] for vocabulary, i in zip(FACTORS, row))
-                 for row in self.factors.tolist()]
+        self.factors = torch.from_numpy(factors[first : first + half])
+        names = [
+            "-".join(vocabulary[i] for vocabulary, i in zip(FACTORS, row))
+            for row in self.factors.tolist()
+        ]
         super().__init__(labels[items] - first, names, transform)
         self.images = torch.from_numpy(images[items])
         self.split = split
@@ -145,33 +166,43 @@ def load_demo(cache_dir=None, **params) -> tuple[np.ndarray, np.ndarray, np.ndar
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         problem = f"{type(error).__name__}: {error}"
     if problem is not None:
-        warnings.warn(f"demo cache {path} is unreadable ({problem}); regenerating it",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"demo cache {path} is unreadable ({problem}); regenerating it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     arrays = generate_demo(**params)
     try:
         _save_atomically(path, dict(zip(("images", "labels", "factors"), arrays)))
     except OSError as error:
-        warnings.warn(f"could not cache the demo set at {path} ({error}); it will be generated "
-                      f"again next time: set GCA_PYG_CACHE to a writable folder",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"could not cache the demo set at {path} ({error}); it will be generated "
+            f"again next time: set GCA_PYG_CACHE to a writable folder",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return arrays
 
 
-def _array_shapes(num_classes: int = 200, images_per_class: int = 30,
-                         image_size: int = 32, seed: int = 0) -> tuple[tuple, tuple, tuple]:
+def _array_shapes(
+    num_classes: int = 200, images_per_class: int = 30, image_size: int = 32, seed: int = 0
+) -> tuple[tuple, tuple, tuple]:
     """The shapes of :func:`generate_demo`'s arrays, once its parameters are checked."""
     combinations = int(np.prod([len(vocabulary) for vocabulary in FACTORS]))
     if num_classes % 2 or not 2 <= num_classes <= combinations:
         raise ValueError(f"num_classes must be even and in 2..{combinations}, not {num_classes}")
     if images_per_class < 1 or image_size < 8:
-        raise ValueError(f"need images_per_class >= 1 and image_size >= 8, not "
-                         f"{images_per_class} and {image_size}")
+        raise ValueError(
+            f"need images_per_class >= 1 and image_size >= 8, not "
+            f"{images_per_class} and {image_size}"
+        )
     n = num_classes * images_per_class
     return (n, 3, image_size, image_size), (n,), (num_classes, len(FACTORS))
 
 
-def generate_demo(num_classes: int = 200, images_per_class: int = 30, image_size: int = 32,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate_demo(
+    num_classes: int = 200, images_per_class: int = 30, image_size: int = 32, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render the demo set (see the module docstring).
 
     Returns:
@@ -188,8 +219,9 @@ def generate_demo(num_classes: int = 200, images_per_class: int = 30, image_size
     # Rendering in blocks with a generator per block keeps the temporaries small (and reused).
     for block, start in enumerate(range(0, len(labels), RENDER_BLOCK)):
         stop = start + RENDER_BLOCK
-        images[start:stop] = _render(factors[labels[start:stop]], image_size,
-                                     np.random.default_rng([seed, block]))
+        images[start:stop] = _render(
+            factors[labels[start:stop]], image_size, np.random.default_rng([seed, block])
+        )
     return images, labels, factors
 
 
@@ -202,8 +234,11 @@ def _render(factors: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
 
     canvas = _background(rng, n, x, y, size)
     for _ in range(CLUTTER_LINES):
-        px, py, angle = (_col(rng.uniform(0, size, n)), _col(rng.uniform(0, size, n)),
-                         rng.uniform(0, np.pi, n))
+        px, py, angle = (
+            _col(rng.uniform(0, size, n)),
+            _col(rng.uniform(0, size, n)),
+            rng.uniform(0, np.pi, n),
+        )
         distance = np.abs((x - px) * _col(np.sin(angle)) - (y - py) * _col(np.cos(angle)))
         half_width = _col(rng.uniform(0.3, 0.7, n))
         _paint(canvas, _coverage(distance - half_width), _random_colours(rng, n))
@@ -223,15 +258,22 @@ def _render(factors: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
     body_hue = np.array(list(BODY_HUES.values()))[hue] + rng.normal(0, 0.02, n)
     body = _hsv_to_rgb(body_hue, rng.uniform(0.5, 0.9, n), rng.uniform(0.55, 0.95, n))
     pattern = _texture(texture, u, v, rng.uniform(0, 1, (2, n)), rng.uniform(0.9, 1.1, n))
-    _paint(canvas, _coverage(_shape_distance(shape, u, v) * radius),
-           body[:, :, None, None] * (1 + TEXTURE_CONTRAST * pattern[:, None]))
+    _paint(
+        canvas,
+        _coverage(_shape_distance(shape, u, v) * radius),
+        body[:, :, None, None] * (1 + TEXTURE_CONTRAST * pattern[:, None]),
+    )
 
     centres = MARK_CENTRES[layout]
-    mark_distance = np.minimum(*(np.hypot(u - _col(centres[:, k, 0]), v - _col(centres[:, k, 1]))
-                                 for k in range(2)))
+    mark_distance = np.minimum(
+        *(np.hypot(u - _col(centres[:, k, 0]), v - _col(centres[:, k, 1])) for k in range(2))
+    )
     tones = np.array(list(MARK_TONES.values()))[tone]
-    marks = _hsv_to_rgb(tones[:, 0], tones[:, 1] * rng.uniform(0.85, 1, n),
-                        np.clip(tones[:, 2] + rng.normal(0, 0.04, n), 0, 1))
+    marks = _hsv_to_rgb(
+        tones[:, 0],
+        tones[:, 1] * rng.uniform(0.85, 1, n),
+        np.clip(tones[:, 2] + rng.normal(0, 0.04, n), 0, 1),
+    )
     _paint(canvas, _coverage((mark_distance - MARK_RADIUS) * radius), marks)
 
     canvas -= 0.5
@@ -273,7 +315,7 @@ def _background(rng: np.random.Generator, n: int, x, y, size: int) -> np.ndarray
     """Random low-saturation colours with a random linear gradient, ``(n, 3, S, S)``."""
     base = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0, 0.3, n), rng.uniform(0.25, 0.75, n))
     direction = rng.uniform(0, 2 * np.pi, n)
-    ramp = ((x - size / 2) * _col(np.cos(direction)) + (y - size / 2) * _col(np.sin(direction)))
+    ramp = (x - size / 2) * _col(np.cos(direction)) + (y - size / 2) * _col(np.sin(direction))
     gradient = _col(rng.uniform(0, 0.25, n)) * ramp / size
     return base[:, :, None, None] + gradient[:, None]
 
@@ -283,10 +325,13 @@ _SHAPE_DISTANCE = {
     "disc": lambda u, v: np.hypot(u, v) - 1,
     "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) - 0.85,
     "triangle": lambda u, v: np.maximum(v, 0.866 * np.abs(u) - 0.5 * v) - 0.55,
-    "hexagon": lambda u, v: np.maximum.reduce([np.abs(u), np.abs(0.5 * u + 0.866 * v),
-                                               np.abs(0.5 * u - 0.866 * v)]) - 0.92,
-    "cross": lambda u, v: np.minimum(np.maximum(np.abs(u) - 0.36, np.abs(v) - 1),
-                                     np.maximum(np.abs(u) - 1, np.abs(v) - 0.36)),
+    "hexagon": lambda u, v: (
+        np.maximum.reduce([np.abs(u), np.abs(0.5 * u + 0.866 * v), np.abs(0.5 * u - 0.866 * v)])
+        - 0.92
+    ),
+    "cross": lambda u, v: np.minimum(
+        np.maximum(np.abs(u) - 0.36, np.abs(v) - 1), np.maximum(np.abs(u) - 1, np.abs(v) - 0.36)
+    ),
     "ring": lambda u, v: np.abs(np.hypot(u, v) - 0.72) - 0.28,
 }
 
@@ -322,10 +367,12 @@ def _per_entry(which: np.ndarray, vocabulary, functions: dict, *arrays) -> np.nd
     return out
 
 
-def _cache_name(num_classes: int = 200, images_per_class: int = 30, image_size: int = 32,
-                seed: int = 0) -> str:
-    return (f"demo-v{GENERATOR_VERSION}-c{num_classes}-n{images_per_class}-s{image_size}"
-            f"-seed{seed}.npz")
+def _cache_name(
+    num_classes: int = 200, images_per_class: int = 30, image_size: int = 32, seed: int = 0
+) -> str:
+    return (
+        f"demo-v{GENERATOR_VERSION}-c{num_classes}-n{images_per_class}-s{image_size}-seed{seed}.npz"
+    )
 
 
 def _save_atomically(path: Path, arrays: dict) -> None:

@@ -12,20 +12,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def train_transform(size: int = 224, scale: tuple[float, float] = (0.08, 1.0)) -> v2.Compose:
     """``PIL.Image`` -> normalised tensor: RandomResizedCrop(size, scale) + horizontal flip."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=scale, antialias=True),
-        v2.RandomHorizontalFlip(),
-        *_to_normalised_tensor(),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=scale, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_to_normalised_tensor(),
+        ]
+    )
 
 
 def test_transform(resize: int = 256, crop: int = 224) -> v2.Compose:
     """``PIL.Image`` -> normalised tensor: Resize(resize) (shorter side) + CenterCrop(crop)."""
-    return v2.Compose([
-        v2.Resize(resize, antialias=True),
-        v2.CenterCrop(crop),
-        *_to_normalised_tensor(),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize(resize, antialias=True),
+            v2.CenterCrop(crop),
+            *_to_normalised_tensor(),
+        ]
+    )
 
 
 # Its name starts with "test_": tell pytest it is not a test when a test module imports it.
@@ -51,15 +55,19 @@ class RandomCropFlip(torch.nn.Module):
         rows, columns = top + span, left + span  # (B, size) each
         flip = torch.rand(count, 1) < 0.5
         columns = torch.where(flip, columns.flip(1), columns)
-        crops = padded[torch.arange(count)[:, None, None, None],
-                       torch.arange(channels)[None, :, None, None],
-                       rows[:, None, :, None], columns[:, None, None, :]]
+        crops = padded[
+            torch.arange(count)[:, None, None, None],
+            torch.arange(channels)[None, :, None, None],
+            rows[:, None, :, None],
+            columns[:, None, None, :],
+        ]
         return crops[0] if images.dim() == 3 else crops
 
 
 class _DemoTransform(v2.Compose):
     """A demo transform that acts per image on a whole batch, so DemoDataset can apply it once per
     batch (see :meth:`gca_pyg.data.DemoDataset.__getitems__`)."""
+
     batched = True
 
 
@@ -67,7 +75,9 @@ def demo_train_transform(size: int = 32, padding: int = 4) -> v2.Compose:
     """Float image tensor(s) in [0, 1] -> normalised: random crop of ``size`` after reflect-padding
     by ``padding``, horizontal flip (the demo classes are defined flip-invariantly); one image
     ``(3, H, W)`` or a batch ``(B, 3, H, W)`` with independent draws per image."""
-    return _DemoTransform([RandomCropFlip(size, padding), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return _DemoTransform(
+        [RandomCropFlip(size, padding), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
 
 
 def demo_test_transform() -> v2.Compose:
@@ -76,5 +86,8 @@ def demo_test_transform() -> v2.Compose:
 
 
 def _to_normalised_tensor() -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]

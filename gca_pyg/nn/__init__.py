@@ -1,4 +1,5 @@
 """Reusable graph layers of GCA-HNG."""
+
 from gca_pyg.nn.correlation_net import CorrelationNet
 from gca_pyg.nn.edge_node_conv import EdgeNodeConv, softmax_with_sink
 from gca_pyg.nn.norm import WeightedBatchNorm1d

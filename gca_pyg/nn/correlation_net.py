@@ -1,4 +1,4 @@
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -14,7 +14,8 @@ class CorrelationNet(torch.nn.Module):
     Generation" <https://arxiv.org/abs/2411.13145>`_ paper (IJCV 2025).
 
     An input projection of the nodes, :obj:`num_layers` :class:`EdgeNodeConv` layers, and two heads
-    on the final graph (docs/method.md, "Heads"): per-channel fusion weights for every edge and class logits for
+    on the final graph (docs/method.md, "Heads"): per-channel fusion weights for every edge and
+    class logits for
     every node,
 
     .. math::
@@ -40,18 +41,29 @@ class CorrelationNet(torch.nn.Module):
         - **output:** node logits :math:`(|\mathcal{V}|, C)`,
           fusion weights :math:`(|\mathcal{E}|, F)`
     """
-    def __init__(self, channels: int, num_classes: int, num_layers: int = 2, heads: int = 4,
-                 dropout: float = 0.1, ffn_ratio: int = 4):
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        num_layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.1,
+        ffn_ratio: int = 4,
+    ):
         super().__init__()
         if num_layers < 1:
-            raise ValueError(f"CorrelationNet needs at least one layer, got num_layers={num_layers}")
+            raise ValueError(
+                f"CorrelationNet needs at least one layer, got num_layers={num_layers}"
+            )
         self.channels = channels
         self.num_classes = num_classes
         self.num_layers = num_layers
         self.lin_in = Linear(channels, channels)
         self.convs = ModuleList(
             EdgeNodeConv(channels, heads=heads, dropout=dropout, ffn_ratio=ffn_ratio)
-            for _ in range(num_layers))
+            for _ in range(num_layers)
+        )
         self.edge_norm = WeightedBatchNorm1d(channels)
         self.lin_fusion = Linear(channels, channels)
         self.node_norm = BatchNorm1d(channels)
@@ -63,16 +75,25 @@ class CorrelationNet(torch.nn.Module):
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
-                attn_mask: Optional[Tensor] = None, *, undirected: bool = False,
-                detach_fusion: bool = False, group=None) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        edge_attr: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        *,
+        undirected: bool = False,
+        detach_fusion: bool = False,
+        group=None,
+    ) -> tuple[Tensor, Tensor]:
         r"""Computes node logits and per-channel fusion weights.
 
         Args:
             x (torch.Tensor): Node features :math:`(|\mathcal{V}|, F)`.
             edge_index (torch.Tensor): Edge indices :math:`(2, |\mathcal{E}|)`.
             edge_attr (torch.Tensor): Edge features :math:`(|\mathcal{E}|, F)`.
-            attn_mask (torch.Tensor, optional): Bool :math:`(|\mathcal{E}|)`, True for the edges that
+            attn_mask (torch.Tensor, optional): Bool :math:`(|\mathcal{E}|)`, True for the edges
+                that
                 carry node-attention messages (the negatives). :obj:`None` means all.
             undirected (bool, optional): Undirected edge storage, as in :class:`EdgeNodeConv`; the
                 edge batch norm then counts every off-diagonal pair twice, so the result equals the
@@ -92,11 +113,13 @@ class CorrelationNet(torch.nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # one cast serves every layer's edge work
             edge_attr = edge_attr.to(torch.get_autocast_dtype(x.device.type))
         for conv in self.convs[:-1]:
-            h, edge_attr = conv(h, edge_index, edge_attr, attn_mask, undirected=undirected,
-                                group=group)
+            h, edge_attr = conv(
+                h, edge_index, edge_attr, attn_mask, undirected=undirected, group=group
+            )
         last = self.convs[-1]
-        h = last.update_nodes(h, edge_index, edge_attr, attn_mask, undirected=undirected,
-                              group=group)
+        h = last.update_nodes(
+            h, edge_index, edge_attr, attn_mask, undirected=undirected, group=group
+        )
         node_logits = self.lin_classifier(self.node_norm(h))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_fusion):
             edge_attr = last.update_edges(h, edge_index, edge_attr)
@@ -104,9 +127,12 @@ class CorrelationNet(torch.nn.Module):
             if undirected:
                 row_weight = 2.0 - (edge_index[0] == edge_index[1]).to(edge_attr.dtype)
             fusion_weights = torch.sigmoid(
-                self.lin_fusion(self.edge_norm(edge_attr, row_weight, group)))
+                self.lin_fusion(self.edge_norm(edge_attr, row_weight, group))
+            )
         return node_logits, fusion_weights
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}({self.channels}, num_classes={self.num_classes}, "
-                f"num_layers={self.num_layers})")
+        return (
+            f"{self.__class__.__name__}({self.channels}, num_classes={self.num_classes}, "
+            f"num_layers={self.num_layers})"
+        )

@@ -1,5 +1,5 @@
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,8 @@ class EdgeNodeConv(MessagePassing):
 
     The node update comes first. Node :math:`i` attends, with :math:`H` heads of size
     :math:`d = F/H`, over the sources :math:`j` of its incoming edges that carry attention
-    (:obj:`attn_mask`), with a constant zero logit as an "attend to nothing" sink; then it adds the sum
+    (:obj:`attn_mask`), with a constant zero logit as an "attend to nothing" sink; then it adds the
+    sum
     of its outgoing edges and a feed-forward block:
 
     .. math::
@@ -77,14 +78,16 @@ class EdgeNodeConv(MessagePassing):
             \mathrm{FFN}_e(\mathbf{e}_{ij}))\big)
 
     with :math:`\mathrm{FFN}_e = \mathrm{Linear} \to \mathrm{GELU} \to \mathrm{LN} \to
-    \mathrm{Linear}`. All projections are applied to the :math:`|\mathcal{V}|` nodes and then gathered
+    \mathrm{Linear}`. All projections are applied to the :math:`|\mathcal{V}|` nodes and then
+    gathered
     to the edges; the edge query is folded into the node keys
     (:math:`(\mathbf{W}'_q \mathbf{e})^\top \mathbf{k} = \mathbf{e}^\top (\mathbf{W}'^\top_q
     \mathbf{k})`), so no per-edge projection is spent on it.
 
     The update keeps symmetric edge features symmetric: if :math:`\mathbf{e}_{ij} = \mathbf{e}_{ji}`
     for every edge of an undirected graph, it still holds afterwards (with dropout applied to both
-    directions alike). :obj:`undirected=True` exploits this exactly: each unordered pair is stored and
+    directions alike). :obj:`undirected=True` exploits this exactly: each unordered pair is stored
+    and
     updated once and acts as both of its directions, which halves the edge work.
 
     Args:
@@ -107,13 +110,16 @@ class EdgeNodeConv(MessagePassing):
         - **output:** node features :math:`(|\mathcal{V}|, F)`,
           edge features :math:`(|\mathcal{E}|, F)`
     """
-    def __init__(self, channels: int, heads: int = 4, dropout: float = 0.1, ffn_ratio: int = 4,
-                 **kwargs):
+
+    def __init__(
+        self, channels: int, heads: int = 4, dropout: float = 0.1, ffn_ratio: int = 4, **kwargs
+    ):
         kwargs.setdefault("aggr", "add")
         super().__init__(node_dim=0, **kwargs)
         if channels % heads != 0:
             raise ValueError(
-                f"EdgeNodeConv: channels ({channels}) must be divisible by heads ({heads})")
+                f"EdgeNodeConv: channels ({channels}) must be divisible by heads ({heads})"
+            )
         self.in_channels = channels
         self.out_channels = channels
         self.heads = heads
@@ -140,8 +146,9 @@ class EdgeNodeConv(MessagePassing):
         self.lin_edge_query = attention_linear()
         self.lin_edge_key = attention_linear()
         self.lin_edge_value = attention_linear()
-        self.edge_ffn = Sequential(Linear(channels, hidden), GELU(), LayerNorm(hidden),
-                                   Linear(hidden, channels))
+        self.edge_ffn = Sequential(
+            Linear(channels, hidden), GELU(), LayerNorm(hidden), Linear(hidden, channels)
+        )
         self.norm_edge_attention = LayerNorm(channels)
         self.norm_edge_ffn = LayerNorm(channels)
 
@@ -153,9 +160,16 @@ class EdgeNodeConv(MessagePassing):
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
-                attn_mask: Optional[Tensor] = None, *, undirected: bool = False,
-                group=None) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        edge_attr: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        *,
+        undirected: bool = False,
+        group=None,
+    ) -> tuple[Tensor, Tensor]:
         r"""Runs one joint node and edge update.
 
         Args:
@@ -167,7 +181,8 @@ class EdgeNodeConv(MessagePassing):
                 that carry attention messages (in GCA-HNG: the negatives). :obj:`None` means all.
             undirected (bool, optional): Each column :math:`(i, j)` of :obj:`edge_index` with
                 :math:`i \ne j` stands for both :math:`i \to j` and :math:`j \to i`, sharing one
-                feature row (which must then be symmetric); a self-loop stands once. Exactly equal to
+                feature row (which must then be symmetric); a self-loop stands once. Exactly equal
+                to
                 running on the directed graph with both directions stored. (default: :obj:`False`)
             group (optional): A :mod:`torch.distributed` process group whose processes each hold a
                 share of the edges (and the same node features): the attention normalisation and
@@ -178,13 +193,21 @@ class EdgeNodeConv(MessagePassing):
         Returns:
             The updated node features and edge features.
         """
-        h = self.update_nodes(x, edge_index, edge_attr, attn_mask, undirected=undirected,
-                              group=group)
+        h = self.update_nodes(
+            x, edge_index, edge_attr, attn_mask, undirected=undirected, group=group
+        )
         return h, self.update_edges(h, edge_index, edge_attr)
 
-    def update_nodes(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor,
-                     attn_mask: Optional[Tensor] = None, *, undirected: bool = False,
-                     group=None) -> Tensor:
+    def update_nodes(
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        edge_attr: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        *,
+        undirected: bool = False,
+        group=None,
+    ) -> Tensor:
         """The node half of :meth:`forward` (same arguments); returns the new node features."""
         num_nodes = x.size(0)
         source, target = self._source_target(edge_index)
@@ -203,9 +226,15 @@ class EdgeNodeConv(MessagePassing):
                 directed_index = torch.cat([edge_index, edge_index[:, off_diagonal].flip(0)], 1)
                 if attn_mask is not None:
                     directed_mask = torch.cat([attn_mask, attn_mask[off_diagonal]])
-            message = self.propagate(directed_index, query=query, key=key, value=value,
-                                     attn_mask=directed_mask, group=group,
-                                     size=(num_nodes, num_nodes))
+            message = self.propagate(
+                directed_index,
+                query=query,
+                key=key,
+                value=value,
+                attn_mask=directed_mask,
+                group=group,
+                size=(num_nodes, num_nodes),
+            )
             message = all_reduce_sum(message, group)
         h = self.norm_attention(F.gelu(x + self.lin_out(message.reshape(num_nodes, -1))))
 
@@ -213,8 +242,7 @@ class EdgeNodeConv(MessagePassing):
         outgoing = scatter(edge_to_node, source, 0, dim_size=num_nodes, reduce="sum")
         if undirected:  # both end points, then the self-loops (which stand once) taken back
             loops = (~off_diagonal).nonzero().view(-1)
-            outgoing = outgoing + scatter(edge_to_node, target, 0, dim_size=num_nodes,
-                                          reduce="sum")
+            outgoing = outgoing + scatter(edge_to_node, target, 0, dim_size=num_nodes, reduce="sum")
             outgoing = outgoing.index_add(0, source[loops], edge_to_node[loops], alpha=-1)
         outgoing = all_reduce_sum(outgoing, group)
         h = self.norm_edge_to_node(F.gelu(h + outgoing))
@@ -230,8 +258,15 @@ class EdgeNodeConv(MessagePassing):
         covered[target, source] = True
         return bool(covered.all())
 
-    def _dense_attention(self, query: Tensor, key: Tensor, value: Tensor, source: Tensor,
-                         target: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+    def _dense_attention(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        source: Tensor,
+        target: Tensor,
+        attn_mask: Optional[Tensor],
+    ) -> Tensor:
         """Attention with the sink on a complete undirected graph, as dense [H, N, N] scores."""
         num_nodes = query.size(0)
         allowed = torch.ones(num_nodes, num_nodes, dtype=torch.bool, device=query.device)
@@ -249,7 +284,8 @@ class EdgeNodeConv(MessagePassing):
         r"""The edge half of :meth:`forward`, from the node features :meth:`update_nodes` returned.
 
         It treats both end points alike, so directed and undirected storage need no distinction.
-        Under autocast, the edge features are cast to the autocast dtype once here and the whole edge
+        Under autocast, the edge features are cast to the autocast dtype once here and the whole
+        edge
         update, and its result, stays in it: the :math:`|\mathcal{E}| \times F` activations are the
         bulk of the work, and an fp32 residual would otherwise pull every later edge op back to
         fp32 and cast at every matmul.
@@ -263,24 +299,45 @@ class EdgeNodeConv(MessagePassing):
         key_in_edge_space = edge_key @ self.lin_edge_query.weight
         key_bias_score = edge_key @ self.lin_edge_query.bias
         return self.edge_updater(
-            edge_index, edge_attr=edge_attr, key=key_in_edge_space, key_bias=key_bias_score,
-            value=self.lin_edge_value(u), size=(num_nodes, num_nodes))
+            edge_index,
+            edge_attr=edge_attr,
+            key=key_in_edge_space,
+            key_bias=key_bias_score,
+            value=self.lin_edge_value(u),
+            size=(num_nodes, num_nodes),
+        )
 
-    def _source_target(self, edge_index: Tensor) -> Tuple[Tensor, Tensor]:
+    def _source_target(self, edge_index: Tensor) -> tuple[Tensor, Tensor]:
         if self.flow == "source_to_target":
             return edge_index[0], edge_index[1]
         return edge_index[1], edge_index[0]
 
-    def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor,
-                attn_mask: Optional[Tensor], index: Tensor, size_i: int, group=None) -> Tensor:
+    def message(
+        self,
+        query_i: Tensor,
+        key_j: Tensor,
+        value_j: Tensor,
+        attn_mask: Optional[Tensor],
+        index: Tensor,
+        size_i: int,
+        group=None,
+    ) -> Tensor:
         score = (query_i * key_j).sum(dim=-1) / math.sqrt(query_i.size(-1))
         if attn_mask is not None:
             score = score.masked_fill(~attn_mask.view(-1, 1), float("-inf"))
         alpha = softmax_with_sink(score, index, size_i, group)
         return alpha.unsqueeze(-1) * value_j
 
-    def edge_update(self, edge_attr: Tensor, key_i: Tensor, key_j: Tensor, key_bias_i: Tensor,
-                    key_bias_j: Tensor, value_i: Tensor, value_j: Tensor) -> Tensor:
+    def edge_update(
+        self,
+        edge_attr: Tensor,
+        key_i: Tensor,
+        key_j: Tensor,
+        key_bias_i: Tensor,
+        key_bias_j: Tensor,
+        value_i: Tensor,
+        value_j: Tensor,
+    ) -> Tensor:
         # A softmax over two logits is the sigmoid of their difference: one dot product per edge.
         score_difference = torch.linalg.vecdot(edge_attr, key_i - key_j) + (key_bias_i - key_bias_j)
         attention_i = torch.sigmoid(score_difference / math.sqrt(self.out_channels)).unsqueeze(-1)
@@ -302,10 +359,17 @@ class EdgeNodeConv(MessagePassing):
         :math:`\cdot F` weights are.
         """
         lin_hidden, activation, norm, lin_out = self.edge_ffn
-        hidden = F.layer_norm(activation(lin_hidden(edge_attr)), norm.normalized_shape, eps=norm.eps)
-        return F.linear(hidden, lin_out.weight * norm.weight,
-                        torch.addmv(lin_out.bias, lin_out.weight, norm.bias))
+        hidden = F.layer_norm(
+            activation(lin_hidden(edge_attr)), norm.normalized_shape, eps=norm.eps
+        )
+        return F.linear(
+            hidden,
+            lin_out.weight * norm.weight,
+            torch.addmv(lin_out.bias, lin_out.weight, norm.bias),
+        )
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}({self.in_channels}, heads={self.heads}, "
-                f"dropout={self.dropout}, ffn_ratio={self.ffn_ratio})")
+        return (
+            f"{self.__class__.__name__}({self.in_channels}, heads={self.heads}, "
+            f"dropout={self.dropout}, ffn_ratio={self.ffn_ratio})"
+        )

@@ -20,13 +20,15 @@ class WeightedBatchNorm1d(BatchNorm1d):
 
     and the running statistics are updated as :class:`~torch.nn.BatchNorm1d` would for that
     expanded batch. An undirected edge store (each off-diagonal pair once, weight 2) thus normalises
-    exactly like the directed graph that holds both directions. Without :obj:`row_weight` it is a plain
+    exactly like the directed graph that holds both directions. Without :obj:`row_weight` it is a
+    plain
     :class:`~torch.nn.BatchNorm1d`.
 
     Shapes:
         - **input:** :math:`(R, F)`, row weights :math:`(R,)` *(optional)*
         - **output:** :math:`(R, F)`
     """
+
     def forward(self, input: Tensor, row_weight: Optional[Tensor] = None, group=None) -> Tensor:
         """Normalises `input`; with a process `group`, the batch is the rows of all its processes
         (statistics summed over them), as when a graph's edges are split between processes."""
@@ -36,8 +38,16 @@ class WeightedBatchNorm1d(BatchNorm1d):
             row_weight = input.new_ones(input.size(0))
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats:
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
+            return F.batch_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+            )
 
         # The batch statistics, and the gradients through them, cancel heavily: at least fp32 even
         # when the rows arrive in bf16 from an autocast region.

@@ -4,6 +4,7 @@ the layer.
 It shares no code with gca_pyg.nn: every step follows the documented formulas on dense [N, N]
 tensors (including the per-edge query projection that the layer folds into the node keys).
 """
+
 import math
 
 import torch

@@ -9,7 +9,8 @@ CHANNELS = 32
 
 pytestmark = pytest.mark.skipif(
     not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-    reason="this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo)")
+    reason="this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo)",
+)
 
 
 def relative_error(value, reference):
@@ -18,7 +19,8 @@ def relative_error(value, reference):
 
 
 class EdgeDtypes(TorchFunctionMode):
-    """Records the dtype of every floating tensor with one row per edge that a torch call returns."""
+    """Records the dtype of every floating tensor with a row per edge that a torch call returns."""
+
     def __init__(self, num_edges):
         super().__init__()
         self.num_edges = num_edges
@@ -28,8 +30,12 @@ class EdgeDtypes(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         outputs = out if isinstance(out, (tuple, list)) else [out]
         for tensor in outputs:
-            if (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
-                    and tensor.dim() > 0 and tensor.size(0) == self.num_edges):
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tensor.is_floating_point()
+                and tensor.dim() > 0
+                and tensor.size(0) == self.num_edges
+            ):
                 self.dtypes.append((getattr(func, "__name__", str(func)), tensor.dtype))
         return out
 
@@ -41,8 +47,9 @@ def test_edge_update_stays_in_bf16_under_autocast():
     num_edges = graph.edge_index.size(1)
     assert graph.edge_attr.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        h = conv.update_nodes(graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask,
-                              undirected=True)
+        h = conv.update_nodes(
+            graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask, undirected=True
+        )
         with EdgeDtypes(num_edges) as recorded:
             edge_attr = conv.update_edges(h, graph.edge_index, graph.edge_attr)
     assert edge_attr.dtype == torch.bfloat16
@@ -55,8 +62,9 @@ def test_edge_update_stays_in_bf16_under_autocast():
 @pytest.mark.parametrize("undirected", [False, True])
 def test_edge_node_conv_in_bf16_matches_fp32_within_bf16_tolerance(undirected):
     conv = EdgeNodeConv(CHANNELS, heads=4, dropout=0.0)
-    graph = build_batch_graph(torch.randn(15, CHANNELS), torch.arange(5).repeat_interleave(3),
-                              undirected=undirected)
+    graph = build_batch_graph(
+        torch.randn(15, CHANNELS), torch.arange(5).repeat_interleave(3), undirected=undirected
+    )
     x = graph.x.clone().requires_grad_()
     # Edge features as large as the node features, so that their own rounding counts.
     edge_attr = torch.randn_like(graph.edge_attr).requires_grad_()
@@ -91,8 +99,9 @@ def test_correlation_net_in_bf16_matches_fp32_within_bf16_tolerance(undirected):
     def run(enabled):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
             graph = build_batch_graph(z, y, undirected=undirected)
-            return net(graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask,
-                       undirected=undirected)
+            return net(
+                graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask, undirected=undirected
+            )
 
     logits_reference, fusion_reference = run(False)
     logits, fusion = run(True)

@@ -44,8 +44,13 @@ def test_fast_undirected_path_equals_generic_path(training, device):
     undirected = build_batch_graph(z, y, undirected=True)
 
     logits, fusion = generic(directed.x, directed.edge_index, directed.edge_attr, directed.neg_mask)
-    logits_u, fusion_u = fast(undirected.x, undirected.edge_index, undirected.edge_attr,
-                              undirected.neg_mask, undirected=True)
+    logits_u, fusion_u = fast(
+        undirected.x,
+        undirected.edge_index,
+        undirected.edge_attr,
+        undirected.neg_mask,
+        undirected=True,
+    )
     assert torch.allclose(logits_u, logits, atol=1e-10)
     dense_fusion = to_dense_edges(fusion, directed.edge_index, 12)
     dense_fusion_u = to_dense_edges(fusion_u, undirected.edge_index, 12, undirected=True)
@@ -53,10 +58,12 @@ def test_fast_undirected_path_equals_generic_path(training, device):
 
     # Same loss on the dense weights -> same gradients everywhere, running statistics included.
     weight = torch.randn_like(dense_fusion)
-    grad = torch.autograd.grad((dense_fusion * weight).sum() + logits.square().sum(),
-                               [z, *generic.parameters()])
-    grad_u = torch.autograd.grad((dense_fusion_u * weight).sum() + logits_u.square().sum(),
-                                 [z, *fast.parameters()])
+    grad = torch.autograd.grad(
+        (dense_fusion * weight).sum() + logits.square().sum(), [z, *generic.parameters()]
+    )
+    grad_u = torch.autograd.grad(
+        (dense_fusion_u * weight).sum() + logits_u.square().sum(), [z, *fast.parameters()]
+    )
     for g, g_u in zip(grad, grad_u):
         assert torch.allclose(g_u, g, atol=1e-9)
     for name, buffer in generic.named_buffers():

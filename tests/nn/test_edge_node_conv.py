@@ -4,6 +4,7 @@ from torch_geometric.data import Batch, Data
 
 from gca_pyg.graph import build_batch_graph
 from gca_pyg.nn import EdgeNodeConv, softmax_with_sink
+
 from dense_reference import reference_edge_node_conv
 
 CHANNELS = 16
@@ -72,7 +73,6 @@ def test_matches_dense_statement_of_the_spec_on_a_sparse_graph(device):
     assert torch.allclose(e, e_ref[edge_index[0], edge_index[1]], atol=1e-10)
 
 
-
 def test_matches_dense_statement_with_trained_layer_norms():
     # Fresh LayerNorms are the identity map (weight 1, bias 0); the layer folds the edge FFN's
     # LayerNorm into the next linear layer, which only a non-trivial affine map checks.
@@ -89,6 +89,7 @@ def test_matches_dense_statement_with_trained_layer_norms():
     h_ref, e_ref = reference_edge_node_conv(conv, x, dense, adjacency, attention)
     assert torch.allclose(h, h_ref, atol=1e-10)
     assert torch.allclose(e, e_ref[edge_index[0], edge_index[1]], atol=1e-10)
+
 
 def test_masked_edges_carry_no_attention():
     conv = make_conv()
@@ -113,10 +114,15 @@ def test_masked_edges_carry_no_attention():
 def test_node_without_attention_messages_gets_none():
     conv = make_conv()
     x = torch.randn(3, CHANNELS, dtype=torch.float64)
-    masked = conv(x, torch.tensor([[0], [1]]), torch.randn(1, CHANNELS, dtype=torch.float64),
-                  torch.tensor([False]))
-    no_edges = conv(x, torch.empty(2, 0, dtype=torch.long),
-                    torch.empty(0, CHANNELS, dtype=torch.float64))
+    masked = conv(
+        x,
+        torch.tensor([[0], [1]]),
+        torch.randn(1, CHANNELS, dtype=torch.float64),
+        torch.tensor([False]),
+    )
+    no_edges = conv(
+        x, torch.empty(2, 0, dtype=torch.long), torch.empty(0, CHANNELS, dtype=torch.float64)
+    )
     # Node 1's only in-edge is masked: it fares exactly like a node with no edges at all.
     assert torch.allclose(masked[0][1], no_edges[0][1], atol=1e-12)
     assert torch.allclose(masked[0][2], no_edges[0][2], atol=1e-12)
@@ -132,8 +138,9 @@ def test_node_permutation_equivariance():
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(num_nodes)
     edge_perm = torch.randperm(edge_index.size(1))
-    h_p, e_p = conv(x[perm], inverse[edge_index][:, edge_perm], edge_attr[edge_perm],
-                    attn_mask[edge_perm])
+    h_p, e_p = conv(
+        x[perm], inverse[edge_index][:, edge_perm], edge_attr[edge_perm], attn_mask[edge_perm]
+    )
     assert torch.allclose(h_p, h[perm], atol=1e-10)
     assert torch.allclose(e_p, e[edge_perm], atol=1e-10)
 
@@ -149,8 +156,9 @@ def test_batch_of_two_graphs_equals_each_graph_alone():
     for index, graph in enumerate(graphs):
         h_alone, e_alone = conv(graph.x, graph.edge_index, graph.edge_attr, graph.attn_mask)
         node_slice = batch.batch == index
-        edge_slice = slice(batch._slice_dict["edge_index"][index],
-                           batch._slice_dict["edge_index"][index + 1])
+        edge_slice = slice(
+            batch._slice_dict["edge_index"][index], batch._slice_dict["edge_index"][index + 1]
+        )
         assert torch.allclose(h[node_slice], h_alone, atol=1e-12)
         assert torch.allclose(e[edge_slice], e_alone, atol=1e-12)
 
@@ -183,8 +191,13 @@ def test_undirected_storage_equals_directed(device):
     directed = build_batch_graph(z, y)
     undirected = build_batch_graph(z, y, undirected=True)
     h, e = conv(directed.x, directed.edge_index, directed.edge_attr, directed.neg_mask)
-    h_u, e_u = conv(undirected.x, undirected.edge_index, undirected.edge_attr,
-                    undirected.neg_mask, undirected=True)
+    h_u, e_u = conv(
+        undirected.x,
+        undirected.edge_index,
+        undirected.edge_attr,
+        undirected.neg_mask,
+        undirected=True,
+    )
     assert torch.allclose(h_u, h, atol=1e-12)
     i, j = undirected.edge_index
     dense = e.view(9, 9, CHANNELS)
@@ -215,8 +228,9 @@ def test_edge_attention_dropout_acts_in_training_only():
 
     h_train, e_train = dropped.train()(x, edge_index, edge_attr, attn_mask)
     residual = dropped.norm_edge_attention(torch.nn.functional.gelu(edge_attr))
-    expected = dropped.norm_edge_ffn(torch.nn.functional.gelu(
-        residual + dropped.edge_ffn(residual)))
+    expected = dropped.norm_edge_ffn(
+        torch.nn.functional.gelu(residual + dropped.edge_ffn(residual))
+    )
     assert torch.allclose(e_train, expected, atol=1e-12)
     assert not torch.allclose(e_train, e_eval, atol=1e-3)
     assert torch.equal(h_train, h_eval)  # the node update has no dropout
@@ -251,18 +265,21 @@ def test_undirected_storage_of_a_sparse_graph_equals_both_directions():
     off_diagonal = pairs[0] != pairs[1]
     directed = torch.cat([pairs, pairs[:, off_diagonal].flip(0)], dim=1)
     x = torch.randn(num_nodes, CHANNELS, dtype=torch.float64)
-    h, e = conv(x, directed, torch.cat([features, features[off_diagonal]]),
-                torch.cat([mask, mask[off_diagonal]]))
+    h, e = conv(
+        x,
+        directed,
+        torch.cat([features, features[off_diagonal]]),
+        torch.cat([mask, mask[off_diagonal]]),
+    )
     h_u, e_u = conv(x, pairs, features, mask, undirected=True)
     assert torch.allclose(h_u, h, atol=1e-12)
-    assert torch.allclose(e_u, e[:pairs.size(1)], atol=1e-12)
+    assert torch.allclose(e_u, e[: pairs.size(1)], atol=1e-12)
 
 
 def test_undirected_storage_with_a_repeated_pair_is_not_taken_for_complete():
     # 4 nodes, 10 columns as in the complete graph, but {0, 1} twice and {2, 3} missing.
     conv = make_conv()
-    pairs = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 2, 3],
-                          [0, 1, 1, 2, 3, 1, 2, 3, 2, 3]])
+    pairs = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 2, 3], [0, 1, 1, 2, 3, 1, 2, 3, 2, 3]])
     features = torch.randn(10, CHANNELS, dtype=torch.float64)
     features[2] = features[1]
     x = torch.randn(4, CHANNELS, dtype=torch.float64)
