@@ -136,6 +136,19 @@ def load_config(
     return Config.from_dict(apply_overrides(data, overrides, data_root), source=str(path))
 
 
+def add_override_argument(parser, help: str = "override one config key (repeatable)"):
+    """The ``--set SECTION.KEY=VALUE`` option every command shares (read by
+    :func:`apply_overrides`)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=help,
+    )
+
+
 def apply_overrides(
     data: dict[str, Any], overrides: Sequence[str] = (), data_root: Optional[str] = None
 ) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from gca_pyg.checkpoint import load_checkpoint
-from gca_pyg.config import Config, apply_overrides
+from gca_pyg.config import Config, add_override_argument, apply_overrides
 from gca_pyg.errors import ConfigError, GcaError
 from gca_pyg.pipeline import (
     build_model,
@@ -44,13 +44,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         metavar="FILE",
         help=f"write embeddings and labels ({' or '.join(EXPORT_FORMATS)})",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key, e.g. train.device=cpu or eval.batch_size=64",
+    add_override_argument(
+        parser, "override a config key, e.g. train.device=cpu or eval.batch_size=64"
     )
     return parser.parse_args(argv)
 

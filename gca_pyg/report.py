@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from gca_pyg.checkpoint import load_checkpoint
-from gca_pyg.config import Config, apply_overrides
+from gca_pyg.config import Config, add_override_argument, apply_overrides
 from gca_pyg.data import RetrievalDataset
 from gca_pyg.errors import ConfigError, GcaError, MissingExtraError
 from gca_pyg.metrics import retrieval_metrics
@@ -613,13 +613,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the queries and of the map (default: 0)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key, e.g. train.device=cpu or eval.batch_size=64",
+    add_override_argument(
+        parser, "override a config key, e.g. train.device=cpu or eval.batch_size=64"
     )
     return parser.parse_args(argv)
 

@@ -32,7 +32,13 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from gca_pyg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gca_pyg.config import Config, apply_overrides, available_configs, load_config
+from gca_pyg.config import (
+    Config,
+    add_override_argument,
+    apply_overrides,
+    available_configs,
+    load_config,
+)
 from gca_pyg.distributed import Context, all_gather_objects, any_process, setup, teardown
 from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError
 from gca_pyg.pipeline import (
@@ -423,14 +429,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="a shipped config name or a YAML file (not needed with --resume)",
     )
     parser.add_argument("--data-root", metavar="DIR", help="the dataset folder (sets data.root)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key (repeatable)",
-    )
+    add_override_argument(parser, "override one config key (repeatable)")
     parser.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt"
     )
