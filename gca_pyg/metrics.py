@@ -41,9 +41,10 @@ and only the entries at or above either of them reach the heaps and the counts. 
 approximated: a score below the threshold of its query can neither enter that query's heap nor
 count for it.
 
-The matrix products run on numpy's BLAS threads; the element-wise passes over each tile are cut into
-bands of rows that run on ``num_threads`` threads (numpy and faiss release the GIL in them). The
-bands only divide the work, so the results do not depend on the number of threads.
+The matrix products run on torch's threads (numpy's OpenBLAS keeps its threads spinning for a
+while after each product, which took a core from what follows); the element-wise passes over each
+tile are cut into bands of rows that run on ``num_threads`` threads (numpy and faiss release the
+GIL in them). The bands only divide the work, so the results do not depend on ``num_threads``.
 
 Memory is O(chunk_size · (chunk_size + largest class)) for the tiles plus O(N · R_max) for the
 per-query results, besides a normalised copy of the embeddings.
@@ -352,7 +353,9 @@ class _TileWorkspace:
 
     def scores(self, query, gallery):
         """``query @ gallery.T``, ``(len(query), len(gallery))``, valid until the next call."""
-        return np.matmul(query, gallery.T, out=self._view(self._scores, len(query), len(gallery)))
+        out = self._view(self._scores, len(query), len(gallery))
+        torch.mm(torch.from_numpy(query), torch.from_numpy(gallery).T, out=torch.from_numpy(out))
+        return out
 
     def mask(self, shape):
         """A boolean scratch array of the tile's ``shape``, valid until the next call."""
