@@ -61,8 +61,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA with bf16, fp32 on the CPU) | fp32 | bf16
-    memory_format: str = "auto"  # auto (channels_last on CUDA, contiguous on the CPU) | ...
+    precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16
+    memory_format: str = "auto"  # auto (channels_last with bf16) | contiguous | channels_last
     seed: int = 0
     eval_every: int = 5  # epochs; the last epoch is always evaluated
     output_dir: str = "runs"

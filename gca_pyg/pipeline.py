@@ -112,13 +112,12 @@ def resolve_device(spec: str) -> torch.device:
 
 def check_precision(config: Config, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of ``train.precision``. ``auto`` is what measured fastest for the whole
-    step (``benchmarks/bench_step.py --backbone``): bf16 on CUDA devices with bf16, fp32 on the CPU
-    (even with AMX, oneDNN's bf16 convolutions made the ResNet-50 step slower than fp32). An
-    explicit
-    bf16 without native support runs, with a warning."""
+    step (``benchmarks/bench_step.py --backbone``): bf16 where `device` has native bf16 (CUDA with
+    bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere. An explicit bf16 without native support
+    runs, with a warning."""
     precision = config.train.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+        precision = "bf16" if native_bf16(device) else "fp32"
     if precision == "fp32":
         return None
     if not native_bf16(device):
@@ -131,11 +130,12 @@ def check_precision(config: Config, device: torch.device) -> Optional[torch.dtyp
 
 def use_channels_last(config: Config, device: torch.device) -> bool:
     """Whether the backbone runs in channels_last memory format: ``train.memory_format``, where
-    ``auto`` means channels_last on CUDA (with bf16 autocast, cuDNN's fast layout) and contiguous
-    on the CPU (faster there in fp32, see ``benchmarks/bench_step.py --backbone``)."""
+    ``auto`` means channels_last with bf16 autocast (oneDNN's and cuDNN's fast bf16 layout; 1.9x
+    faster than contiguous for ResNet-50 in bf16 on an AMX CPU) and contiguous in fp32 (faster
+    there, see ``benchmarks/bench_step.py --backbone``)."""
     memory_format = config.train.memory_format
     if memory_format == "auto":
-        return device.type == "cuda"
+        return check_precision(config, device) is not None
     return memory_format == "channels_last"
 
 

@@ -127,11 +127,9 @@ def test_auto_precision_and_memory_format_are_the_measured_fastest(monkeypatch, 
 
     monkeypatch.setattr(pipeline, "native_bf16", lambda device: native)
     config = load_config("demo", ["train.precision=auto", "train.memory_format=auto"])
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert pipeline.check_precision(config, cpu) is None  # fp32 on the CPU, AMX or not
-    assert pipeline.check_precision(config, cuda) == (torch.bfloat16 if native else None)
-    assert not pipeline.use_channels_last(config, cpu)
-    assert pipeline.use_channels_last(config, cuda)
-    explicit = load_config("demo", ["train.precision=bf16", "train.memory_format=channels_last"])
-    assert pipeline.check_precision(explicit, cpu) == torch.bfloat16
-    assert pipeline.use_channels_last(explicit, cpu)
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        assert pipeline.check_precision(config, device) == (torch.bfloat16 if native else None)
+        assert pipeline.use_channels_last(config, device) == native
+    explicit = load_config("demo", ["train.precision=fp32", "train.memory_format=channels_last"])
+    assert pipeline.check_precision(explicit, torch.device("cpu")) is None
+    assert pipeline.use_channels_last(explicit, torch.device("cpu"))
