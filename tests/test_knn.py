@@ -24,25 +24,7 @@ from gca_pyg.losses import diversity_loss, similarity_loss, synthetic_npair_loss
 from gca_pyg.model import GCAHNG, NetConfig
 from gca_pyg.trainer import AlternatingTrainer, OptimConfig
 
-
-class TinyBackbone(torch.nn.Module):
-    """Stands in for a CNN: a linear map of fixed random 'images' (feature vectors)."""
-
-    out_features = 24
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(20, self.out_features)
-
-    def forward(self, x):
-        return torch.relu(self.lin(x))
-
-
-def batch(num_classes=4, per_class=3):
-    generator = torch.Generator().manual_seed(1)
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    images = torch.randn(labels.numel(), 20, generator=generator) + labels.unsqueeze(1) * 0.3
-    return images, labels
+from tiny_model import TinyBackbone, batch
 
 
 def shuffled_batch(num_classes, per_class, dim=8, seed=0):

@@ -12,18 +12,7 @@ from gca_pyg.losses import synthetic_npair_loss
 from gca_pyg.model import GCAHNG, LossConfig, NetConfig
 from gca_pyg.trainer import AlternatingTrainer, OptimConfig, adamw_options
 
-
-class TinyBackbone(torch.nn.Module):
-    """Stands in for a CNN: a linear map of fixed random 'images' (feature vectors)."""
-
-    out_features = 24
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(20, self.out_features)
-
-    def forward(self, x):
-        return torch.relu(self.lin(x))
+from tiny_model import TinyBackbone, batch
 
 
 def make_trainer(warmup_epochs=0, synthesis=True, amp_dtype=None, **optim):
@@ -37,13 +26,6 @@ def make_trainer(warmup_epochs=0, synthesis=True, amp_dtype=None, **optim):
         amp_dtype=amp_dtype,
     )
     return AlternatingTrainer(model, OptimConfig(warmup_epochs=warmup_epochs, epochs=10, **optim))
-
-
-def batch(num_classes=4, per_class=3):
-    generator = torch.Generator().manual_seed(1)
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    images = torch.randn(labels.numel(), 20, generator=generator) + labels.unsqueeze(1) * 0.3
-    return images, labels
 
 
 def snapshot(module):
