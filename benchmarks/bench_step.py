@@ -3,9 +3,12 @@
 The backbone is replaced by random 2048-d pooled features (the embedding head BN + Linear(2048, 512)
 stays), so the step costs what GCA-HNG adds on top of a CNN. N = 81 (27 × 3) and 162 (54 × 3),
 D = 512, fp32 and bf16 autocast; median ms/step, peak memory and the share of this machine's
-measured matmul peak, each row in a fresh process. ``--neighbors 32`` measures the sparse batch
-graph of ``graph.neighbors: 32`` (``dense`` is the complete graph); rows whose memory, foreseen from
-the rows measured before them (in proportion to their edge count), would not fit are skipped.
+measured matmul peak, each row in a fresh process. "of peak" is the step's matmul FLOPs over its
+whole time; "matmuls of peak" the same FLOPs over the time spent inside the matmuls alone
+(torch.profiler), i.e. how well the products themselves run. ``--neighbors 32`` measures the
+sparse batch graph of ``graph.neighbors: 32`` (``dense`` is the complete graph); rows whose memory,
+foreseen from the rows measured before them (in proportion to their edge count), would not fit are
+skipped.
 
     python benchmarks/bench_step.py
     python benchmarks/bench_step.py --sizes 81 --profile     # where the time goes
@@ -27,6 +30,7 @@ from common import (
     MemoryGuard,
     benchmark_parser,
     default_device,
+    matmul_ms,
     measure_in_child,
     measure_step,
     native_bf16,
@@ -95,12 +99,13 @@ def run_child(config):
         trainer.training_step(features, labels)
 
     result = measure_step(step, device, config["repeats"])
+    result["matmul_ms"] = matmul_ms(step, device)
     with torch.no_grad():
         shard = trainer.prepare(labels, trainer.model(features))[2]
     print(json.dumps({**result, "edges": shard.num_edges}))
 
 
-def profile(config, rows: int = 15):
+def profile(config, rows: int = 25):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -178,21 +183,25 @@ def main():
     if args.profile:
         for num_nodes in args.sizes:
             for neighbors in args.neighbors:
-                print(
-                    f"== profile: N={num_nodes}, K={args.per_class}, D={args.dim}, fp32, "
-                    f"graph {'dense' if neighbors is None else f'k={neighbors}'}"
-                )
-                profile(
-                    {
-                        "device": str(device),
-                        "num_nodes": num_nodes,
-                        "dim": args.dim,
-                        "dtype": "fp32",
-                        "per_class": args.per_class,
-                        "neighbors": neighbors,
-                        "backbone": args.backbone,
-                    }
-                )
+                for dtype in args.dtypes:
+                    if dtype == "bf16" and not native_bf16(device):
+                        print(f"skipped bf16 profile: no native bf16 on {device}")
+                        continue
+                    print(
+                        f"== profile: N={num_nodes}, K={args.per_class}, D={args.dim}, {dtype}, "
+                        f"graph {'dense' if neighbors is None else f'k={neighbors}'}"
+                    )
+                    profile(
+                        {
+                            "device": str(device),
+                            "num_nodes": num_nodes,
+                            "dim": args.dim,
+                            "dtype": dtype,
+                            "per_class": args.per_class,
+                            "neighbors": neighbors,
+                            "backbone": args.backbone,
+                        }
+                    )
         return
     if args.backbone:
         return backbone_table(args, device)
@@ -238,9 +247,7 @@ def main():
         )
         classes = f"{num_nodes // args.per_class}x{args.per_class}"
         if "error" in result:
-            rows.append(
-                [num_nodes, classes, graph, "", dtype, malloc, result["error"], "", "", "", ""]
-            )
+            rows.append([num_nodes, classes, graph, "", dtype, malloc, result["error"]] + [""] * 6)
             continue
         guard.record(result["edges"], result["peak_mb"], kind)
         achieved = result["gflop"] / (result["ms"] / 1e3)
@@ -257,6 +264,8 @@ def main():
                 f"{result['gflop']:.1f}",
                 f"{achieved:.0f}",
                 f"{100 * achieved / peak[dtype]:.0f}%",
+                f"{result['matmul_ms']:.0f}",
+                f"{100 * result['gflop'] / (result['matmul_ms'] / 1e3) / peak[dtype]:.0f}%",
             ]
         )
         print(f"  measured {name}", file=sys.stderr)
@@ -273,6 +282,8 @@ def main():
             "GFLOP/step",
             "GFLOP/s",
             "of peak",
+            "in matmuls ms",
+            "matmuls of peak",
         ],
         rows,
     )

@@ -138,6 +138,38 @@ def measure_step(step: Callable[[], None], device: torch.device, repeats: int) -
     return {"ms": ms, "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9}
 
 
+MATMUL_OPS = frozenset(
+    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv"}
+)
+
+
+def matmul_ms(step: Callable[[], None], device: torch.device) -> float:
+    """Milliseconds that one call of `step` spends inside matrix products (torch.profiler).
+
+    With the GFLOP of :func:`measure_step` this gives the rate of the matmuls themselves, apart
+    from the elementwise work, casts and Python around them. Profiling adds a little overhead to
+    every operator, not to the time inside one.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":  # the kernels each outermost matmul operator launched
+        total = sum(
+            e.device_time_total
+            for e in events
+            if e.name in MATMUL_OPS and not (e.cpu_parent and e.cpu_parent.name in MATMUL_OPS)
+        )
+    else:
+        total = sum(e.self_cpu_time_total for e in events if e.name in MATMUL_OPS)
+    return total / 1e3
+
+
 def measure_in_child(script: str, config: dict, timeout: float = 3600) -> dict:
     """Runs `script --child JSON` in a fresh interpreter, so that its peak memory is its own.
 

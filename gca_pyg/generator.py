@@ -133,9 +133,11 @@ def synthesize_groups(
         moved = synthesize_negatives(
             anchors, positives, negatives, weights.view(-1, samples_per_class, dim), hardness
         )
-        synthetic = moved[:, 0]
-        for k in range(1, samples_per_class):  # K is small: a loop over a class's samples
-            synthetic = moved[:, k] + coefficients[:, k - 1 : k] * (synthetic - moved[:, k])
+        # unbind, not moved[:, k]: its backward writes one buffer, not K zero-filled ones.
+        first, *rest = moved.unbind(1)
+        synthetic = first
+        for k, sample in enumerate(rest, 1):  # K is small: a loop over a class's samples
+            synthetic = sample + coefficients[:, k - 1 : k] * (synthetic - sample)
         return synthetic
 
     # Only the joined samples are moved: one row per True of the mask, in row-major order.
