@@ -36,7 +36,7 @@ import time
 from functools import partial
 
 import numpy as np
-from common import measure_in_child, print_table
+from common import load_average, measure_in_child, print_table
 
 DIMENSIONS = 512
 
@@ -269,11 +269,6 @@ def table_rows(name, result):
             row.append(f"{result['flat_index_seconds']:.2f}")
         rows.append(row)
     return rows
-
-
-def load_average():
-    """The 1-minute load average and the number of CPUs, as text."""
-    return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
 
 
 def main():

@@ -105,6 +105,11 @@ class MemoryGuard:
         self.mb_per_unit[kind] = peak_mb / size
 
 
+def load_average() -> str:
+    """The 1-minute load average and the number of CPUs, as text."""
+    return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+
+
 def time_steps(step: Callable[[], None], device: torch.device, repeats: int) -> float:
     """Median wall time in milliseconds of `repeats` calls of `step`."""
     times = []
