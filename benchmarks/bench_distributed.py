@@ -4,10 +4,13 @@ The full GCA-HNG step (graph, correlation net x2, synthesis x2, losses, three up
 batch of N = 27x3, 54x3, 108x3 samples at D = 512, with the backbone replaced by random 2048-d
 pooled features as in bench_step.py. One process with all the machine's threads against W
 processes (gloo, one thread each) that share the same global batch: median ms/step, the peak memory
-of each process and the edge rows it stores.
+of each process and the edge rows it stores. ``--neighbors 32`` uses the sparse batch graph of
+``graph.neighbors: 32`` (split by class-pair blocks too), for batches the complete graph cannot
+hold.
 
     python benchmarks/bench_distributed.py
     python benchmarks/bench_distributed.py --sizes 81 --processes 2 --repeats 3
+    python benchmarks/bench_distributed.py --sizes 1024 --per-class 4 --neighbors 32 --repeats 2
 """
 
 import json
@@ -19,7 +22,7 @@ import tempfile
 import torch
 from common import benchmark_parser, measure_step, print_table
 
-FEATURES, TRAIN_CLASSES, SAMPLES = 2048, 200, 3
+FEATURES = 2048
 
 
 class PooledFeatures(torch.nn.Identity):
@@ -32,6 +35,7 @@ def run_child(config):
     import torch.distributed as dist
 
     from gca_pyg.distributed import Context
+    from gca_pyg.graph import GraphConfig
     from gca_pyg.model import GCAHNG
     from gca_pyg.runtime import retain_freed_memory
     from gca_pyg.trainer import AlternatingTrainer, OptimConfig
@@ -46,25 +50,35 @@ def run_child(config):
         )
         group = dist.group.WORLD
     torch.manual_seed(0)
-    model = GCAHNG(PooledFeatures(), TRAIN_CLASSES, config["dim"])
+    samples = config["per_class"]
+    num_nodes = config["num_nodes"]
+    classes = num_nodes // samples
+    train_classes = max(200, classes)
+    model = GCAHNG(
+        PooledFeatures(),
+        train_classes,
+        config["dim"],
+        graph=GraphConfig(neighbors=config["neighbors"]),
+    )
     trainer = AlternatingTrainer(
         model,
         OptimConfig(warmup_epochs=0),
         context=Context(rank=rank, world_size=world, group=group),
     )
     trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 30.0
-    num_nodes = config["num_nodes"]
-    features = torch.randn(num_nodes, FEATURES)
-    labels = torch.randperm(TRAIN_CLASSES)[: num_nodes // SAMPLES].repeat_interleave(SAMPLES)
-    classes = num_nodes // SAMPLES  # this process's whole classes, as the sampler shares them
-    rows = slice(rank * classes // world * SAMPLES, (rank + 1) * classes // world * SAMPLES)
+    features = torch.randn(classes * samples, FEATURES)
+    labels = torch.randperm(train_classes)[:classes].repeat_interleave(samples)
+    # This process's whole classes, as the sampler shares them.
+    rows = slice(rank * classes // world * samples, (rank + 1) * classes // world * samples)
 
     result = measure_step(
         lambda: trainer.training_step(features[rows], labels[rows]),
         torch.device("cpu"),
         config["repeats"],
     )
-    result["edges"] = trainer.prepare(labels[rows])[2].num_edges
+    with torch.no_grad():
+        embeddings = trainer.model(features[rows], group=group)
+    result["edges"] = trainer.prepare(labels[rows], embeddings)[2].num_edges
     if group is not None:
         dist.destroy_process_group()
     print(json.dumps(result))
@@ -94,6 +108,8 @@ def measure(script: str, num_nodes: int, world: int, threads: int, args) -> list
                         "num_nodes": num_nodes,
                         "dim": args.dim,
                         "repeats": args.repeats,
+                        "per_class": args.per_class,
+                        "neighbors": args.neighbors,
                         "rendezvous": os.path.join(folder, "rendezvous"),
                     }
                 ),
@@ -119,14 +135,19 @@ def measure(script: str, num_nodes: int, world: int, threads: int, args) -> list
 def main():
     parser = benchmark_parser(__doc__.splitlines()[0], sizes=[81, 162, 324], repeats=3)
     parser.add_argument("--processes", type=int, default=2, help="processes of the split runs")
+    parser.add_argument("--per-class", type=int, default=3, help="samples per class, K")
+    parser.add_argument(
+        "--neighbors", type=int, default=None, help="graph.neighbors (default: complete graph)"
+    )
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
 
     threads = torch.get_num_threads()
+    graph = "complete graph" if args.neighbors is None else f"graph.neighbors={args.neighbors}"
     print(
-        f"cpu, fp32, D={args.dim}; one process with {threads} threads vs {args.processes} "
-        "processes with 1 thread each (gloo)"
+        f"cpu, fp32, D={args.dim}, K={args.per_class}, {graph}; one process with {threads} "
+        f"threads vs {args.processes} processes with 1 thread each (gloo)"
     )
     rows = []
     for num_nodes in args.sizes:

@@ -33,6 +33,7 @@ __all__ = [
     "average_gradients",
     "average_buffers",
     "broadcast_parameters",
+    "broadcast_tensor",
     "world_size",
 ]
 
@@ -221,6 +222,21 @@ def broadcast_parameters(module: torch.nn.Module, group: Optional[dist.ProcessGr
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=0, group=group)
+
+
+def broadcast_tensor(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """Rank 0's `tensor` on every process, whatever the others hold (same number of dimensions,
+    any sizes), so that all of them go on with one value; the identity without a group."""
+    if group is None:
+        return tensor
+    shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)
+    dist.broadcast(shape, src=0, group=group)
+    if dist.get_rank(group) == 0:
+        tensor = tensor.contiguous()
+    else:
+        tensor = tensor.new_empty(shape.tolist())
+    dist.broadcast(tensor, src=0, group=group)
+    return tensor
 
 
 def all_gather_objects(value, group: Optional[dist.ProcessGroup] = None) -> list:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.data import Data
 
+from gca_pyg.distributed import all_reduce_sum
 from gca_pyg.layout import ClassLayout
 from gca_pyg.utils import gather_rows
 
@@ -215,11 +216,17 @@ class EdgeShard:
     def num_groups(self) -> int:
         return self.anchor.numel()
 
-    def connected(self, num_nodes: int, num_classes: int) -> Tensor:
-        """Bool :math:`(N, C)`: True where anchor :math:`i` has a group of class :math:`c` here."""
-        table = torch.zeros(num_nodes * num_classes, dtype=torch.bool, device=self.anchor.device)
-        table[self.anchor * num_classes + self.target_class] = True
-        return table.view(num_nodes, num_classes)
+    def connected(self, num_nodes: int, num_classes: int, group=None) -> Tensor:
+        """Bool :math:`(N, C)`: True where anchor :math:`i` has a group of class :math:`c` here,
+        or with a process `group` on any of its processes."""
+        table = torch.zeros(num_nodes * num_classes, dtype=torch.int32, device=self.anchor.device)
+        table[self.anchor * num_classes + self.target_class] = 1
+        return (all_reduce_sum(table, group) > 0).view(num_nodes, num_classes)
+
+    def total_groups(self, group=None) -> int:
+        """The number of groups here, or with a process `group` on all of its processes."""
+        count = torch.tensor(self.num_groups, device=self.anchor.device)
+        return int(all_reduce_sum(count, group))
 
 
 def shard_pairs(layout: ClassLayout, rank: int = 0, world_size: int = 1) -> EdgeShard:
@@ -249,6 +256,21 @@ def shard_pairs(layout: ClassLayout, rank: int = 0, world_size: int = 1) -> Edge
     )
 
 
+def _block_owner(block_edges: Tensor, world_size: int) -> Tensor:
+    """The process of each block in a run of blocks with these edge counts: `world_size`
+    contiguous runs of about equal edge counts, each block going where its middle falls."""
+    start = torch.cumsum(block_edges, 0) - block_edges
+    total = max(int(block_edges.sum()), 1)
+    return (((2 * start + block_edges) * world_size) // (2 * total)).clamp_max(world_size - 1)
+
+
+def _pair_block(class_a: Tensor, class_b: Tensor, num_classes: int) -> Tensor:
+    """The block of each pair of classes, numbered in storage order: the blocks of two classes
+    :math:`a < b` (by :math:`a C + b`), then those within one class."""
+    low, high = torch.minimum(class_a, class_b), torch.maximum(class_a, class_b)
+    return torch.where(low < high, low * num_classes + high, num_classes * num_classes + low)
+
+
 @lru_cache(maxsize=32)
 def _block_slots(
     num_classes: int, samples: int, rank: int, world_size: int, device: str
@@ -258,9 +280,7 @@ def _block_slots(
     first, second = torch.triu_indices(num_classes, num_classes, device=device)
     same = first == second
     block_edges = torch.where(same, samples * (samples + 1) // 2, samples * samples)
-    start = torch.cumsum(block_edges, 0) - block_edges
-    owner = ((2 * start + block_edges) * world_size) // (2 * int(block_edges.sum()))
-    mine = owner.clamp_max(world_size - 1) == rank
+    mine = _block_owner(block_edges, world_size) == rank
     first, second, same = first[mine], second[mine], same[mine]
 
     k = torch.arange(samples, device=device)
@@ -381,17 +401,14 @@ def knn_pairs(z: Tensor, y: Tensor, k: int) -> Tensor:
     second = torch.cat([slot[near_target], mate_target])
     code = torch.unique(torch.minimum(first, second) * num_nodes + torch.maximum(first, second))
     low, high = code // num_nodes, code % num_nodes  # sorted by (low, high)
-    low_class, high_class = class_of_slot[low], class_of_slot[high]
-    block = torch.where(
-        low_class < high_class,
-        low_class * num_classes + high_class,
-        num_classes * num_classes + low_class,
-    )
+    block = _pair_block(class_of_slot[low], class_of_slot[high], num_classes)
     order = torch.sort(block, stable=True).indices
     return torch.stack([node_of_slot[low[order]], node_of_slot[high[order]]])
 
 
-def sparse_shard(layout: ClassLayout, edge_index: Tensor) -> EdgeShard:
+def sparse_shard(
+    layout: ClassLayout, edge_index: Tensor, rank: int = 0, world_size: int = 1
+) -> EdgeShard:
     r"""The (anchor, class) groups of a sparse batch graph, for synthesis on its stored pairs.
 
     Every stored pair :math:`\{i, j\}` joins anchor :math:`i` to a sample of class :math:`y_j` and
@@ -402,12 +419,34 @@ def sparse_shard(layout: ClassLayout, edge_index: Tensor) -> EdgeShard:
     its order, e.g. from :func:`knn_pairs` with :math:`k \ge N - 1`) every field equals
     ``shard_pairs(layout)``'s and the mask is all True.
 
+    Several processes split the pairs as :func:`shard_pairs` splits the complete graph: the blocks
+    of pairs joining two classes (or one class) are cut into `world_size` contiguous runs of about
+    equal edge counts, and process `rank` keeps its run and the groups of its blocks, so every group
+    lies whole on one process. All processes must pass the same pairs.
+
     Args:
         layout: The batch's :class:`~gca_pyg.layout.ClassLayout`.
-        edge_index: Undirected pairs :math:`(2, |\mathcal{E}|)`, each once, e.g. from
-            :func:`knn_pairs`.
+        edge_index: Undirected pairs :math:`(2, |\mathcal{E}|)`, each once, in the block order of
+            :func:`knn_pairs` (which gives them so).
+        rank: This process's rank. (default: :obj:`0`)
+        world_size: The number of processes. (default: :obj:`1`)
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
     num_classes, samples = layout.num_classes, layout.samples_per_class
+    if world_size > 1:
+        block = _pair_block(
+            layout.class_index[edge_index[0]], layout.class_index[edge_index[1]], num_classes
+        )
+        blocks, block_edges = torch.unique_consecutive(block, return_counts=True)
+        if blocks.numel() > 1 and not bool((blocks[1:] > blocks[:-1]).all()):
+            raise ValueError(
+                "sparse_shard splits pairs between processes by class-pair block: pass them in "
+                "the block order of knn_pairs"
+            )
+        edge_index = edge_index[
+            :, (_block_owner(block_edges, world_size) == rank).repeat_interleave(block_edges)
+        ]
     source, target = edge_index
     mirrored = source != target
     rows = torch.arange(edge_index.size(1), device=edge_index.device)

@@ -232,7 +232,7 @@ class GCAHNG(torch.nn.Module):
             connected = (
                 None
                 if shard.mask is None
-                else shard.connected(embeddings.size(0), layout.num_classes)
+                else shard.connected(embeddings.size(0), layout.num_classes, group)
             )
             j_syn = synthetic_npair_loss(
                 embeddings,
@@ -296,7 +296,7 @@ class GCAHNG(torch.nn.Module):
             anchor,
             layout.num_classes,
             mask=is_other,
-            num_groups=None if shard.mask is None else shard.num_groups,
+            num_groups=None if shard.mask is None else shard.total_groups(group),
             group=group,
         )
         j_div = diversity_loss(

@@ -23,9 +23,10 @@ from gca_pyg.distributed import (
     average_buffers,
     average_gradients,
     broadcast_parameters,
+    broadcast_tensor,
     gather_rows,
 )
-from gca_pyg.errors import ConfigError, NonFiniteLossError
+from gca_pyg.errors import NonFiniteLossError
 from gca_pyg.generator import draw_mix, hardness_from_loss
 from gca_pyg.graph import EdgeShard, knn_pairs, shard_pairs, sparse_shard
 from gca_pyg.layout import ClassLayout, class_layout
@@ -87,9 +88,6 @@ class AlternatingTrainer:
             omitted.
         seed: Seed of the merge coefficients of synthesis (the same on every process).
 
-    Raises:
-        ConfigError: If the model asks for a sparse graph (``graph.neighbors``) under several
-            processes, which is not supported yet.
     """
 
     def __init__(
@@ -104,11 +102,6 @@ class AlternatingTrainer:
         self.config = config or OptimConfig()
         self.context = context or Context(device=model.device)
         self.group = self.context.group
-        if model.graph_config.neighbors is not None and self.context.world_size > 1:
-            raise ConfigError(
-                "graph.neighbors is not supported with several processes yet; train in one "
-                "process, or drop graph.neighbors to use the complete batch graph"
-            )
         broadcast_parameters(model, self.group)
 
         cfg, options = self.config, adamw_options(model.device)
@@ -188,7 +181,9 @@ class AlternatingTrainer:
                 "prepare needs the batch's embeddings to build the sparse graph of graph.neighbors"
             )
         else:
-            shard = sparse_shard(layout, knn_pairs(embeddings, labels, neighbors))
+            # Rank 0's pairs: every process must split the same graph.
+            pairs = broadcast_tensor(knn_pairs(embeddings, labels, neighbors), self.group)
+            shard = sparse_shard(layout, pairs, self.context.rank, self.context.world_size)
         return labels, layout, shard
 
     def training_step(self, images: Tensor, labels: Tensor) -> dict[str, float]:

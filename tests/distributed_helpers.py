@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from gca_pyg.distributed import Context
+from gca_pyg.graph import GraphConfig
 from gca_pyg.model import GCAHNG, LossConfig, NetConfig
 from gca_pyg.trainer import AlternatingTrainer, OptimConfig
 
@@ -22,7 +23,7 @@ class Features(torch.nn.Linear):
         self.out_features = 24
 
 
-def build(context: Context) -> AlternatingTrainer:
+def build(context: Context, neighbors=None) -> AlternatingTrainer:
     torch.manual_seed(0)
     model = GCAHNG(
         Features(),
@@ -30,6 +31,7 @@ def build(context: Context) -> AlternatingTrainer:
         16,
         net=NetConfig(num_layers=2, heads=2, dropout=0.0),
         loss=LossConfig(),
+        graph=GraphConfig(neighbors=neighbors),
     )
     trainer = AlternatingTrainer(
         model, OptimConfig(warmup_epochs=0, metric_lr=1e-3, net_lr=1e-3), context=context, seed=0
@@ -48,11 +50,12 @@ def global_batch(step: int):
     return inputs.to(torch.get_default_dtype()), labels
 
 
-def train(context: Context):
+def train(context: Context, neighbors=None):
     """STEPS training steps; this process's share of every batch is its contiguous block of
     classes (uneven: CLASSES is odd). Returns the final parameters/buffers, the losses and the
-    stored edge counts."""
-    trainer = build(context)
+    stored edge counts (of the graph of the batch after each step); `neighbors` is
+    ``graph.neighbors``."""
+    trainer = build(context, neighbors)
     first = context.rank * CLASSES // context.world_size
     last = (context.rank + 1) * CLASSES // context.world_size
     rows = slice(first * SAMPLES, last * SAMPLES)
@@ -60,12 +63,14 @@ def train(context: Context):
     for step in range(STEPS):
         inputs, labels = global_batch(step)
         losses.append(trainer.training_step(inputs[rows], labels[rows]))
-        edges.append(trainer.prepare(labels[rows].to(trainer.model.device))[2].num_edges)
+        with torch.no_grad():
+            embeddings = trainer.model(inputs[rows], group=context.group)
+        edges.append(trainer.prepare(labels[rows], embeddings)[2].num_edges)
     state = {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
     return {"state": state, "losses": losses, "edges": edges}
 
 
-def worker(rank: int, world_size: int, folder: str):
+def worker(rank: int, world_size: int, folder: str, neighbors=None):
     """Entry point of a spawned process: gloo group through a file, float64, one thread."""
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -77,7 +82,7 @@ def worker(rank: int, world_size: int, folder: str):
     )
     try:
         context = Context(rank=rank, world_size=world_size, group=dist.group.WORLD)
-        torch.save(train(context), os.path.join(folder, f"rank{rank}.pt"))
+        torch.save(train(context, neighbors), os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """Several processes train on one batch graph exactly as one process does (gloo, 2 CPUs)."""
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -8,14 +9,15 @@ from gca_pyg.distributed import Context
 import distributed_helpers as helpers
 
 
-def test_two_processes_train_like_one_on_the_global_batch(tmp_path):
-    mp.spawn(helpers.worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("neighbors", [None, 3], ids=["complete", "sparse"])
+def test_two_processes_train_like_one_on_the_global_batch(tmp_path, neighbors):
+    mp.spawn(helpers.worker, args=(2, str(tmp_path), neighbors), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        single = helpers.train(Context())
+        single = helpers.train(Context(), neighbors)
     finally:
         torch.set_default_dtype(default)
 
@@ -28,11 +30,16 @@ def test_two_processes_train_like_one_on_the_global_batch(tmp_path):
         assert step_single.keys() == step_ranks.keys()
         for name, value in step_single.items():
             assert abs(step_ranks[name] - value) <= 1e-7 * max(1.0, abs(value)), name
-    # The edge work is split: each process stores about half of the pairs, all of them together.
+    # The edge work is split: each process stores about half of the pairs, all of them together
+    # (a sparse graph's class-pair blocks differ in size: a looser half).
+    share = 0.1 if neighbors is None else 0.25
     for step in range(helpers.STEPS):
         counts = [ranks[rank]["edges"][step] for rank in range(2)]
         assert sum(counts) == single["edges"][step]
         assert all(
-            abs(count - single["edges"][step] / 2) <= 0.1 * single["edges"][step]
+            abs(count - single["edges"][step] / 2) <= share * single["edges"][step]
             for count in counts
         )
+    if neighbors is not None:  # truly sparse: fewer pairs than the complete graph's
+        nodes = helpers.CLASSES * helpers.SAMPLES
+        assert max(single["edges"]) < nodes * (nodes + 1) // 2

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from gca_pyg.config import load_config
-from gca_pyg.distributed import Context
 from gca_pyg.errors import ConfigError, NonFiniteLossError
 from gca_pyg.generator import synthesize_groups, synthesize_negatives
 from gca_pyg.graph import (
@@ -120,6 +119,32 @@ def test_groups_of_a_sparse_graph_are_the_classes_each_anchor_is_joined_to():
     own = shard.target_class == layout.class_index[shard.anchor]
     assert int(own.sum()) == 18 and bool(shard.mask[own].all())
     assert int(shard.mask.sum()) == 2 * pairs.size(1) - 18  # every stored direction once
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_processes_split_a_sparse_graph_into_whole_blocks_and_groups(world_size):
+    z, y = shuffled_batch(7, 3, seed=3)
+    layout = class_layout(y)
+    pairs = knn_pairs(z, y, 4)
+    whole = sparse_shard(layout, pairs)
+    shards = [sparse_shard(layout, pairs, rank, world_size) for rank in range(world_size)]
+    # Every pair on exactly one process, in order; sizes about equal.
+    assert torch.equal(torch.cat([s.edge_index for s in shards], dim=1), pairs)
+    sizes = [s.num_edges for s in shards]
+    assert max(sizes) - min(sizes) <= 0.5 * pairs.size(1) / world_size
+    # Every group whole on one process: the same members joined, through the same pairs.
+    groups = {}
+    for shard in shards:
+        for g in range(shard.num_groups):
+            key = (int(shard.anchor[g]), int(shard.target_class[g]))
+            assert key not in groups, "a group on two processes"
+            members = shard.edge_index[:, shard.edges[g][shard.mask[g]]]
+            groups[key] = (shard.mask[g], members)
+    assert len(groups) == whole.num_groups
+    for g in range(whole.num_groups):
+        mask, members = groups[(int(whole.anchor[g]), int(whole.target_class[g]))]
+        assert torch.equal(mask, whole.mask[g])
+        assert torch.equal(members, whole.edge_index[:, whole.edges[g][whole.mask[g]]])
 
 
 def test_synthesis_merges_only_the_joined_members_by_hand():
@@ -350,7 +375,8 @@ def test_bad_neighbours_are_clear_errors():
     trainer = make_trainer(2, dtype=torch.float32)
     with pytest.raises(ValueError, match="needs the batch's embeddings"):
         trainer.prepare(torch.arange(4).repeat_interleave(3))
-    with pytest.raises(
-        ConfigError, match="graph.neighbors is not supported with several processes yet"
-    ):
-        AlternatingTrainer(trainer.model, context=Context(world_size=2))
+    pairs = knn_pairs(torch.randn(6, 3), torch.arange(3).repeat(2), 2)
+    with pytest.raises(ValueError, match="block order of knn_pairs"):
+        sparse_shard(class_layout(torch.arange(3).repeat(2)), pairs.flip(1), 0, 2)
+    with pytest.raises(ValueError, match="rank must be in 0..1"):
+        sparse_shard(class_layout(torch.arange(3).repeat(2)), pairs, 2, 2)
