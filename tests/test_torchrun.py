@@ -145,3 +145,16 @@ def test_a_nan_stops_every_process_with_a_clear_error(tmp_path, env):
     assert not re.search(r"^\[rank\d\]: Traceback", result.stderr, flags=re.M)  # no worker crashed
     (run_dir,) = tmp_path.iterdir()
     assert not (run_dir / "last.pt").exists()  # nothing was saved after the NaN
+
+
+def test_two_processes_train_on_a_sparse_batch_graph(tmp_path, env):
+    result = torchrun(
+        ["demo", *settings(f"train.output_dir={tmp_path}", "graph.neighbors=16")], env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert steps_of(run_dir) == list(range(1, 11))
+    (record,) = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    losses = {name: value for name, value in record.items() if name.startswith("J_")}
+    assert {"J_syn", "J_gen", "J_div"} <= losses.keys()
+    assert all(value == value and abs(value) < 1e6 for value in losses.values()), losses
