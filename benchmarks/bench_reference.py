@@ -51,6 +51,7 @@ import torch
 from bench_step import FEATURES, TRAIN_CLASSES
 from bench_step import build as build_ours
 from common import (
+    add_malloc_argument,
     benchmark_parser,
     default_device,
     load_average,
@@ -480,14 +481,7 @@ def main():
     parser.add_argument(
         "--per-class", type=int, default=3, help="samples per class K; sizes are multiples of it"
     )
-    parser.add_argument(
-        "--malloc",
-        nargs="+",
-        default=["system", "retain"],
-        choices=["system", "retain"],
-        help="glibc malloc as it comes, or gca_pyg.runtime.retain_freed_memory() "
-        "as our training command sets it (both sides alike)",
-    )
+    add_malloc_argument(parser)
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))

@@ -28,6 +28,7 @@ import sys
 import torch
 from common import (
     MemoryGuard,
+    add_malloc_argument,
     benchmark_parser,
     default_device,
     matmul_ms,
@@ -137,14 +138,7 @@ def foreseen_edges(num_nodes: int, per_class: int, neighbors) -> int:
 
 def main():
     parser = benchmark_parser(__doc__.splitlines()[0], sizes=[81, 162], repeats=5)
-    parser.add_argument(
-        "--malloc",
-        nargs="+",
-        default=["system", "retain"],
-        choices=["system", "retain"],
-        help="glibc malloc as it comes, or gca_pyg.runtime.retain_freed_memory() "
-        "as the training command sets it",
-    )
+    add_malloc_argument(parser)
     parser.add_argument(
         "--per-class",
         type=int,

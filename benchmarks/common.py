@@ -229,6 +229,18 @@ def benchmark_parser(
     return parser
 
 
+def add_malloc_argument(parser: argparse.ArgumentParser):
+    """``--malloc system retain``: glibc malloc as it comes, or as the training command sets it."""
+    parser.add_argument(
+        "--malloc",
+        nargs="+",
+        default=["system", "retain"],
+        choices=["system", "retain"],
+        help="glibc malloc as it comes, or gca_pyg.runtime.retain_freed_memory() "
+        "as the training command sets it",
+    )
+
+
 def report_machine(device: torch.device) -> dict[str, float]:
     """Measures and prints the matmul peak per dtype; returns it in GFLOP/s.
 
