@@ -4,11 +4,11 @@ The backbone is replaced by random 2048-d pooled features (the embedding head BN
 stays), so the step costs what GCA-HNG adds on top of a CNN. N = 81 (27 × 3) and 162 (54 × 3),
 D = 512, fp32 and bf16 autocast; median ms/step, peak memory and the share of this machine's
 measured matmul peak, each row in a fresh process. "of peak" is the step's matmul FLOPs over its
-whole time; "matmuls of peak" the same FLOPs over the time spent inside the matmuls alone
-(torch.profiler), i.e. how well the products themselves run. ``--neighbors 32`` measures the
-sparse batch graph of ``graph.neighbors: 32`` (``dense`` is the complete graph); rows whose memory,
-foreseen from the rows measured before them (in proportion to their edge count), would not fit are
-skipped.
+whole time; "matmuls of peak" the same FLOPs over the time spent inside the matmuls alone (each
+timed where it is dispatched), i.e. how well the products themselves run. ``--neighbors 32``
+measures the sparse batch graph of ``graph.neighbors: 32`` (``dense`` is the complete graph); rows
+whose memory, foreseen from the rows measured before them (in proportion to their edge count),
+would not fit are skipped.
 
     python benchmarks/bench_step.py
     python benchmarks/bench_step.py --sizes 81 --profile     # where the time goes

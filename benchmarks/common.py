@@ -143,36 +143,55 @@ def measure_step(step: Callable[[], None], device: torch.device, repeats: int) -
     return {"ms": ms, "peak_mb": peak_mb, "gflop": counter.get_total_flops() / 1e9}
 
 
-MATMUL_OPS = frozenset(
-    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv"}
-)
+MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv")
 
 
-def matmul_ms(step: Callable[[], None], device: torch.device) -> float:
-    """Milliseconds that one call of `step` spends inside matrix products (torch.profiler).
+def matmul_ms(step: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
+    """Milliseconds that one call of `step` spends inside matrix products (median of `repeats`).
 
     With the GFLOP of :func:`measure_step` this gives the rate of the matmuls themselves, apart
-    from the elementwise work, casts and Python around them. Profiling adds a little overhead to
-    every operator, not to the time inside one.
+    from the elementwise work, casts and Python around them. On the CPU every matmul is timed
+    where it is dispatched (the other operators pass through untimed); on CUDA it is the kernel
+    time torch.profiler records under each matmul operator.
     """
+    if device.type == "cuda":
+        return _cuda_matmul_ms(step)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulTimer(TorchDispatchMode):
+        seconds = 0.0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in MATMUL_OPS:
+                return func(*args, **(kwargs or {}))
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            self.seconds += time.perf_counter() - start
+            return out
+
+    times = []
+    for _ in range(repeats):
+        with MatmulTimer() as timer:
+            step()
+        times.append(timer.seconds * 1e3)
+    return statistics.median(times)
+
+
+def _cuda_matmul_ms(step: Callable[[], None]) -> float:
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
-        synchronize(device)
-    events = prof.events()
-    if device.type == "cuda":  # the kernels each outermost matmul operator launched
-        total = sum(
+        torch.cuda.synchronize()
+    names = {f"aten::{name}" for name in MATMUL_OPS}
+    return (
+        sum(
             e.device_time_total
-            for e in events
-            if e.name in MATMUL_OPS and not (e.cpu_parent and e.cpu_parent.name in MATMUL_OPS)
+            for e in prof.events()
+            if e.name in names and not (e.cpu_parent and e.cpu_parent.name in names)
         )
-    else:
-        total = sum(e.self_cpu_time_total for e in events if e.name in MATMUL_OPS)
-    return total / 1e3
+        / 1e3
+    )
 
 
 def measure_in_child(script: str, config: dict, timeout: float = 3600) -> dict:
