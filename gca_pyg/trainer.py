@@ -87,7 +87,6 @@ class AlternatingTrainer:
         context: Where this process stands (:func:`gca_pyg.distributed.setup`); one process if
             omitted.
         seed: Seed of the merge coefficients of synthesis (the same on every process).
-
     """
 
     def __init__(
@@ -181,8 +180,13 @@ class AlternatingTrainer:
                 "prepare needs the batch's embeddings to build the sparse graph of graph.neighbors"
             )
         else:
-            # Rank 0's pairs: every process must split the same graph.
-            pairs = broadcast_tensor(knn_pairs(embeddings, labels, neighbors), self.group)
+            # Rank 0 searches, the others receive its pairs: every process splits the same graph.
+            pairs = (
+                knn_pairs(embeddings, labels, neighbors)
+                if self.context.rank == 0
+                else torch.empty(2, 0, dtype=torch.long, device=labels.device)
+            )
+            pairs = broadcast_tensor(pairs, self.group)
             shard = sparse_shard(layout, pairs, self.context.rank, self.context.world_size)
         return labels, layout, shard
 
