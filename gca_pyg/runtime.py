@@ -5,17 +5,20 @@ and returns freed memory to the system, so each training step page-faults its ac
 (zero-filled by the kernel): with GCA-HNG's O(N²·D) edge tensors that costs 10–35% of a step on
 the CPU (``benchmarks/bench_step.py`` measures both settings). Keeping freed memory for reuse
 removes
-it, at the price of a process that holds on to its peak memory.
+it, at the price of a process that holds on to its peak memory. When the blocks change size from
+step to step (a sparse batch graph's edge count varies), the kept memory fragments and grows;
+:class:`FreedMemoryLimit` hands it back to the system when it has grown too far.
 """
 
 import ctypes
 import os
 import sys
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
-__all__ = ["retain_freed_memory", "native_bf16"]
+__all__ = ["retain_freed_memory", "FreedMemoryLimit", "native_bf16"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -35,7 +38,53 @@ def retain_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    global _retaining
+    _retaining = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    return _retaining
+
+
+_retaining = False
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class FreedMemoryLimit:
+    """Keeps the memory that :func:`retain_freed_memory` holds within `ratio` × the process's
+    resident memory after its first step.
+
+    Call :meth:`check` after every training step. The first call takes the reference; a later one
+    that finds the process grown past `ratio` times it returns the freed memory to the system
+    (glibc's ``malloc_trim``, a fraction of a second; the next step page-faults it in again). If
+    live memory itself has grown past the limit, the reference moves up to it. Does nothing when
+    freed memory is not being retained.
+    """
+
+    def __init__(self, ratio: float = 1.25):
+        if ratio <= 1.0:
+            raise ValueError(f"FreedMemoryLimit needs a ratio above 1, got {ratio}")
+        self.ratio = ratio
+        self.reference: Optional[int] = None
+        self.releases = 0
+
+    def check(self) -> bool:
+        """Returns True if it handed freed memory back."""
+        if not _retaining:
+            return False
+        resident = _resident_bytes()
+        if self.reference is None:
+            self.reference = resident
+            return False
+        if resident <= self.ratio * self.reference:
+            return False
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.releases += 1
+        resident = _resident_bytes()
+        if resident > self.ratio * self.reference:  # live memory itself has grown
+            self.reference = resident
+        return True
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -54,7 +54,7 @@ from gca_pyg.pipeline import (
     resolve_device,
 )
 from gca_pyg.report import report_command
-from gca_pyg.runtime import retain_freed_memory
+from gca_pyg.runtime import FreedMemoryLimit, retain_freed_memory
 from gca_pyg.trainer import AlternatingTrainer
 
 #: Exit status of a run stopped by Ctrl-C after saving (128 + SIGINT, as shells report it).
@@ -114,6 +114,7 @@ class TrainingRun:
         self.trainer = AlternatingTrainer(
             self.model, config.optim, context=self.context, seed=config.train.seed
         )
+        self.memory_limit = FreedMemoryLimit()
         self.batch_in_epoch = 0
         self.best = {"recall@1": -1.0, "epoch": 0}
         self.last_metrics: Optional[dict[str, float]] = None
@@ -227,6 +228,7 @@ class TrainingRun:
                 else "no checkpoint was written yet"
             )
             raise NonFiniteLossError(f"{error}; stopped, {kept}") from None
+        self.memory_limit.check()
         if not self.is_main:
             return logs
         step = self._global_step() + 1

@@ -70,3 +70,53 @@ def test_opt_out_leaves_malloc_alone():
     assert report["applied"] is False
     assert report["mmapped"] >= 64 * MIB  # glibc's default: large blocks are mmapped
     assert report["heap_kept"] < 64 * MIB
+
+
+# Retains freed memory, takes the reference with a small heap, then frees a 256 MiB block that was
+# touched: the process keeps it resident until FreedMemoryLimit.check() hands it back.
+LIMIT_CHILD = r"""
+import ctypes, json
+from gca_pyg.runtime import FreedMemoryLimit, retain_freed_memory, _resident_bytes
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+retain_freed_memory()
+limit = FreedMemoryLimit(ratio=1.25)
+first = limit.check()
+size = 256 << 20
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+libc.free(block)
+kept = _resident_bytes()
+released = limit.check()
+print(json.dumps({"first": first, "released": released, "kept": kept,
+                  "after": _resident_bytes(), "again": limit.check()}))
+"""
+
+
+@glibc_only
+def test_freed_memory_is_handed_back_when_it_grows_past_the_limit():
+    root = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "GCA_PYG_MALLOC"}
+    done = subprocess.run(
+        [sys.executable, "-c", LIMIT_CHILD],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    report = json.loads(done.stdout)
+    assert report["first"] is False  # the first call only takes the reference
+    assert report["released"] is True
+    assert report["kept"] - report["after"] >= 200 * MIB  # the freed block left the process
+    assert report["again"] is False  # back under the limit: nothing more to do
+
+
+def test_a_limit_must_leave_room():
+    from gca_pyg.runtime import FreedMemoryLimit
+
+    with pytest.raises(ValueError, match="ratio above 1"):
+        FreedMemoryLimit(ratio=1.0)
