@@ -11,7 +11,7 @@ whose memory, foreseen from the rows measured before them (in proportion to thei
 would not fit are skipped.
 
     python benchmarks/bench_step.py
-    python benchmarks/bench_step.py --sizes 81 --profile     # where the time goes
+    python benchmarks/bench_step.py --sizes 81 --profile     # where the time goes: phases, operators
     python benchmarks/bench_step.py --per-class 4 --sizes 512 1024 --neighbors dense 32
 
 ``--backbone resnet50`` (224 px) or ``small_cnn`` (32 px) times the real step with images through
@@ -24,10 +24,13 @@ the share of the step spent in the backbone (the step minus the same step on poo
 import argparse
 import json
 import sys
+import time
 
 import torch
 from common import (
+    MATMUL_OPS,
     MemoryGuard,
+    OperatorTimer,
     add_malloc_argument,
     benchmark_parser,
     default_device,
@@ -106,17 +109,112 @@ def run_child(config):
     print(json.dumps({**result, "edges": shard.num_edges}))
 
 
-def profile(config, rows: int = 25):
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+def _timed_phases(trainer, totals: dict) -> list:
+    """Wraps the step's phases in wall-clock timers that add into `totals` (outermost phase only);
+    returns what to undo."""
+    import gca_pyg.model as model_module
 
+    targets = (
+        [
+            ("net forward", model_module.GCAHNG, "correlate"),
+            ("synthesis", model_module.GCAHNG, "_synthesize"),
+            ("backward", torch.Tensor, "backward"),
+            ("clipping", torch.nn.utils, "clip_grad_value_"),
+        ]
+        + [
+            ("optimizer", optimizer, "step")  # instances: torch wraps the class's step
+            for optimizer in (
+                trainer.metric_optimizer,
+                trainer.net_optimizer,
+                trainer.classifier_optimizer,
+            )
+        ]
+        + [
+            ("losses", model_module, name)
+            for name in (
+                "npair_loss",
+                "synthetic_npair_loss",
+                "synthetic_class_loss",
+                "similarity_loss",
+                "diversity_loss",
+            )
+        ]
+    )
+    active = []
+
+    def timed(label, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            active.append(label)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                active.pop()
+                if not active:
+                    totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    undo = []
+    for label, owner, name in targets:
+        original = getattr(owner, name)
+        undo.append((owner, name, original))
+        setattr(owner, name, timed(label, original))
+    return undo
+
+
+def profile(config, rows: int = 25):
+    """Where one step's time goes: its phases (wall clock) and its slowest operators.
+
+    On the CPU the operators are timed where they are dispatched (``common.OperatorTimer``):
+    torch.profiler's own per-operator work inflated elementwise operators several times over at
+    2 threads here. On CUDA, torch.profiler's table.
+    """
     retain_freed_memory()
     trainer, features, labels, device = build(config)
-    trainer.training_step(features, labels)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
+    for _ in range(2):
         trainer.training_step(features, labels)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            trainer.training_step(features, labels)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows))
+        return
+
+    totals, repeats = {}, 3
+    undo = _timed_phases(trainer, totals)
+    try:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            trainer.training_step(features, labels)
+        step_ms = (time.perf_counter() - start) / repeats * 1e3
+    finally:
+        for owner, name, original in undo:
+            setattr(owner, name, original)
+    phases = sorted(totals.items(), key=lambda item: -item[1])
+    table = [[label, f"{seconds / repeats * 1e3:.1f}"] for label, seconds in phases]
+    table.append(["rest", f"{step_ms - sum(totals.values()) / repeats * 1e3:.1f}"])
+    print(f"one step: {step_ms:.0f} ms (mean of {repeats})")
+    print_table(["phase", "ms"], table)
+
+    with OperatorTimer() as timer:
+        trainer.training_step(features, labels)
+    matmuls = sum(t for (name, _), (_, t) in timer.calls.items() if name in MATMUL_OPS)
+    print(
+        f"\noperators: {sum(n for n, _ in timer.calls.values())} calls, "
+        f"{timer.seconds * 1e3:.0f} ms inside them, {matmuls * 1e3:.0f} ms of it in matmuls "
+        "(the timer's own Python adds to the step, not to these)"
+    )
+    slowest = sorted(timer.calls.items(), key=lambda item: -item[1][1])[:rows]
+    print_table(
+        ["operator", "first input", "calls", "ms"],
+        [
+            [name, shape, calls, f"{seconds * 1e3:.1f}"]
+            for (name, shape), (calls, seconds) in slowest
+        ],
+    )
 
 
 def neighbors_choice(text: str):

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def default_device() -> torch.device:
@@ -146,32 +147,51 @@ def measure_step(step: Callable[[], None], device: torch.device, repeats: int) -
 MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv")
 
 
+class OperatorTimer(TorchDispatchMode):
+    """Wall time of every ATen operator run under it, by (operator, first input's shape and
+    dtype), timed where it is dispatched (CPU only: CUDA operators return before they finish).
+
+    Unlike torch.profiler it adds nothing inside an operator, whose own time it measures; only
+    the Python between operators grows. ``only`` restricts the timing to some operator names.
+    """
+
+    def __init__(self, only: Optional[Sequence[str]] = None):
+        super().__init__()
+        self.only = None if only is None else frozenset(only)
+        self.calls: dict[tuple[str, str], list] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if self.only is not None and name not in self.only:
+            return func(*args, **(kwargs or {}))
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        seconds = time.perf_counter() - start
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        shape = "" if first is None else f"{list(first.shape)} {str(first.dtype)[6:]}"
+        entry = self.calls.setdefault((name, shape), [0, 0.0])
+        entry[0] += 1
+        entry[1] += seconds
+        return out
+
+    @property
+    def seconds(self) -> float:
+        return sum(seconds for _, seconds in self.calls.values())
+
+
 def matmul_ms(step: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
     """Milliseconds that one call of `step` spends inside matrix products (median of `repeats`).
 
     With the GFLOP of :func:`measure_step` this gives the rate of the matmuls themselves, apart
     from the elementwise work, casts and Python around them. On the CPU every matmul is timed
-    where it is dispatched (the other operators pass through untimed); on CUDA it is the kernel
-    time torch.profiler records under each matmul operator.
+    where it is dispatched (:class:`OperatorTimer`); on CUDA it is the kernel time torch.profiler
+    records under each matmul operator.
     """
     if device.type == "cuda":
         return _cuda_matmul_ms(step)
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class MatmulTimer(TorchDispatchMode):
-        seconds = 0.0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ not in MATMUL_OPS:
-                return func(*args, **(kwargs or {}))
-            start = time.perf_counter()
-            out = func(*args, **(kwargs or {}))
-            self.seconds += time.perf_counter() - start
-            return out
-
     times = []
     for _ in range(repeats):
-        with MatmulTimer() as timer:
+        with OperatorTimer(only=MATMUL_OPS) as timer:
             step()
         times.append(timer.seconds * 1e3)
     return statistics.median(times)

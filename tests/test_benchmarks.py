@@ -1,0 +1,42 @@
+"""The step benchmark runs end to end at a toy size and prints what its docstring promises."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_step(*args):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_table_reports_time_inside_matmuls():
+    out = bench_step("--sizes", "12", "--dim", "32", "--dtypes", "fp32", "--malloc", "retain")
+    header, _, row = out.splitlines()[-3:]
+    assert "in matmuls ms" in header and "matmuls of peak" in header
+    cells = [cell.strip() for cell in row.split("|")]
+    step_ms, matmul = float(cells[6]), float(cells[-2])
+    assert 0 < matmul < step_ms  # the matmuls are part of the step, not all of it
+
+
+def test_the_profile_splits_the_step_into_phases_and_operators():
+    out = bench_step("--sizes", "12", "--dim", "32", "--dtypes", "fp32", "--profile")
+    phases = {
+        line.split("|")[0].strip()
+        for line in out.splitlines()
+        if "|" in line and not line.startswith("-")
+    }
+    assert {"backward", "net forward", "synthesis", "optimizer", "clipping", "losses"} <= phases
+    assert "ms of it in matmuls" in out
+    assert "addmm" in out or "mm" in out
