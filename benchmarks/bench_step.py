@@ -11,7 +11,7 @@ whose memory, foreseen from the rows measured before them (in proportion to thei
 would not fit are skipped.
 
     python benchmarks/bench_step.py
-    python benchmarks/bench_step.py --sizes 81 --profile     # where the time goes: phases, operators
+    python benchmarks/bench_step.py --sizes 81 --profile   # where the time goes: phases, operators
     python benchmarks/bench_step.py --per-class 4 --sizes 512 1024 --neighbors dense 32
 
 ``--backbone resnet50`` (224 px) or ``small_cnn`` (32 px) times the real step with images through
