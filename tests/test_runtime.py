@@ -36,13 +36,13 @@ print(json.dumps({"applied": applied, "mmapped": during.hblkhd - before.hblkhd,
 MIB = 1 << 20
 
 
-def run_child(malloc_setting):
+def run_child(malloc_setting, script=CHILD):
     env = {key: value for key, value in os.environ.items() if key != "GCA_PYG_MALLOC"}
     if malloc_setting is not None:
         env["GCA_PYG_MALLOC"] = malloc_setting
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, "-c", CHILD],
+        [sys.executable, "-c", script],
         cwd=root,
         env=env,
         capture_output=True,
@@ -97,18 +97,7 @@ print(json.dumps({"first": first, "released": released, "kept": kept,
 
 @glibc_only
 def test_freed_memory_is_handed_back_when_it_grows_past_the_limit():
-    root = Path(__file__).resolve().parents[1]
-    env = {key: value for key, value in os.environ.items() if key != "GCA_PYG_MALLOC"}
-    done = subprocess.run(
-        [sys.executable, "-c", LIMIT_CHILD],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    report = json.loads(done.stdout)
+    report = run_child(None, LIMIT_CHILD)
     assert report["first"] is False  # the first call only takes the reference
     assert report["released"] is True
     assert report["kept"] - report["after"] >= 200 * MIB  # the freed block left the process
