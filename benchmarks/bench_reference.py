@@ -368,8 +368,6 @@ def build_reference(config):
 
 
 def build_our_step(config):
-    if config["malloc"] == "retain":
-        retain_freed_memory()
     trainer, _, _, device = build_ours(config)
     features, labels = shared_batch(config["num_nodes"], config.get("per_class", 3), device)
 
