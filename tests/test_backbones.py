@@ -117,7 +117,8 @@ def test_small_cnn_trains_on_a_demo_batch():
     [
         (
             {"name": "resnet18"},
-            "unknown backbone 'resnet18'; choose one of resnet50, googlenet, small_cnn",
+            r"unknown backbone 'resnet18' \(model.backbone\); choose one of resnet50, googlenet, "
+            "small_cnn, dino_vits16, dinov2_vits14, or timm:<model name>",
         ),
         ({"name": "resnet50", "pretrained": "imagenet21k"}, "choose one of imagenet, none"),
         ({"name": "resnet50", "pretrained": True}, "choose one of imagenet, none"),
