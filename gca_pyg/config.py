@@ -16,12 +16,19 @@ from typing import Any, Optional
 
 import yaml
 
-from gca_pyg.backbones import BACKBONE_NAMES, PRETRAINED_CHOICES
+from gca_pyg.backbones import (
+    BACKBONE_NAMES,
+    POOLING_CHOICES,
+    PRETRAINED_CHOICES,
+    TIMM_PREFIX,
+    is_backbone_name,
+    timm_model_name,
+)
 from gca_pyg.data import CLASS_SAMPLING, DATASETS
 from gca_pyg.errors import ConfigError
 from gca_pyg.graph import GraphConfig
 from gca_pyg.model import LossConfig, NetConfig
-from gca_pyg.trainer import OptimConfig
+from gca_pyg.trainer import LR_POLICIES, OptimConfig
 
 __all__ = [
     "Config",
@@ -34,7 +41,12 @@ __all__ = [
     "apply_overrides",
     "config_dirs",
     "available_configs",
+    "HEAD_INITS",
 ]
+
+#: Initialisations of the embedding head's Linear (``model.head_init``): torch's default, or an
+#: orthogonal weight and a zero bias (the authors' DINO models).
+HEAD_INITS = ("default", "orthogonal")
 
 
 @dataclass
@@ -48,6 +60,8 @@ class DataConfig:
     num_workers: int = 4
     # balanced: each sample about once an epoch | uniform: C classes drawn uniformly for each batch
     class_sampling: str = "balanced"
+    # Range of the area of a training crop, as a fraction of the image (RandomResizedCrop's scale)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
 
 
 @dataclass
@@ -56,6 +70,13 @@ class ModelConfig:
     pretrained: str = "imagenet"  # imagenet | none
     frozen_bn: bool = True  # BatchNorm2d running statistics frozen, gamma/beta train (CUB/Cars)
     embedding_size: int = 512
+    # auto (ResNet-50 avg+max, GoogLeNet avg, timm models timm's) | avgmax | avg (the CNNs)
+    pooling: str = "auto"
+    normalize: bool = False  # L2-normalise the embeddings in training too (always for retrieval)
+    head_init: str = "default"  # default | orthogonal (weight; zero bias) of the embedding Linear
+    # A checkpoint to start from (python -m gca_pyg.train or gca_pyg.convert): every weight is
+    # loaded from it; the classifiers start afresh if its number of classes differs
+    init: Optional[str] = None
 
 
 @dataclass
@@ -270,8 +291,10 @@ def _check_values(config: Config, source: str):
     choices = {
         "data.dataset": (config.data.dataset, tuple(DATASETS)),
         "data.class_sampling": (config.data.class_sampling, CLASS_SAMPLING),
-        "model.backbone": (config.model.backbone, BACKBONE_NAMES),
         "model.pretrained": (config.model.pretrained, PRETRAINED_CHOICES),
+        "model.pooling": (config.model.pooling, POOLING_CHOICES),
+        "model.head_init": (config.model.head_init, HEAD_INITS),
+        "optim.lr_policy": (config.optim.lr_policy, LR_POLICIES),
         "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
         "train.memory_format": (
             config.train.memory_format,
@@ -282,6 +305,28 @@ def _check_values(config: Config, source: str):
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"'{key}' in {source} is '{value}'; valid values: {', '.join(valid)}")
+    model = config.model
+    if not is_backbone_name(model.backbone):
+        raise ConfigError(
+            f"'model.backbone' in {source} is '{model.backbone}'; valid values: "
+            f"{', '.join(BACKBONE_NAMES)}, {TIMM_PREFIX}<timm model name>"
+        )
+    if model.pooling != "auto" and timm_model_name(model.backbone) is not None:
+        raise ConfigError(
+            f"'model.pooling' in {source} is '{model.pooling}' but backbone {model.backbone} is a "
+            "timm model, pooled as timm pools it; set it to auto"
+        )
+    scale = config.data.crop_scale
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(
+            f"'data.crop_scale' in {source} must be [min, max] with 0 < min <= max <= 1 (the "
+            f"area of a training crop as a fraction of the image), got {scale}"
+        )
+    if config.optim.grad_clip is not None and config.optim.grad_clip <= 0:
+        raise ConfigError(
+            f"'optim.grad_clip' in {source} must be positive (clip gradients by value) or null "
+            f"(no clipping), got {config.optim.grad_clip}"
+        )
     device = config.train.device
     if not (
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())

@@ -61,14 +61,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         source=f"the checkpoint {args.checkpoint}",
     )
     device = resolve_device(config.train.device)
-    model = build_model(config, len(state["classes"]), device, pretrained="none")
+    model = build_model(config, len(state["classes"]), device, load_weights=False)
     model.load_state_dict(state["model"])
     test_data = build_test_data(config)
     embedded = embed_test_data(model, test_data, config)
     metrics = test_metrics(embedded, config.eval.ks)
-    epoch = state["training"]["epoch"]
+    origin = state.get("converted_from")  # python -m gca_pyg.convert
+    when = f"converted from {origin}" if origin else f"after epoch {state['training']['epoch']}"
     print(
-        f"{config.name}, checkpoint {args.checkpoint} (after epoch {epoch}): retrieval on "
+        f"{config.name}, checkpoint {args.checkpoint} ({when}): retrieval on "
         f"{test_data.describe()} (%)"
     )
     print(format_metrics({"value": metrics}))

@@ -22,7 +22,7 @@ from gca_pyg.losses import (
     synthetic_class_loss,
     synthetic_npair_loss,
 )
-from gca_pyg.nn import CorrelationNet
+from gca_pyg.nn import CorrelationNet, L2Normalize
 from gca_pyg.utils import gather_rows
 
 
@@ -77,6 +77,9 @@ class GCAHNG(torch.nn.Module):
         amp_dtype: Autocast dtype of the forward passes (e.g. ``torch.bfloat16``), or None for fp32.
         channels_last: Run the backbone in ``torch.channels_last`` memory format (its weights and
             the images), which oneDNN and cuDNN convolutions often run faster.
+        normalize: L2-normalise the embeddings the head returns, in training too (an
+            :class:`~gca_pyg.nn.L2Normalize` after its Linear; the reference's ``MODEL.NORM``).
+            Retrieval normalises them either way.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class GCAHNG(torch.nn.Module):
         graph: Optional[GraphConfig] = None,
         amp_dtype: Optional[torch.dtype] = None,
         channels_last: bool = False,
+        normalize: bool = False,
     ):
         super().__init__()
         self.channels_last = channels_last
@@ -101,7 +105,9 @@ class GCAHNG(torch.nn.Module):
             backbone.to(memory_format=torch.channels_last) if channels_last else backbone
         )
         self.embedding = Sequential(
-            BatchNorm1d(backbone.out_features), Linear(backbone.out_features, embedding_size)
+            BatchNorm1d(backbone.out_features),
+            Linear(backbone.out_features, embedding_size),
+            *([L2Normalize()] if normalize else []),
         )
         self.net = CorrelationNet(
             embedding_size,

@@ -143,7 +143,10 @@ def _transforms(config: Config):
     data = config.data
     if data.dataset == "demo":
         return demo_train_transform(size=data.image_size), demo_test_transform()
-    return train_transform(data.image_size), test_transform(data.resize, data.image_size)
+    return (
+        train_transform(data.image_size, scale=tuple(data.crop_scale)),
+        test_transform(data.resize, data.image_size),
+    )
 
 
 def build_train_dataset(config: Config) -> RetrievalDataset:
@@ -180,25 +183,42 @@ def build_test_data(config: Config) -> TestData:
 
 
 def build_model(
-    config: Config, num_classes: int, device: torch.device, pretrained: Optional[str] = None
+    config: Config, num_classes: int, device: torch.device, *, load_weights: bool = True
 ) -> GCAHNG:
-    """The GCA-HNG model of `config` on `device`; `pretrained` overrides ``model.pretrained``
-    (evaluation loads every weight from a checkpoint, so it asks for ``none``)."""
+    """The GCA-HNG model of `config` on `device`.
+
+    With `load_weights`, the backbone's pretrained weights (``model.pretrained``) are loaded, or,
+    with ``model.init``, every weight of that checkpoint
+    (:func:`gca_pyg.convert.load_initial_weights`). Evaluation and a resumed run load every weight
+    from their checkpoint and pass ``False``: the same network, nothing read or downloaded."""
+    model_config = config.model
     backbone = build_backbone(
-        config.model.backbone,
-        pretrained=pretrained or config.model.pretrained,
-        frozen_bn=config.model.frozen_bn,
+        model_config.backbone,
+        pretrained=model_config.pretrained,
+        frozen_bn=model_config.frozen_bn,
+        pooling=model_config.pooling,
+        image_size=config.data.image_size,
+        load_weights=load_weights and model_config.init is None,
     )
     model = GCAHNG(
         backbone,
         num_classes,
-        config.model.embedding_size,
+        model_config.embedding_size,
         net=config.net,
         loss=config.loss,
         graph=config.graph,
         amp_dtype=check_precision(config, device),
         channels_last=use_channels_last(config, device),
+        normalize=model_config.normalize,
     )
+    if model_config.head_init == "orthogonal":
+        head = model.embedding[1]
+        torch.nn.init.orthogonal_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    if load_weights and model_config.init is not None:
+        from gca_pyg.convert import load_initial_weights  # it builds models with this function
+
+        load_initial_weights(model, model_config.init, config)
     return model.to(device)
 
 

@@ -448,7 +448,7 @@ def write_report(
     thumbnail_dir.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(config.train.device)
-    model = build_model(config, len(state["classes"]), device, pretrained="none")
+    model = build_model(config, len(state["classes"]), device, load_weights=False)
     model.load_state_dict(state["model"])
     test_data = build_test_data(config)
     embedded = embed_test_data(model, test_data, config)

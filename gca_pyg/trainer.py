@@ -32,10 +32,22 @@ from gca_pyg.graph import EdgeShard, knn_pairs, shard_pairs, sparse_shard
 from gca_pyg.layout import ClassLayout, class_layout
 from gca_pyg.model import GCAHNG
 
-__all__ = ["OptimConfig", "AlternatingTrainer", "adamw_options", "INITIAL_MEAN_LOSS"]
+__all__ = [
+    "OptimConfig",
+    "AlternatingTrainer",
+    "adamw_options",
+    "metric_lr_scheduler",
+    "INITIAL_MEAN_LOSS",
+    "LR_POLICIES",
+]
 
 #: J̄_m and J̄_gen before the first epoch has ended: hardness ≈ 1 and J_syn's weight ≈ 0.
 INITIAL_MEAN_LOSS = 1e6
+
+#: Schedules of the metric learning rates (``optim.lr_policy``), named as in the authors' code.
+LR_POLICIES = ("step", "cos", "exp", "none")
+#: The factor per epoch of ``lr_policy: exp``, fixed in the authors' train.py.
+EXP_LR_GAMMA = 0.9
 
 
 @dataclass
@@ -53,7 +65,40 @@ class OptimConfig:
     metric_lr_step: int = 10  # StepLR period in epochs of the metric lr
     metric_lr_gamma: float = 0.5
     warmup_epochs: int = 2  # backbone frozen for the first epochs
-    grad_clip: float = 10.0  # clip gradients by value, backbone and net
+    grad_clip: Optional[float] = 10.0  # clip gradients by value, backbone and net; null: no clip
+    # Metric lr schedule: step (x metric_lr_gamma every metric_lr_step epochs) | cos (cosine of
+    # period metric_lr_step epochs) | exp (x 0.9 every epoch) | none (constant)
+    lr_policy: str = "step"
+
+
+def metric_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: OptimConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    r"""The schedule of the metric learning rates (backbone and embedding head), stepped once per
+    epoch, as the authors' train.py builds it from ``SOLVER.LR_POLICY``. After epoch :math:`t`:
+
+    - ``step``: :math:`\eta_0\,\gamma^{\lfloor t / s \rfloor}`, :math:`\gamma` =
+      ``metric_lr_gamma``, :math:`s` = ``metric_lr_step``;
+    - ``cos``: torch's :class:`~torch.optim.lr_scheduler.CosineAnnealingLR` with period
+      :math:`T` = ``metric_lr_step`` epochs (not the whole run), minimum 0:
+      :math:`\tfrac12 \eta_0 (1 + \cos(\pi t / T))` for :math:`t \le T`; it rises again after;
+    - ``exp``: :math:`\eta_0 \cdot 0.9^t` (the reference's fixed factor, not
+      ``metric_lr_gamma``);
+    - ``none``: :math:`\eta_0`.
+    """
+    policy = config.lr_policy
+    schedulers = torch.optim.lr_scheduler
+    if policy == "step":
+        return schedulers.StepLR(
+            optimizer, step_size=config.metric_lr_step, gamma=config.metric_lr_gamma
+        )
+    if policy == "cos":
+        return schedulers.CosineAnnealingLR(optimizer, T_max=config.metric_lr_step, eta_min=0.0)
+    if policy == "exp":
+        return schedulers.ExponentialLR(optimizer, gamma=EXP_LR_GAMMA)
+    if policy == "none":
+        return schedulers.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    raise ValueError(f"optim.lr_policy is {policy!r}; choose one of {', '.join(LR_POLICIES)}")
 
 
 def adamw_options(device: torch.device) -> dict[str, bool]:
@@ -78,8 +123,8 @@ class AlternatingTrainer:
     averaged over the processes before clipping, so every process applies the same update; a
     backbone's BatchNorm layers that train take their batch statistics from this process's images
     (the CPU has no SyncBatchNorm) and their running statistics are averaged after every step.
-    :meth:`end_epoch` rolls the running means and steps the schedules (StepLR on the metric
-    learning rates, cosine on the net's).
+    :meth:`end_epoch` rolls the running means and steps the schedules (``optim.lr_policy`` on the
+    metric learning rates, :func:`metric_lr_scheduler`; cosine over all epochs on the net's).
 
     Args:
         model: The networks.
@@ -124,9 +169,7 @@ class AlternatingTrainer:
             weight_decay=cfg.classifier_weight_decay,
             **options,
         )
-        self.metric_scheduler = torch.optim.lr_scheduler.StepLR(
-            self.metric_optimizer, step_size=cfg.metric_lr_step, gamma=cfg.metric_lr_gamma
-        )
+        self.metric_scheduler = metric_lr_scheduler(self.metric_optimizer, cfg)
         self.net_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.net_optimizer, T_max=cfg.epochs
         )
@@ -281,7 +324,8 @@ class AlternatingTrainer:
         ]
         average_gradients(parameters, self.group)
         clipped = [p for module in clip for p in module.parameters() if p.grad is not None]
-        if clipped:  # empty while the backbone is frozen and nothing else is clipped
+        # empty while the backbone is frozen and nothing else is clipped
+        if clipped and self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(clipped, self.config.grad_clip)
         for optimizer in optimizers:
             optimizer.step()

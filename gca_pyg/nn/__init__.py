@@ -2,6 +2,12 @@
 
 from gca_pyg.nn.correlation_net import CorrelationNet
 from gca_pyg.nn.edge_node_conv import EdgeNodeConv, softmax_with_sink
-from gca_pyg.nn.norm import WeightedBatchNorm1d
+from gca_pyg.nn.norm import L2Normalize, WeightedBatchNorm1d
 
-__all__ = ["EdgeNodeConv", "CorrelationNet", "WeightedBatchNorm1d", "softmax_with_sink"]
+__all__ = [
+    "EdgeNodeConv",
+    "CorrelationNet",
+    "WeightedBatchNorm1d",
+    "L2Normalize",
+    "softmax_with_sink",
+]

@@ -73,3 +73,25 @@ class WeightedBatchNorm1d(BatchNorm1d):
         unbiased_var = var * count / (count - 1).clamp_min(1)
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)
+
+
+class L2Normalize(torch.nn.Module):
+    r"""Scales every row to unit Euclidean norm,
+
+    .. math::
+        \mathbf{z}_i \leftarrow \frac{\mathbf{z}_i}{\max(\lVert \mathbf{z}_i \rVert, \epsilon)}.
+
+    Args:
+        eps (float, optional): Smallest norm divided by. (default: :obj:`1e-12`)
+
+    Shapes:
+        - **input:** :math:`(N, F)`
+        - **output:** :math:`(N, F)`
+    """
+
+    def __init__(self, eps: float = 1e-12):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.normalize(input, p=2.0, dim=-1, eps=self.eps)
