@@ -103,7 +103,9 @@ class TrainingRun:
             num_replicas=self.context.world_size,
             rank=self.context.rank,
         )
-        self.model = build_model(config, self.train_data.num_classes, self.device)
+        self.model = build_model(
+            config, self.train_data.num_classes, self.device, load_weights=resume_state is None
+        )
         if (
             self.context.world_size > 1
             and self.device.type == "cuda"
@@ -445,6 +447,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.resume:
             state = load_checkpoint(args.resume)
+            if "converted_from" in state:  # python -m gca_pyg.convert: weights, no training state
+                raise ConfigError(
+                    f"{args.resume} is a converted checkpoint, not a run to resume; start from it "
+                    f"with: python -m gca_pyg.train CONFIG --set model.init={args.resume}"
+                )
             # --set / --data-root still apply, e.g. optim.epochs=200 to train longer.
             config = Config.from_dict(
                 apply_overrides(state["config"], args.overrides, args.data_root),
