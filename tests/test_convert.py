@@ -330,3 +330,44 @@ def test_model_init_of_another_network_is_one_line_naming_the_key(converted, the
     model = build_model(demo, 5, CPU, load_weights=False)
     with pytest.raises(ReferenceFormatError, match=r"ResNet-50 .*model.backbone is small_cnn"):
         load_initial_weights(model, their_files["resnet50"], demo)
+
+
+def test_the_train_command_starts_from_model_init(tmp_path, capsys):
+    """A run with model.init starts from that checkpoint's weights (trained with another seed):
+    with every learning rate 0, its parameters end as they began."""
+    root = make_folder(tmp_path / "images", per_class=4)
+    settings = [
+        "data.classes_per_batch=2",
+        "data.samples_per_class=2",
+        "data.image_size=8",
+        "data.resize=8",
+        "data.num_workers=0",
+        "model.backbone=small_cnn",
+        "model.pretrained=none",
+        "model.embedding_size=16",
+        "net.heads=2",
+        "net.num_layers=1",
+        "optim.epochs=1",
+        "optim.warmup_epochs=0",
+        "train.device=cpu",
+    ]
+
+    def train(output, *extra):
+        args = [a for s in [*settings, f"train.output_dir={output}", *extra] for a in ("--set", s)]
+        assert train_cli.main(["folder", "--data-root", str(root), *args]) == 0
+        (run_dir,) = list(output.iterdir())
+        return load_checkpoint(run_dir / "last.pt")
+
+    first = train(tmp_path / "first", "train.seed=1")
+    frozen = ["optim.metric_lr=0", "optim.net_lr=0", "optim.classifier_lr=0"]
+    init = next((tmp_path / "first").iterdir()) / "last.pt"
+    second = train(tmp_path / "second", f"model.init={init}", *frozen)
+    capsys.readouterr()
+
+    parameters = [
+        name
+        for name, value in first["model"].items()
+        if value.is_floating_point() and "running_" not in name
+    ]
+    assert all(torch.equal(second["model"][name], first["model"][name]) for name in parameters)
+    assert second["config"]["model"]["init"] == str(init)
