@@ -284,6 +284,23 @@ def shared_batch(num_nodes: int, per_class: int, device):
     return features.to(device), classes.repeat_interleave(per_class).to(device)
 
 
+def their_gca_hng(models, cfg, n_class: int):
+    """Their ``GCA_HNG`` from their config `cfg`, with the arguments their train.py passes."""
+    return models.GCA_HNG(
+        cfg,
+        embedding_size=cfg.MODEL.EMBEDDING_SIZE,
+        n_class=n_class,
+        pretrained=cfg.MODEL.PRETRAINED,
+        num_per_class=cfg.TRAIN.NUM_PER_CLASS,
+        is_norm=cfg.MODEL.NORM,
+        is_pooling=cfg.MODEL.POOLING,
+        bn_freeze=cfg.SOLVER.BN_FREEZE,
+        beta=cfg.LOSS.BETA,
+        gnn_layers=cfg.MODEL.GNN_LAYER,
+        softmax_factor=cfg.LOSS.SOFTMAX_FACTOR,
+    )
+
+
 def build_reference(config):
     """The authors' model, optimisers and batch as their train.py makes them; returns the step."""
     root = config["reference"]
@@ -310,19 +327,7 @@ def build_reference(config):
     original_resnet = models.Resnet50
     models.Resnet50 = PooledResnet50
     try:
-        model = models.GCA_HNG(
-            cfg,
-            embedding_size=cfg.MODEL.EMBEDDING_SIZE,
-            n_class=max(TRAIN_CLASSES, num_classes),
-            pretrained=cfg.MODEL.PRETRAINED,
-            num_per_class=per_class,
-            is_norm=cfg.MODEL.NORM,
-            is_pooling=cfg.MODEL.POOLING,
-            bn_freeze=cfg.SOLVER.BN_FREEZE,
-            beta=cfg.LOSS.BETA,
-            gnn_layers=cfg.MODEL.GNN_LAYER,
-            softmax_factor=cfg.LOSS.SOFTMAX_FACTOR,
-        ).to(device)
+        model = their_gca_hng(models, cfg, max(TRAIN_CLASSES, num_classes)).to(device)
     finally:
         models.Resnet50 = original_resnet
     if not isinstance(model.feature_extractor.backbone, PooledResnet50):

@@ -81,19 +81,7 @@ def build_theirs(root, dino, name, cfg_module, models):
     torch.hub.load = local_dino
     try:
         torch.manual_seed(0)
-        model = models.GCA_HNG(
-            cfg,
-            embedding_size=EMBEDDING,
-            n_class=TRAIN_CLASSES,
-            pretrained=False,
-            num_per_class=PER_CLASS,
-            is_norm=cfg.MODEL.NORM,
-            is_pooling=cfg.MODEL.POOLING,
-            bn_freeze=cfg.SOLVER.BN_FREEZE,
-            beta=cfg.LOSS.BETA,
-            gnn_layers=cfg.MODEL.GNN_LAYER,
-            softmax_factor=cfg.LOSS.SOFTMAX_FACTOR,
-        )
+        model = bench_reference.their_gca_hng(models, cfg, TRAIN_CLASSES)
     finally:
         torch.hub.load = hub_load
     if name == "googlenet":  # what googlenet(pretrained=True) sets besides the weights
