@@ -227,13 +227,11 @@ def build_backbone(
         trunk = models.googlenet(weights=weights, **options)
         trunk.dropout = nn.Identity()
         out_features = 1024
-    # torchvision's forward pools with `avgpool`, flattens, then applies `fc`. By default
-    # ResNet-50 sums average and max pooling and GoogLeNet keeps average pooling, as the authors'
-    # code (docs/method.md, "Backbone and embedding").
+    # torchvision's forward pools with `avgpool` (global average pooling), flattens, then applies
+    # `fc`. By default ResNet-50 sums average and max pooling and GoogLeNet keeps average pooling,
+    # as the authors' code (docs/method.md, "Backbone and embedding").
     if pooling == "avgmax" or (pooling == "auto" and name == "resnet50"):
         trunk.avgpool = GlobalAvgMaxPool2d()
-    elif pooling == "avg":
-        trunk.avgpool = nn.AdaptiveAvgPool2d(1)
     trunk.fc = nn.Identity()
     return Backbone(trunk, out_features=out_features, frozen_bn=frozen_bn)
 

@@ -17,7 +17,12 @@ from gca_pyg import evaluate as evaluate_cli
 from gca_pyg import train as train_cli
 from gca_pyg.checkpoint import load_checkpoint
 from gca_pyg.config import Config, load_config
-from gca_pyg.convert import ReferenceFormatError, convert, load_initial_weights
+from gca_pyg.convert import (
+    ReferenceFormatError,
+    convert,
+    convert_state_dict,
+    load_initial_weights,
+)
 from gca_pyg.errors import ConfigError
 from gca_pyg.graph import shard_pairs, to_dense_edges
 from gca_pyg.layout import class_layout
@@ -168,6 +173,24 @@ def test_every_tensor_of_theirs_is_used_or_unused_by_their_forward(fixture, conv
         if key.endswith(("norm.1.weight", "norm.1.bias"))
     )
     assert sum(value.numel() for value in state.values()) == mapped + repeated
+
+
+def test_data_parallel_prefixes_and_googlenets_auxiliary_heads_are_accepted(
+    fixture, their_files, ours
+):
+    """A state dict saved from a DataParallel model (``module.`` prefixes), and one of GoogLeNet
+    built without ImageNet weights (auxiliary heads kept, never used), map to the same weights."""
+    theirs = torch.load(their_files["googlenet"], weights_only=True)
+    expected = ours["googlenet"].state_dict()
+    aux = {
+        "feature_extractor.backbone.aux1.conv.conv.weight": torch.ones(128, 512, 1, 1),
+        "feature_extractor.backbone.aux2.fc2.bias": torch.ones(1000),
+    }
+    variants = [{f"module.{k}": v for k, v in theirs.items()}, {**theirs, **aux}]
+    for variant in variants:
+        weights, notes = convert_state_dict(variant, ours["googlenet"])
+        assert notes == [] and weights.keys() == expected.keys()
+        assert all(torch.equal(weights[key], expected[key]) for key in expected)
 
 
 def test_dino_position_embedding_is_interpolated_as_their_backbone_does(fixture, converted):
