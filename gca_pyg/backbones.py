@@ -337,9 +337,12 @@ def _timm_trunk(name, model_name, pretrained, image_size, load_weights):
     if pretrained == "none" or not load_weights:
         return timm.create_model(model_name, pretrained=False, **options)
     path = _timm_weights(name, model_name, cfg)
+    # The file is a state dict; only an original .npz file needs timm's custom loader (older timm
+    # would apply it to any file of a model whose original weights are .npz).
+    overlay = {"file": path, "custom_load": bool(cfg.custom_load) and path.endswith(".npz")}
     try:
         return timm.create_model(
-            model_name, pretrained=True, pretrained_cfg_overlay={"file": path}, **options
+            model_name, pretrained=True, pretrained_cfg_overlay=overlay, **options
         )
     except Exception as error:  # a truncated or foreign file
         reason = " ".join(str(error).split())[:200] or type(error).__name__
