@@ -14,11 +14,13 @@ would not fit are skipped.
     python benchmarks/bench_step.py --sizes 81 --profile   # where the time goes: phases, operators
     python benchmarks/bench_step.py --per-class 4 --sizes 512 1024 --neighbors dense 32
 
-``--backbone resnet50`` (224 px) or ``small_cnn`` (32 px) times the real step with images through
-the backbone (random weights), fp32 and bf16 (where native), contiguous and ``channels_last``, and
-the share of the step spent in the backbone (the step minus the same step on pooled features).
+``--backbone resnet50``, ``googlenet``, ``dino_vits16`` (224 px; the last needs timm) or
+``small_cnn`` (32 px) times the real step with images through the backbone (random weights), fp32
+and bf16 (where native), contiguous and ``channels_last``, and the share of the step spent in the
+backbone (the step minus the same step on pooled features of the backbone's width).
 
     python benchmarks/bench_step.py --backbone resnet50 --sizes 81
+    python benchmarks/bench_step.py --backbone dino_vits16 --sizes 81 --dim 384
 """
 
 import argparse
@@ -48,12 +50,16 @@ FEATURES, TRAIN_CLASSES = 2048, 100
 
 
 class PooledFeatures(torch.nn.Identity):
-    """Stands in for a CNN whose pooled features are the input."""
+    """Stands in for a backbone whose pooled features (`out_features` wide) are the input."""
 
-    out_features = FEATURES
+    def __init__(self, out_features: int = FEATURES):
+        super().__init__()
+        self.out_features = out_features
 
 
-IMAGE_SIZES = {"resnet50": 224, "googlenet": 224, "small_cnn": 32}
+IMAGE_SIZES = {"resnet50": 224, "googlenet": 224, "dino_vits16": 224, "small_cnn": 32}
+#: The width of each backbone's pooled features.
+BACKBONE_FEATURES = {"resnet50": 2048, "googlenet": 1024, "dino_vits16": 384, "small_cnn": 128}
 
 
 def build(config):
@@ -67,10 +73,16 @@ def build(config):
     amp = torch.bfloat16 if config["dtype"] == "bf16" else None
     backbone_name = config.get("backbone")
     channels_last = config.get("memory_format") == "channels_last"
+    features_width = config.get("features", FEATURES)
     if backbone_name:
-        backbone = build_backbone(backbone_name, pretrained="none", frozen_bn=True)
+        backbone = build_backbone(
+            backbone_name,
+            pretrained="none",
+            frozen_bn=True,
+            image_size=IMAGE_SIZES[backbone_name],
+        )
     else:
-        backbone = PooledFeatures()
+        backbone = PooledFeatures(features_width)
     num_nodes, per_class = config["num_nodes"], config.get("per_class", 3)
     num_classes = num_nodes // per_class
     train_classes = max(TRAIN_CLASSES, num_classes)
@@ -87,7 +99,7 @@ def build(config):
         size = IMAGE_SIZES[backbone_name]
         features = torch.randn(num_nodes, 3, size, size, device=device)
     else:
-        features = torch.randn(num_nodes, FEATURES, device=device)
+        features = torch.randn(num_nodes, features_width, device=device)
     labels = torch.randperm(train_classes, device=device)[:num_classes].repeat_interleave(per_class)
     # Past the first epoch, so that J_syn carries weight and hardness is below 1, as in training.
     trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 30.0
@@ -405,7 +417,9 @@ def backbone_table(args, device):
                 "repeats": args.repeats,
                 "malloc": "retain",
             }
-            graph_only = measure_in_child(__file__, common)
+            graph_only = measure_in_child(
+                __file__, {**common, "features": BACKBONE_FEATURES[args.backbone]}
+            )
             for memory_format in ("contiguous", "channels_last"):
                 result = measure_in_child(
                     __file__, {**common, "backbone": args.backbone, "memory_format": memory_format}
