@@ -90,7 +90,7 @@ def build(config):
         features = torch.randn(num_nodes, FEATURES, device=device)
     labels = torch.randperm(train_classes, device=device)[:num_classes].repeat_interleave(per_class)
     # Past the first epoch, so that J_syn carries weight and hardness is below 1, as in training.
-    trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 30.0
+    model.generator.mean_metric_loss, model.generator.mean_generator_loss = 3.0, 30.0
     return trainer, features, labels, device
 
 
@@ -105,19 +105,20 @@ def run_child(config):
     result = measure_step(step, device, config["repeats"])
     result["matmul_ms"] = matmul_ms(step, device)
     with torch.no_grad():
-        shard = trainer.prepare(labels, trainer.model(features))[2]
-    print(json.dumps({**result, "edges": shard.num_edges}))
+        graph = trainer.batch_graph(labels, trainer.model(features))
+    print(json.dumps({**result, "edges": graph.shard.num_edges}))
 
 
 def _timed_phases(trainer, totals: dict) -> list:
     """Wraps the step's phases in wall-clock timers that add into `totals` (outermost phase only);
     returns what to undo."""
-    import gca_pyg.model as model_module
+    import gca_pyg.generator as generator_module
+    import gca_pyg.losses as losses_module
 
     targets = (
         [
-            ("net forward", model_module.GCAHNG, "correlate"),
-            ("synthesis", model_module.GCAHNG, "_synthesize"),
+            ("net forward", generator_module.HardNegativeGenerator, "correlate"),
+            ("synthesis", generator_module.HardNegativeGenerator, "synthesize"),
             ("backward", torch.Tensor, "backward"),
             ("clipping", torch.nn.utils, "clip_grad_value_"),
         ]
@@ -130,14 +131,12 @@ def _timed_phases(trainer, totals: dict) -> list:
             )
         ]
         + [
-            ("losses", model_module, name)
-            for name in (
-                "npair_loss",
-                "synthetic_npair_loss",
-                "synthetic_class_loss",
-                "similarity_loss",
-                "diversity_loss",
+            ("losses", module, name)
+            for module, names in (
+                (losses_module, ("npair_loss", "synthetic_npair_loss")),
+                (generator_module, ("synthetic_class_loss", "similarity_loss", "diversity_loss")),
             )
+            for name in names
         ]
     )
     active = []

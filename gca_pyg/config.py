@@ -20,6 +20,7 @@ from gca_pyg.backbones import BACKBONE_NAMES, PRETRAINED_CHOICES
 from gca_pyg.data import CLASS_SAMPLING, DATASETS
 from gca_pyg.errors import ConfigError
 from gca_pyg.graph import GraphConfig
+from gca_pyg.losses import METRIC_LOSSES, SYNTHETIC_PROXIES
 from gca_pyg.model import LossConfig, NetConfig
 from gca_pyg.trainer import OptimConfig
 
@@ -278,6 +279,8 @@ def _check_values(config: Config, source: str):
             ("auto", "contiguous", "channels_last"),
         ),
         "train.dist_backend": (config.train.dist_backend, ("auto", "gloo", "nccl")),
+        "loss.metric": (config.loss.metric, METRIC_LOSSES),
+        "loss.synthetic_proxies": (config.loss.synthetic_proxies, SYNTHETIC_PROXIES),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -301,6 +304,8 @@ def _check_values(config: Config, source: str):
         "train.eval_every": config.train.eval_every,
         "eval.batch_size": config.eval.batch_size,
         "train.dist_timeout": config.train.dist_timeout,
+        "loss.proxy_alpha": config.loss.proxy_alpha,
+        "optim.proxy_lr_ratio": config.optim.proxy_lr_ratio,
     }
     for key, value in positive.items():
         if value <= 0:

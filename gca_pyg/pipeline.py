@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch.distributed import ProcessGroup
 from torch.utils.data import DataLoader, Subset
 
 from gca_pyg.backbones import build_backbone
@@ -180,10 +181,15 @@ def build_test_data(config: Config) -> TestData:
 
 
 def build_model(
-    config: Config, num_classes: int, device: torch.device, pretrained: Optional[str] = None
+    config: Config,
+    num_classes: int,
+    device: torch.device,
+    pretrained: Optional[str] = None,
+    process_group: Optional[ProcessGroup] = None,
 ) -> GCAHNG:
     """The GCA-HNG model of `config` on `device`; `pretrained` overrides ``model.pretrained``
-    (evaluation loads every weight from a checkpoint, so it asks for ``none``)."""
+    (evaluation loads every weight from a checkpoint, so it asks for ``none``); `process_group`
+    is that of a ``torchrun`` training run."""
     backbone = build_backbone(
         config.model.backbone,
         pretrained=pretrained or config.model.pretrained,
@@ -198,6 +204,7 @@ def build_model(
         graph=config.graph,
         amp_dtype=check_precision(config, device),
         channels_last=use_channels_last(config, device),
+        process_group=process_group,
     )
     return model.to(device)
 
@@ -236,7 +243,7 @@ def compute_embeddings(
     report_unreadable(dataset, "test")
     if not embeddings:  # more processes than items
         embeddings.append(torch.empty(0, model.embedding[1].out_features))
-    gathered = torch.cat(all_gather_objects(torch.cat(embeddings), context.group))
+    gathered = torch.cat(all_gather_objects(torch.cat(embeddings), context.process_group))
     return gathered, torch.as_tensor(dataset.labels)
 
 
@@ -273,9 +280,9 @@ def evaluate(
     """Embeds the test split (in shares across processes) and returns its retrieval metrics; under
     ``torchrun`` rank 0 computes them and every process receives them."""
     embedded = embed_test_data(model, test_data, config, context)
-    group = context.group if context is not None else None
+    process_group = context.process_group if context is not None else None
     metrics = test_metrics(embedded, config.eval.ks) if context is None or context.is_main else None
-    return all_gather_objects(metrics, group)[0]
+    return all_gather_objects(metrics, process_group)[0]
 
 
 def format_metrics(columns: dict[str, dict[str, float]]) -> str:

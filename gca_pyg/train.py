@@ -103,7 +103,12 @@ class TrainingRun:
             num_replicas=self.context.world_size,
             rank=self.context.rank,
         )
-        self.model = build_model(config, self.train_data.num_classes, self.device)
+        self.model = build_model(
+            config,
+            self.train_data.num_classes,
+            self.device,
+            process_group=self.context.process_group,
+        )
         if (
             self.context.world_size > 1
             and self.device.type == "cuda"
@@ -111,9 +116,7 @@ class TrainingRun:
         ):
             # Batch statistics over the whole batch, where torch can (CUDA).
             self.model.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.backbone)
-        self.trainer = AlternatingTrainer(
-            self.model, config.optim, context=self.context, seed=config.train.seed
-        )
+        self.trainer = AlternatingTrainer(self.model, config.optim, seed=config.train.seed)
         self.memory_limit = FreedMemoryLimit()
         self.batch_in_epoch = 0
         self.best = {"recall@1": -1.0, "epoch": 0}
@@ -208,7 +211,7 @@ class TrainingRun:
                     {k: f"{logs[k]:.3g}" for k in ("J_m", "J_metric", "J_gen") if k in logs}
                 )
                 self.stop_requested = any_process(
-                    self.stop_requested, self.context.group, self.device
+                    self.stop_requested, self.context.process_group, self.device
                 )
                 if self.stop_requested:
                     break
@@ -280,7 +283,7 @@ class TrainingRun:
     # -- state ---------------------------------------------------------------------------------
     def _save(self, name: str):
         """Writes a checkpoint (rank 0; every process must call it: it gathers their RNG states)."""
-        rng = all_gather_objects(rng_state(), self.context.group)
+        rng = all_gather_objects(rng_state(), self.context.process_group)
         if not self.is_main:
             return
         save_checkpoint(
@@ -466,7 +469,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         if state is None:  # rank 0 names the folder: the processes' clocks may differ
             run_dir = all_gather_objects(
-                _new_run_dir(config) if context.is_main else None, context.group
+                _new_run_dir(config) if context.is_main else None, context.process_group
             )[0]
         return TrainingRun(config, run_dir, resume_state=state, context=context).fit()
     except GcaError as error:
