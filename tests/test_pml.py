@@ -28,20 +28,29 @@ def batch(classes=4, per_class=3, dim=16):
     return embeddings.requires_grad_(), labels
 
 
-def test_negatives_come_in_pml_reference_form():
-    embeddings, labels = batch()
+def test_negatives_come_as_the_trailing_arguments_of_a_pml_loss():
+    embeddings, labels = batch()  # 4 classes x 3
     generator = GCANegativeGenerator(16, num_classes=6, num_layers=1, heads=2)
-    negatives, negative_labels = generator(embeddings, labels)
-    assert negatives.shape == (12 * 3, 16) and negative_labels.shape == (12 * 3,)
-    # Grouped by anchor, one per other class: never the anchor's own class.
-    anchor_labels = labels.repeat_interleave(3)
-    assert not (negative_labels == anchor_labels).any()
+    (anchors, positives, negatives), references, reference_labels = generator(embeddings, labels)
+    assert references.shape == (12 + 12 * 3, 16) and reference_labels.shape == (12 + 12 * 3,)
+    assert torch.equal(references[:12], embeddings) and torch.equal(reference_labels[:12], labels)
+    # Synthetic rows grouped by anchor, one per other class, ascending.
     assert torch.equal(
-        negative_labels.view(12, 3).sort(dim=1).values,
+        reference_labels[12:].view(12, 3),
         torch.stack([torch.tensor([c for c in range(4) if c != y]) for y in labels]),
     )
+    # Every anchor with each real positive and each synthetic negative made for it, once.
+    triplets = set(zip(anchors.tolist(), positives.tolist(), negatives.tolist()))
+    expected = {
+        (a, p, 12 + 3 * a + j)
+        for a in range(12)
+        for p in range(12)
+        if p != a and labels[p] == labels[a]
+        for j in range(3)
+    }
+    assert triplets == expected and len(anchors) == len(expected)
     loss = losses.TripletMarginLoss(margin=0.1)(
-        embeddings, labels, ref_emb=negatives, ref_labels=negative_labels
+        embeddings, labels, (anchors, positives, negatives), references, reference_labels
     )
     assert torch.isfinite(loss) and loss > 0
 
@@ -49,9 +58,8 @@ def test_negatives_come_in_pml_reference_form():
 def test_the_users_loss_trains_the_model_and_never_the_generator():
     embeddings, labels = batch()
     generator = GCANegativeGenerator(16, num_classes=4, num_layers=1, heads=2)
-    negatives, negative_labels = generator(embeddings, labels)
     losses.TripletMarginLoss(margin=0.5)(
-        embeddings, labels, ref_emb=negatives, ref_labels=negative_labels
+        embeddings, labels, *generator(embeddings, labels)
     ).backward()
     assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
     assert all(p.grad is None for p in generator.parameters())
@@ -91,9 +99,9 @@ def test_update_sets_the_hardness_and_the_synthetic_weight():
     assert restored.synthetic_weight == generator.synthetic_weight
     # Harder negatives as the loss falls: closer to their anchors.
     generator.eval()
-    far = generator(embeddings, labels)[0]
+    far = generator(embeddings, labels).ref_emb[12:]
     generator.update(0.01)
-    near = generator(embeddings, labels)[0]
+    near = generator(embeddings, labels).ref_emb[12:]
     anchors = embeddings.repeat_interleave(3, dim=0)
     assert (near - anchors).norm(dim=1).mean() < (far - anchors).norm(dim=1).mean()
 
@@ -134,10 +142,10 @@ def test_the_front_end_gives_the_trainers_negatives_and_losses_on_the_same_tenso
     mix = draw_mix(3)  # the trainer's coefficients are the front end's draw
     negatives, _ = model.generator(embeddings, graph, mix)
     torch.manual_seed(1)
-    references, reference_labels = front_end(embeddings, labels)
+    _, references, reference_labels = front_end(embeddings, labels)
     order = torch.argsort(negatives.anchor * 3 + negatives.class_index)
-    assert torch.equal(references, negatives.embeddings[order])
-    assert torch.equal(reference_labels, negatives.labels(graph.layout)[order])
+    assert torch.equal(references[9:], negatives.embeddings[order])
+    assert torch.equal(reference_labels[9:], negatives.labels(graph.layout)[order])
 
     torch.manual_seed(2)
     mix = draw_mix(3)
