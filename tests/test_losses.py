@@ -130,6 +130,24 @@ def test_proxy_anchor_loss_is_the_papers_formula(margin, alpha):
     )
 
 
+def test_the_proxy_anchor_module_uses_its_margin_scale_and_proxies():
+    torch.manual_seed(2)
+    z = torch.randn(12, 6, dtype=torch.float64)
+    y = torch.arange(4).repeat_interleave(3)
+    module = ProxyAnchorLoss(5, 6, margin=0.3, alpha=8.0).double()
+    expected = proxy_anchor_by_hand(z, y, module.proxies.detach(), 0.3, 8.0)
+    assert module(z, y).item() == pytest.approx(expected, rel=1e-10)
+    graph = BatchGraph.build(y)
+    synthetic = synthetic_for(y, [0, 3, 6], [1, 2, 3], dim=6)
+    for negative_of in ("anchor", "others"):
+        module = ProxyAnchorLoss(5, 6, margin=0.3, alpha=8.0, synthetic_proxies=negative_of)
+        module = module.double()
+        expected = synthetic_proxy_anchor_loss(
+            synthetic, graph, module.proxies, 0.3, 8.0, negative_of=negative_of
+        )
+        assert torch.equal(module.synthetic(z, synthetic, graph), expected)
+
+
 def test_proxy_anchor_loss_equals_pytorch_metric_learning():
     losses = pytest.importorskip("pytorch_metric_learning.losses")
     torch.manual_seed(3)

@@ -145,6 +145,21 @@ def test_j_syn_trains_the_embeddings_through_the_synthetic_negatives_not_the_net
     assert (grad - detached_grad).abs().max() > 1e-3
 
 
+def test_proxy_anchor_j_syn_trains_the_embeddings_through_the_synthetic_negatives():
+    trainer = make_trainer(metric="proxy_anchor")
+    model = trainer.model
+    images, labels = batch()
+    graph = trainer.batch_graph(labels)
+    model.train()
+    embeddings = model(images).detach().requires_grad_(True)
+    negatives, _ = model.generator(embeddings, graph, torch.rand(3, 2))
+    j_syn = model.criterion.synthetic(embeddings, negatives, graph)
+    grad, proxy_grad = torch.autograd.grad(j_syn, [embeddings, model.criterion.proxies])
+    # J_syn depends on the embeddings through the synthetic negatives alone: the backbone
+    # learns from them, as from N-pair's; and it pushes the proxies.
+    assert grad.abs().max() > 1e-3 and proxy_grad.abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("metric", ["npair", "proxy_anchor"])
 def test_j_syn_enters_with_the_weight_of_the_generator_loss_schedule(metric):
     trainer = make_trainer(metric=metric)
