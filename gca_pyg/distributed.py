@@ -119,16 +119,16 @@ class _AllReduceSum(torch.autograd.Function):
     """Sum over processes; the gradient is summed over processes too."""
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:
-        ctx.group = group
+    def forward(ctx, tensor: Tensor, process_group) -> Tensor:
+        ctx.process_group = process_group
         out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
+        dist.all_reduce(out, group=process_group)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
+        dist.all_reduce(grad, group=ctx.process_group)
         return grad, None
 
 
@@ -137,31 +137,33 @@ class _GatherRows(torch.autograd.Function):
     over processes."""
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:
-        ctx.group = group
-        out, ctx.offsets = _gather(tensor, group)
-        ctx.rank = dist.get_rank(group)
+    def forward(ctx, tensor: Tensor, process_group) -> Tensor:
+        ctx.process_group = process_group
+        out, ctx.offsets = _gather(tensor, process_group)
+        ctx.rank = dist.get_rank(process_group)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
+        dist.all_reduce(grad, group=ctx.process_group)
         return grad[ctx.offsets[ctx.rank] : ctx.offsets[ctx.rank + 1]], None
 
 
-def _gather(tensor: Tensor, group) -> tuple[Tensor, list[int]]:
+def _gather(tensor: Tensor, process_group) -> tuple[Tensor, list[int]]:
     """All processes' rows (their counts may differ) and the row offset of each process."""
     counts = [
         torch.zeros(1, dtype=torch.long, device=tensor.device)
-        for _ in range(dist.get_world_size(group))
+        for _ in range(dist.get_world_size(process_group))
     ]
-    dist.all_gather(counts, torch.tensor([tensor.size(0)], device=tensor.device), group=group)
+    dist.all_gather(
+        counts, torch.tensor([tensor.size(0)], device=tensor.device), group=process_group
+    )
     counts = [int(count) for count in counts]
     padded = tensor.new_zeros(max(counts), *tensor.shape[1:])
     padded[: tensor.size(0)] = tensor
     parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded, group=group)
+    dist.all_gather(parts, padded, group=process_group)
     offsets = [0]
     for count in counts:
         offsets.append(offsets[-1] + count)
