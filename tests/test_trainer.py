@@ -335,8 +335,12 @@ def test_adamw_is_fused_where_torch_has_fused_kernels_and_steps_like_the_plain_o
     trainer, plain = make_trainer(), make_trainer()
     for name in ("metric_optimizer", "net_optimizer", "classifier_optimizer"):
         assert getattr(trainer, name).defaults["fused"]  # the CPU has fused AdamW kernels
-        optimizer = getattr(plain, name)
-        setattr(plain, name, torch.optim.AdamW(optimizer.param_groups, foreach=False))
+        groups = [  # the same groups, hyperparameters and all, but the implementation
+            {key: value for key, value in group.items() if key not in ("fused", "foreach")}
+            for group in getattr(plain, name).param_groups
+        ]
+        setattr(plain, name, torch.optim.AdamW(groups, foreach=False))
+        assert not any(group["fused"] for group in getattr(plain, name).param_groups)
     images, labels = batch()
     torch.manual_seed(5)
     trainer.training_step(images, labels)
