@@ -10,7 +10,6 @@ from the running means :math:`\bar{J}_m` and :math:`\bar{J}_{gen}`). Two front-e
 """
 
 import math
-from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
@@ -22,7 +21,7 @@ from gca_pyg.graph import BatchGraph
 from gca_pyg.losses import diversity_loss, similarity_loss, synthetic_class_loss
 from gca_pyg.nn import CorrelationNet
 from gca_pyg.synthesis import SyntheticSamples, draw_mix, hardness_from_loss, synthesize_groups
-from gca_pyg.utils import gather_rows
+from gca_pyg.utils import autocast, gather_rows
 
 __all__ = ["HardNegativeGenerator", "INITIAL_MEAN_LOSS"]
 
@@ -171,11 +170,6 @@ class HardNegativeGenerator(torch.nn.Module):
         self._counts = {name: int(value) for name, value in state["counts"].items()}
 
     # -- correlation and synthesis -------------------------------------------------------------
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def correlate(
         self, embeddings: Tensor, graph: BatchGraph, *, detach_fusion: bool = False
     ) -> tuple[Tensor, Tensor]:
@@ -187,7 +181,7 @@ class HardNegativeGenerator(torch.nn.Module):
                 :class:`~gca_pyg.nn.CorrelationNet`).
         """
         data = graph.data(embeddings)
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             node_logits, fusion = self.net(
                 data.x,
                 data.edge_index,

@@ -2,7 +2,6 @@
 its three alternating updates (docs/method.md). The optimisers and learning-rate schedules that
 drive the updates live in :class:`gca_pyg.trainer.AlternatingTrainer`."""
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,6 +14,7 @@ from gca_pyg.distributed import all_gather_rows
 from gca_pyg.generator import HardNegativeGenerator
 from gca_pyg.graph import BatchGraph, GraphConfig
 from gca_pyg.losses import NPairLoss, ProxyAnchorLoss
+from gca_pyg.utils import autocast
 
 
 @dataclass
@@ -123,11 +123,6 @@ class GCAHNG(torch.nn.Module):
     def device(self) -> torch.device:
         return self.generator.device
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def forward(self, images: Tensor, *, freeze_backbone: bool = False) -> Tensor:
         """Embeddings :math:`\\mathbf{z}` (not normalised) of a batch of images.
 
@@ -142,7 +137,7 @@ class GCAHNG(torch.nn.Module):
         """
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_backbone):
                 features = self.backbone(images)
             if self.training:
