@@ -1,13 +1,13 @@
-"""Process-level tuning for training on the CPU.
+"""Process-level settings of a training run: how malloc keeps freed memory, whether the device
+multiplies bf16 in hardware, and deterministic kernels.
 
 PyTorch allocates every large activation afresh. glibc's malloc serves large blocks with ``mmap``
 and returns freed memory to the system, so each training step page-faults its activations in again
-(zero-filled by the kernel): with GCA-HNG's O(N²·D) edge tensors that costs 10–35% of a step on
-the CPU (``benchmarks/bench_step.py`` measures both settings). Keeping freed memory for reuse
-removes
-it, at the price of a process that holds on to its peak memory. When the blocks change size from
-step to step (a sparse batch graph's edge count varies), the kept memory fragments and grows;
-:class:`FreedMemoryLimit` hands it back to the system when it has grown too far.
+(zero-filled by the kernel), a sizeable share of a CPU step with GCA-HNG's O(N²·D) edge tensors
+(``benchmarks/bench_step.py --malloc system retain`` measures both settings). Keeping freed memory
+for reuse removes it, at the price of a process that holds on to its peak memory. When the blocks
+change size from step to step (a sparse batch graph's edge count varies), the kept memory fragments
+and grows; :class:`FreedMemoryLimit` hands it back to the system when it has grown too far.
 """
 
 import ctypes
@@ -18,7 +18,12 @@ from typing import Optional
 
 import torch
 
-__all__ = ["retain_freed_memory", "FreedMemoryLimit", "native_bf16"]
+__all__ = [
+    "retain_freed_memory",
+    "FreedMemoryLimit",
+    "native_bf16",
+    "use_deterministic_algorithms",
+]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -106,3 +111,17 @@ def _cpu_flags() -> frozenset:
     except OSError:  # not Linux
         pass
     return frozenset()
+
+
+def use_deterministic_algorithms(enabled: bool = True):
+    """Turns PyTorch's deterministic kernels on or off (``train.deterministic``).
+
+    On the CPU GCA-HNG's step repeats bit for bit without them. On CUDA, sums by atomic adds (the
+    scatters of message passing and the backward of gathers) vary in their last bits from run to
+    run; the deterministic kernels sort instead, at some cost in speed. cuBLAS needs a fixed
+    workspace for it (``CUBLAS_WORKSPACE_CONFIG``), which is set here unless already set; it
+    takes effect only if no CUDA matrix product ran in this process before.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)

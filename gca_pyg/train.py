@@ -54,7 +54,11 @@ from gca_pyg.pipeline import (
     resolve_device,
 )
 from gca_pyg.report import report_command
-from gca_pyg.runtime import FreedMemoryLimit, retain_freed_memory
+from gca_pyg.runtime import (
+    FreedMemoryLimit,
+    retain_freed_memory,
+    use_deterministic_algorithms,
+)
 from gca_pyg.trainer import AlternatingTrainer
 
 #: Exit status of a run stopped by Ctrl-C after saving (128 + SIGINT, as shells report it).
@@ -95,6 +99,7 @@ class TrainingRun:
         self.device = self.context.device
         self.is_main = self.context.is_main
         _seed_everything(config.train.seed)
+        use_deterministic_algorithms(config.train.deterministic)
         self.train_data = build_train_dataset(config)
         self.test_data = build_test_data(config)
         self.sampler = build_train_sampler(
