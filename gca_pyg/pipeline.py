@@ -130,12 +130,12 @@ def check_precision(config: Config, device: torch.device) -> Optional[torch.dtyp
 
 def use_channels_last(config: Config, device: torch.device) -> bool:
     """Whether the backbone runs in channels_last memory format: ``train.memory_format``, where
-    ``auto`` means channels_last with bf16 autocast (oneDNN's and cuDNN's fast bf16 layout; 1.9x
-    faster than contiguous for ResNet-50 in bf16 on an AMX CPU) and contiguous in fp32 (faster
-    there, see ``benchmarks/bench_step.py --backbone``)."""
+    ``auto`` is what measured fastest for the whole step (``benchmarks/bench_step.py
+    --backbone``): channels_last with bf16 autocast on a CPU (oneDNN's fast bf16 layout),
+    contiguous otherwise (in fp32 on a CPU, and on CUDA in either dtype)."""
     memory_format = config.train.memory_format
     if memory_format == "auto":
-        return check_precision(config, device) is not None
+        return device.type == "cpu" and check_precision(config, device) is not None
     return memory_format == "channels_last"
 
 
