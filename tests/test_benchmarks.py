@@ -1,6 +1,7 @@
 """The step benchmark runs end to end at a toy size and prints what its docstring promises."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,5 +39,19 @@ def test_the_profile_splits_the_step_into_phases_and_operators():
         if "|" in line and not line.startswith("-")
     }
     assert {"backward", "net forward", "synthesis", "optimizer", "clipping", "losses"} <= phases
-    assert "ms of it in matmuls" in out
-    assert "addmm" in out or "mm" in out
+    totals = re.search(
+        r"operators: (\d+) calls, (\d+) ms inside them, (\d+) ms of it in matmuls", out
+    )
+    assert totals, out[-2000:]
+    calls, inside_ms, matmul_ms = (int(value) for value in totals.groups())
+    # The slowest operators, one row each: (name, first input, calls, ms).
+    rows = [
+        [cell.strip() for cell in line.split("|")]
+        for line in out.split("operators:", 1)[1].splitlines()
+        if line.count("|") == 3 and not line.startswith(("operator", "-"))
+    ]
+    assert rows and sum(int(row[2]) for row in rows) <= calls
+    matmul_rows = [row for row in rows if row[0] in {"mm", "addmm", "bmm", "baddbmm", "addmv"}]
+    assert matmul_rows, rows  # a training step multiplies matrices; they are timed by name
+    assert 0 <= matmul_ms <= inside_ms
+    assert sum(float(row[3]) for row in matmul_rows) <= matmul_ms + 1  # rows are rounded
