@@ -1,10 +1,19 @@
-"""User-facing errors.
+"""User-facing errors and warnings.
 
 Every error a person can fix themselves (a missing dataset, a wrong folder, a bad config value, an
 unavailable download) is a :class:`GcaError` whose message is one line: what was wrong, where, and
 what to do. The command-line entry points print that line and exit non-zero without a traceback;
-library users catch the subclass they care about.
+library users catch the subclass they care about. :func:`warn` prints a one-line warning the same
+way.
 """
+
+import sys
+
+
+def warn(message: str):
+    """Prints ``warning: message`` to standard error: something the user should know that does not
+    stop the command."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 class GcaError(Exception):

@@ -226,6 +226,7 @@ def test_the_report_renders_in_headless_chromium(demo_run, tmp_path):
 
 def test_thumbnails_of_image_files_are_small_jpegs(tmp_path):
     from gca_pyg.data import ImageFolderByClass, test_transform
+    from gca_pyg.gallery import ThumbnailFiles
 
     for c in range(4):  # the last two classes test
         (tmp_path / "images" / f"class{c}").mkdir(parents=True)
@@ -233,7 +234,8 @@ def test_thumbnails_of_image_files_are_small_jpegs(tmp_path):
         image.save(tmp_path / "images" / f"class{c}" / "a.png")
     dataset = ImageFolderByClass(tmp_path / "images", "test", test_transform(64, 56))
     (tmp_path / "thumbnails").mkdir()
-    src, small = report._Thumbnails(dataset, tmp_path / "thumbnails", "gallery")(0)
+    thumbnails = ThumbnailFiles(report._raw_items(dataset), tmp_path / "thumbnails", "gallery")
+    src, small = thumbnails(0)
     assert src == "thumbnails/gallery-0.jpg" and not small
     with Image.open(tmp_path / src) as image:  # the stored image, not the transformed crop
         assert image.size == (128, 85) and abs(image.getpixel((64, 42))[0] - 120) < 5
