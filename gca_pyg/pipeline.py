@@ -21,6 +21,7 @@ from gca_pyg.data import (
     test_transform,
     train_transform,
 )
+from gca_pyg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gca_pyg.distributed import Context, all_gather_objects
 from gca_pyg.errors import UnreadableImagesError, warn
 from gca_pyg.metrics import retrieval_metrics
@@ -30,6 +31,7 @@ from gca_pyg.runtime import autocast_dtype, use_channels_last
 __all__ = [
     "TestData",
     "inference_transform",
+    "preprocessing",
     "build_train_dataset",
     "build_train_sampler",
     "build_test_data",
@@ -111,6 +113,19 @@ def inference_transform(config: Config) -> v2.Compose:
             *demo_test_transform().transforms,
         ]
     )
+
+
+def preprocessing(config: Config) -> dict:
+    """What :func:`inference_transform` does, as plain values for another program to repeat:
+    resize the shorter side to ``resize``, centre-crop ``crop`` × ``crop``, scale to [0, 1],
+    subtract ``mean`` and divide by ``std`` per RGB channel."""
+    data = config.data
+    return {
+        "resize": data.image_size if data.dataset == "demo" else data.resize,
+        "crop": data.image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
 
 
 def build_train_dataset(config: Config) -> RetrievalDataset:
