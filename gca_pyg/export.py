@@ -149,7 +149,9 @@ def _require(*modules: str):
 def run_exported(path: Path, format: str, images: Tensor) -> np.ndarray:
     """Runs the exported file `path` on `images`, without gca_pyg's model code."""
     if format == "torchscript":
-        loaded = torch.jit.load(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
+            loaded = torch.jit.load(str(path))
         with torch.no_grad():
             return loaded(images).numpy()
     import onnxruntime
