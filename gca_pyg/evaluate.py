@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from gca_pyg.config import add_override_argument
-from gca_pyg.errors import ConfigError, GcaError
+from gca_pyg.errors import ConfigError, exit_status
 from gca_pyg.pipeline import build_test_data, embed_test_data, format_metrics, test_metrics
 from gca_pyg.runs import open_checkpoint
 from gca_pyg.runtime import retain_freed_memory
@@ -76,12 +76,8 @@ def _export(arrays: dict[str, torch.Tensor], path: Path):
 
 def main(argv: Optional[list[str]] = None) -> int:
     retain_freed_memory()
-    try:
-        run(parse_args(argv))
-    except GcaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    args = parse_args(argv)
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gca_pyg import __version__
-from gca_pyg.errors import ConfigError, GcaError, MissingExtraError
+from gca_pyg.errors import ConfigError, GcaError, MissingExtraError, exit_status
 from gca_pyg.model import GCAHNG
 from gca_pyg.pipeline import preprocessing
 from gca_pyg.runs import RunCheckpoint, open_checkpoint
@@ -199,28 +199,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace):
     out = Path(args.out)
     format = args.format or SUFFIXES.get(out.suffix.lower(), "torchscript")
-    try:
-        if format == "onnx" and not args.no_verify:
-            _require("onnx", "onnxscript", "onnxruntime")
-        checkpoint = open_checkpoint(args.checkpoint)
-        module = export(checkpoint, out, format)
-        print(f"{format} embedding model written to {out} ({out.stat().st_size / 2**20:.1f} MB)")
-        if not args.no_verify:
-            differences = verify(checkpoint, module, out, format)
-            shown = ", ".join(f"batch {b}: {d:.2e}" for b, d in differences.items())
-            print(f"largest |difference| from PyTorch: {shown}")
-            if max(differences.values()) > TOLERANCE:
-                raise GcaError(
-                    f"the exported model differs from PyTorch by more than {TOLERANCE} ({shown})"
-                )
-    except GcaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    if format == "onnx" and not args.no_verify:
+        _require("onnx", "onnxscript", "onnxruntime")
+    checkpoint = open_checkpoint(args.checkpoint)
+    module = export(checkpoint, out, format)
+    print(f"{format} embedding model written to {out} ({out.stat().st_size / 2**20:.1f} MB)")
+    if args.no_verify:
+        return
+    differences = verify(checkpoint, module, out, format)
+    shown = ", ".join(f"batch {b}: {d:.2e}" for b, d in differences.items())
+    print(f"largest |difference| from PyTorch: {shown}")
+    if max(differences.values()) > TOLERANCE:
+        raise GcaError(
+            f"the exported model differs from PyTorch by more than {TOLERANCE} ({shown})"
+        )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any, Optional
 from PIL import Image
 
 from gca_pyg.data import DECODE_ERRORS, find_images, open_rgb
-from gca_pyg.errors import ConfigError, DatasetNotFoundError, GcaError, warn
+from gca_pyg.errors import ConfigError, DatasetNotFoundError, exit_status, warn
 from gca_pyg.gallery import GALLERY_STYLE, Tile, data_uri, gallery_row, neighbour_kind
 from gca_pyg.retriever import Retriever, SearchResult
 
@@ -190,12 +190,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        run(parse_args(argv))
-    except GcaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    args = parse_args(argv)
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

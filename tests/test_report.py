@@ -2,7 +2,6 @@
 
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -14,6 +13,8 @@ from PIL import Image
 from gca_pyg import report
 from gca_pyg import train as train_cli
 from gca_pyg.checkpoint import load_checkpoint
+
+from browser import CHROMIUM, FLAGS, SKIP_REASON
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
@@ -175,34 +176,14 @@ def test_no_checkpoint_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "no checkpoint at" in err
 
 
-CHROMIUM = next(
-    (
-        shutil.which(name)
-        for name in ("chromium", "chromium-browser", "google-chrome")
-        if shutil.which(name)
-    ),
-    None,
-)
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no chromium on this machine: apt-get install "
-    "chromium (Debian) to test how the report renders",
-)
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_the_report_renders_in_headless_chromium(demo_run, tmp_path):
     screenshot = tmp_path / "report.png"
     subprocess.run(
         [
             CHROMIUM,
             "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *FLAGS,
             "--hide-scrollbars",
             f"--user-data-dir={tmp_path / 'profile'}",
             "--window-size=1200,1600",

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 import gca_pyg.index as index_cli
 
+from browser import CHROMIUM, FLAGS, SKIP_REASON
 from retrieval_fixtures import make_checkpoint, write_gallery
 
 pytest.importorskip("fastapi")
@@ -103,31 +103,14 @@ def test_a_file_that_is_not_an_image_is_a_readable_error(server, tmp_path):
     assert "notes.png is not an image this page can read" in error.value.read().decode()
 
 
-CHROMIUM = next(
-    (shutil.which(name) for name in ("chromium", "chromium-browser") if shutil.which(name)), None
-)
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no chromium on this machine: apt-get install chromium (Debian) to test the page in a "
-    "browser",
-)
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_a_person_picks_an_image_and_sees_its_neighbours(server, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     query = server["gallery"] / "class1" / "3.png"
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(
             executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
+            args=FLAGS,
             env={**os.environ, "HOME": str(tmp_path)},
         )
         try:
