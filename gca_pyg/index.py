@@ -104,7 +104,10 @@ def find_gallery(args: argparse.Namespace) -> Gallery:
         return Gallery([str(path.resolve()) for path in files], labels, source)
     config = load_config(args.config, data_root=args.data_root)
     data = config.data
-    dataset = get_dataset(data.dataset, data.root, args.split)
+    try:
+        dataset = get_dataset(data.dataset, data.root, args.split)
+    except ValueError as error:  # a split the data set does not have
+        raise ConfigError(f"--split {args.split}: {error}") from None
     source = {"dataset": data.dataset, "root": data.root, "split": args.split}
     labels = [dataset.classes[label] for label in dataset.labels.tolist()]
     if isinstance(dataset, ImageFileDataset):
