@@ -5,7 +5,7 @@ Embeds a gallery with a trained model and writes a searchable index folder (see
 from the folder names with ``--label-folders``), or one split of a data set (``--config NAME
 --data-root DIR [--split test]``, labelled by class). Images go through the checkpoint's test
 transform in batches, on ``--device``, in bf16 where the device has native bf16, and are
-L2-normalised. The index is exact up to 50,000 images and HNSW above (``--index auto``), or the
+L2-normalised. The index is exact up to 50,000 images and IVF above (``--index auto``), or the
 kind asked for; an approximate one is calibrated to recall@10 ≥ ``--target-recall`` against exact
 search on a sample, and the recall is printed.
 
@@ -437,7 +437,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--index",
         default="auto",
         choices=INDEX_KINDS,
-        help="auto (default): exact up to 50,000 images, HNSW beyond; flat: exact; ivf; hnsw",
+        help="auto (default): exact up to 50,000 images, IVF beyond; flat: exact; ivf; hnsw",
     )
     parser.add_argument(
         "--target-recall",

@@ -354,7 +354,7 @@ class Retriever:
 
     Args:
         embedder: The model that embeds gallery and queries.
-        index: ``auto`` (exact search up to 50,000 items, HNSW beyond), ``flat`` (exact), ``ivf``
+        index: ``auto`` (exact search up to 50,000 items, IVF beyond), ``flat`` (exact), ``ivf``
             or ``hnsw`` (see :mod:`gca_pyg.vector_index`); approximate kinds are calibrated to
             recall@10 ≥ 0.95 against exact search when built.
         source: Where the gallery came from (recorded in the manifest).

@@ -28,9 +28,9 @@ def clustered(count=3000, dim=32, classes=150, spread=0.8, seed=0, queries=0):
     return (rows[:count], rows[count:]) if queries else rows
 
 
-def test_auto_is_exact_up_to_the_limit_then_hnsw():
+def test_auto_is_exact_up_to_the_limit_then_ivf():
     assert choose_kind("auto", EXACT_LIMIT) == "flat"
-    assert choose_kind("auto", EXACT_LIMIT + 1) == "hnsw"
+    assert choose_kind("auto", EXACT_LIMIT + 1) == "ivf"
     assert choose_kind("ivf", 10) == "ivf"
     with pytest.raises(ConfigError, match="unknown index kind 'annoy'.*flat, ivf, hnsw"):
         choose_kind("annoy", 10)
