@@ -32,10 +32,10 @@ def expected(checkpoint, batch):
         return module(batch).numpy()
 
 
-def load_torchscript(path):
+def load_torchscript(path, extra_files=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
-        return torch.jit.load(str(path))
+        return torch.jit.load(str(path), _extra_files=extra_files)
 
 
 @pytest.mark.parametrize("format", ["torchscript", "onnx"])
@@ -54,8 +54,7 @@ def test_the_exported_file_matches_pytorch_at_two_batch_sizes(checkpoint, tmp_pa
         info = json.loads(session.get_modelmeta().custom_metadata_map["gca_pyg"])
     else:
         extra = {"gca_pyg.json": ""}
-        module = load_torchscript(out)
-        torch.jit.load(str(out), _extra_files=extra)
+        module = load_torchscript(out, extra)
         run = lambda batch: module(batch).detach().numpy()  # noqa: E731
         info = json.loads(extra["gca_pyg.json"])
     for batch, seed in ((2, 7), (5, 8)):  # sizes the export was not traced with
