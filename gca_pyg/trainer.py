@@ -32,7 +32,13 @@ from gca_pyg.graph import EdgeShard, knn_pairs, shard_pairs, sparse_shard
 from gca_pyg.layout import ClassLayout, class_layout
 from gca_pyg.model import GCAHNG
 
-__all__ = ["OptimConfig", "AlternatingTrainer", "adamw_options", "INITIAL_MEAN_LOSS"]
+__all__ = [
+    "OptimConfig",
+    "AlternatingTrainer",
+    "adamw_options",
+    "sync_batch_norm",
+    "INITIAL_MEAN_LOSS",
+]
 
 #: J̄_m and J̄_gen before the first epoch has ended: hardness ≈ 1 and J_syn's weight ≈ 0.
 INITIAL_MEAN_LOSS = 1e6
@@ -62,6 +68,22 @@ def adamw_options(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
+def sync_batch_norm(model: GCAHNG, context: Context) -> bool:
+    """Turns the backbone's training BatchNorm layers into ``SyncBatchNorm`` when several CUDA
+    processes train (their batch statistics then cover the whole batch); frozen ones (the backbone's
+    ``frozen_bn``) stay as they are, and nothing changes on the CPU, which has no SyncBatchNorm.
+
+    Returns:
+        Whether it converted the backbone.
+    """
+    if context.world_size == 1 or context.device.type != "cuda":
+        return False
+    if getattr(model.backbone, "frozen_bn", False):
+        return False
+    model.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
+    return True
+
+
 class AlternatingTrainer:
     r"""Runs GCA-HNG's three alternating updates on a :class:`~gca_pyg.model.GCAHNG`.
 
@@ -77,7 +99,8 @@ class AlternatingTrainer:
     each with its own AdamW, gradients clipped by value. Under ``torchrun`` the gradients are
     averaged over the processes before clipping, so every process applies the same update; a
     backbone's BatchNorm layers that train take their batch statistics from this process's images
-    (the CPU has no SyncBatchNorm) and their running statistics are averaged after every step.
+    (the CPU has no SyncBatchNorm; on CUDA they become ``SyncBatchNorm``, :func:`sync_batch_norm`)
+    and their running statistics are averaged after every step.
     :meth:`end_epoch` rolls the running means and steps the schedules (StepLR on the metric
     learning rates, cosine on the net's).
 
@@ -101,6 +124,7 @@ class AlternatingTrainer:
         self.config = config or OptimConfig()
         self.context = context or Context(device=model.device)
         self.group = self.context.group
+        sync_batch_norm(model, self.context)
         broadcast_parameters(model, self.group)
 
         cfg, options = self.config, adamw_options(model.device)

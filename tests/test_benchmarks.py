@@ -55,3 +55,29 @@ def test_the_profile_splits_the_step_into_phases_and_operators():
     assert matmul_rows, rows  # a training step multiplies matrices; they are timed by name
     assert 0 <= matmul_ms <= inside_ms
     assert sum(float(row[3]) for row in matmul_rows) <= matmul_ms + 1  # rows are rounded
+
+
+def test_the_index_benchmark_prints_one_row_per_size_and_kind():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_index.py"),
+            "--sizes",
+            "3000",
+            "--dim",
+            "16",
+            "--queries",
+            "100",
+            "--single",
+            "20",
+        ],  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("3,000 ")]
+    assert [row[1].split()[0] for row in rows[-3:]] == ["exact", "IVF", "HNSW"]
+    recalls = [float(row[-1]) for row in rows[-3:]]
+    assert recalls[0] == 1.0 and all(0.9 <= recall <= 1.0 for recall in recalls[1:])

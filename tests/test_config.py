@@ -123,13 +123,16 @@ def test_round_trip_through_a_dict():
 def test_auto_precision_and_memory_format_are_the_measured_fastest(monkeypatch, native):
     import torch
 
-    import gca_pyg.pipeline as pipeline
+    import gca_pyg.runtime as runtime
 
-    monkeypatch.setattr(pipeline, "native_bf16", lambda device: native)
-    config = load_config("demo", ["train.precision=auto", "train.memory_format=auto"])
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
     for device in (torch.device("cpu"), torch.device("cuda")):
-        assert pipeline.check_precision(config, device) == (torch.bfloat16 if native else None)
-        assert pipeline.use_channels_last(config, device) == (native and device.type == "cpu")
-    explicit = load_config("demo", ["train.precision=fp32", "train.memory_format=channels_last"])
-    assert pipeline.check_precision(explicit, torch.device("cpu")) is None
-    assert pipeline.use_channels_last(explicit, torch.device("cpu"))
+        assert runtime.autocast_dtype("auto", device) == (torch.bfloat16 if native else None)
+        assert runtime.use_channels_last("auto", "auto", device) == (
+            native and device.type == "cpu"
+        )
+    assert runtime.autocast_dtype("fp32", torch.device("cpu")) is None
+    assert runtime.use_channels_last("channels_last", "fp32", torch.device("cpu"))
+    assert runtime.use_channels_last("auto", "bf16", torch.device("cpu"))
+    assert not runtime.use_channels_last("auto", "bf16", torch.device("cuda"))
+    assert not runtime.use_channels_last("auto", "fp32", torch.device("cpu"))
