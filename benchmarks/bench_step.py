@@ -174,12 +174,27 @@ def profile(config, rows: int = 25):
     for _ in range(2):
         trainer.training_step(features, labels)
     if device.type == "cuda":
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        trainer.training_step(features, labels)
+        torch.cuda.synchronize(device)
+        step_ms = (time.perf_counter() - start) * 1e3
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             trainer.training_step(features, labels)
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows))
+        averages = prof.key_averages()
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        print(
+            f"one step: {step_ms:.1f} ms of wall time, {len(kernels)} GPU kernels and copies "
+            f"busy for {busy_ms:.1f} ms of it ({100 * busy_ms / step_ms:.0f}%); the rest is "
+            "the host launching them and waiting"
+        )
+        print(averages.table(sort_by="self_device_time_total", row_limit=rows))
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
         return
 
     totals, repeats = {}, 3

@@ -65,6 +65,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16
     memory_format: str = "auto"  # auto (channels_last with bf16) | contiguous | channels_last
     seed: int = 0
+    # Deterministic kernels (torch.use_deterministic_algorithms): bit-for-bit repeatable runs and
+    # resumes on CUDA too, where sums by atomic adds otherwise vary in their last bits
+    deterministic: bool = False
     eval_every: int = 5  # epochs; the last epoch is always evaluated
     output_dir: str = "runs"
     # Under torchrun: auto (NCCL on CUDA, gloo on the CPU) | gloo | nccl

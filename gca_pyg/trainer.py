@@ -21,13 +21,14 @@ from gca_pyg.distributed import (
     average_buffers,
     average_gradients,
     broadcast_parameters,
+    rank_and_size,
 )
 from gca_pyg.errors import NonFiniteLossError
 from gca_pyg.graph import BatchGraph
 from gca_pyg.model import GCAHNG
 from gca_pyg.synthesis import draw_mix
 
-__all__ = ["OptimConfig", "AlternatingTrainer", "adamw_options"]
+__all__ = ["OptimConfig", "AlternatingTrainer", "adamw_options", "sync_batch_norm"]
 
 
 @dataclass
@@ -55,6 +56,23 @@ def adamw_options(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
+def sync_batch_norm(model: GCAHNG, world_size: int, device: torch.device) -> bool:
+    """Turns the backbone's training BatchNorm layers into ``SyncBatchNorm`` when several
+    (``world_size``) processes train on CUDA ``device`` (their batch statistics then cover the whole
+    batch); frozen ones (the backbone's ``frozen_bn``) stay as they are, and nothing changes on the
+    CPU, which has no SyncBatchNorm.
+
+    Returns:
+        Whether it converted the backbone.
+    """
+    if world_size == 1 or device.type != "cuda":
+        return False
+    if getattr(model.backbone, "frozen_bn", False):
+        return False
+    model.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
+    return True
+
+
 class AlternatingTrainer:
     r"""Runs GCA-HNG's three alternating updates on a :class:`~gca_pyg.model.GCAHNG`.
 
@@ -71,9 +89,10 @@ class AlternatingTrainer:
     each with its own AdamW, gradients clipped by value. Under ``torchrun`` (a model built with a
     process group) the gradients are averaged over the processes before clipping, so every process
     applies the same update; a backbone's BatchNorm layers that train take their batch statistics
-    from this process's images (the CPU has no SyncBatchNorm) and their running statistics are
-    averaged after every step. :meth:`end_epoch` rolls the generator's running means and steps the
-    schedules (StepLR on the metric learning rates, cosine on the net's).
+    from this process's images (the CPU has no SyncBatchNorm; on CUDA they become
+    ``SyncBatchNorm``, :func:`sync_batch_norm`) and their running statistics are averaged after
+    every step. :meth:`end_epoch` rolls the generator's running means and steps the schedules
+    (StepLR on the metric learning rates, cosine on the net's).
 
     Args:
         model: The networks (and, in :attr:`GCAHNG.process_group
@@ -86,6 +105,7 @@ class AlternatingTrainer:
         self.model = model
         self.config = config or OptimConfig()
         self.process_group = model.process_group
+        sync_batch_norm(model, rank_and_size(self.process_group)[1], model.device)
         broadcast_parameters(model, self.process_group)
 
         cfg, options = self.config, adamw_options(model.device)

@@ -143,14 +143,12 @@ def test_round_trip_through_a_dict():
 def test_explicit_precision_and_memory_format_are_honoured(monkeypatch, capsys):
     import torch
 
-    import gca_pyg.pipeline as pipeline
+    import gca_pyg.runtime as runtime
 
     cpu = torch.device("cpu")
-    fp32 = load_config("demo", ["train.precision=fp32", "train.memory_format=channels_last"])
-    assert pipeline.check_precision(fp32, cpu) is None
-    assert pipeline.use_channels_last(fp32, cpu)
-    bf16 = load_config("demo", ["train.precision=bf16", "train.memory_format=contiguous"])
-    monkeypatch.setattr(pipeline, "native_bf16", lambda device: False)
-    assert pipeline.check_precision(bf16, cpu) == torch.bfloat16  # it runs, and says so:
+    assert runtime.autocast_dtype("fp32", cpu) is None
+    assert runtime.use_channels_last("channels_last", "fp32", cpu)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    assert runtime.autocast_dtype("bf16", cpu) == torch.bfloat16  # it runs, and says so:
     assert "no native bf16 matmul" in capsys.readouterr().err
-    assert not pipeline.use_channels_last(bf16, cpu)
+    assert not runtime.use_channels_last("contiguous", "bf16", cpu)

@@ -255,7 +255,7 @@ def test_sparse_similarity_and_diversity_losses_by_hand():
     assert diversity_loss(weights, graph).item() == pytest.approx(expected, rel=1e-12)
 
 
-def make_trainer(neighbors, dtype=torch.float64):
+def make_trainer(neighbors, dtype=torch.float64, device="cpu"):
     torch.manual_seed(0)
     model = GCAHNG(
         TinyBackbone(),
@@ -263,24 +263,26 @@ def make_trainer(neighbors, dtype=torch.float64):
         embedding_size=16,
         net=NetConfig(num_layers=2, heads=4, dropout=0.1),
         graph=GraphConfig(neighbors=neighbors),
-    ).to(dtype)
+    ).to(device, dtype)
     trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0, epochs=10))
     model.generator.mean_metric_loss = 3.0  # h < 1
     model.generator.mean_generator_loss = 1.0  # J_syn weighs in
     return trainer
 
 
-def test_a_step_on_the_sparse_graph_with_k_of_n_minus_1_equals_the_dense_step():
+def test_a_step_on_the_sparse_graph_with_k_of_n_minus_1_equals_the_dense_step(
+    device, deterministic
+):
     images, labels = batch()
-    images = images.double()
-    dense, sparse = make_trainer(None), make_trainer(11)
+    images, labels = images.double().to(device), labels.to(device)
+    dense, sparse = make_trainer(None, device=device), make_trainer(11, device=device)
     embeddings = dense.model(images)
     dense_graph = dense.batch_graph(labels)
     sparse_graph = sparse.batch_graph(labels, embeddings)
     assert torch.equal(sparse_graph.shard.edge_index, dense_graph.shard.edge_index)
     assert sparse_graph.is_sparse and not dense_graph.is_sparse
-    fusion = torch.rand(dense_graph.shard.num_edges, 16, dtype=torch.float64)
-    mix = torch.rand(3, 2, dtype=torch.float64)
+    fusion = torch.rand(dense_graph.shard.num_edges, 16, dtype=torch.float64, device=device)
+    mix = torch.rand(3, 2, dtype=torch.float64, device=device)
     for own_class in (False, True):
         expected = dense.model.generator.synthesize(
             embeddings, dense_graph, fusion, mix, own_class=own_class
@@ -371,9 +373,10 @@ def test_the_model_synthesises_and_scores_a_sparse_graph_group_by_group():
     assert metric["J_syn"].item() == pytest.approx(total / 12 + 0.25 * 3e-3 * l2, rel=1e-10)
 
 
-def test_training_on_a_sparse_graph_stays_finite_and_lowers_the_metric_loss():
-    trainer = make_trainer(2, dtype=torch.float32)
+def test_training_on_a_sparse_graph_stays_finite_and_lowers_the_metric_loss(device):
+    trainer = make_trainer(2, dtype=torch.float32, device=device)
     images, labels = batch()
+    images, labels = images.to(device), labels.to(device)
     embeddings = trainer.model(images)
     shard = trainer.batch_graph(labels, embeddings).shard
     assert shard.num_edges < 12 * 13 // 2 and not bool(shard.mask.all())

@@ -310,3 +310,23 @@ def test_cuda_where_there_is_none(capsys):
 def test_evaluate_without_a_checkpoint(tmp_path, capsys):
     assert evaluate_cli.main(["--checkpoint", str(tmp_path)]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_deterministic_kernels_are_what_the_config_says(image_folder, tmp_path, monkeypatch):
+    seen = []
+    step = gca_pyg.trainer.AlternatingTrainer.training_step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(gca_pyg.trainer.AlternatingTrainer, "training_step", recording_step)
+    try:
+        for flag in (True, False):
+            seen.clear()
+            output = tmp_path / str(flag)
+            args = folder_args(image_folder, output, f"train.deterministic={str(flag).lower()}")
+            assert train_cli.main(args) == 0
+            assert seen and set(seen) == {flag}
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -13,6 +13,20 @@ from torch_geometric.utils import scatter
 from gca_pyg.distributed import all_reduce_max, all_reduce_sum
 
 
+def _layer_norm(x: Tensor, norm: LayerNorm, affine: bool = True) -> Tensor:
+    r"""`norm` applied in the dtype of `x` (its affine map too, unless `affine` is False).
+
+    Autocast on CUDA runs ``layer_norm`` in fp32 and returns fp32 (the CPU's keeps the input's
+    dtype): on the :math:`|\mathcal{E}| \times F` edge features that would pull the rest of the
+    edge update out of bf16. The kernels keep their statistics in fp32 either way.
+    """
+    weight = bias = None
+    if affine:
+        weight, bias = norm.weight.to(x.dtype), norm.bias.to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+
 def softmax_with_sink(
     src: Tensor, index: Tensor, num_nodes: int, process_group: Optional[ProcessGroup] = None
 ) -> Tensor:
@@ -354,8 +368,8 @@ class EdgeNodeConv(MessagePassing):
         attention = F.dropout(attention, p=self.dropout, training=self.training)
         residual = torch.addcmul(edge_attr, attention[:, :1], value_i)
         residual = torch.addcmul(residual, attention[:, 1:], value_j)
-        edge_attr = self.norm_edge_attention(F.gelu(residual))
-        return self.norm_edge_ffn(F.gelu(edge_attr + self._edge_ffn(edge_attr)))
+        edge_attr = _layer_norm(F.gelu(residual), self.norm_edge_attention)
+        return _layer_norm(F.gelu(edge_attr + self._edge_ffn(edge_attr)), self.norm_edge_ffn)
 
     def _edge_ffn(self, edge_attr: Tensor) -> Tensor:
         r""":obj:`self.edge_ffn` with the affine map of its :class:`~torch.nn.LayerNorm` folded into
@@ -368,9 +382,7 @@ class EdgeNodeConv(MessagePassing):
         :math:`\cdot F` weights are.
         """
         lin_hidden, activation, norm, lin_out = self.edge_ffn
-        hidden = F.layer_norm(
-            activation(lin_hidden(edge_attr)), norm.normalized_shape, eps=norm.eps
-        )
+        hidden = _layer_norm(activation(lin_hidden(edge_attr)), norm, affine=False)
         return F.linear(
             hidden,
             lin_out.weight * norm.weight,
