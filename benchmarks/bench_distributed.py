@@ -34,7 +34,6 @@ class PooledFeatures(torch.nn.Identity):
 def run_child(config):
     import torch.distributed as dist
 
-    from gca_pyg.distributed import Context
     from gca_pyg.graph import GraphConfig
     from gca_pyg.model import GCAHNG
     from gca_pyg.runtime import retain_freed_memory
@@ -43,12 +42,12 @@ def run_child(config):
     retain_freed_memory()
     torch.set_num_threads(config["threads"])
     rank, world = config["rank"], config["world"]
-    group = None
+    process_group = None
     if world > 1:
         dist.init_process_group(
             "gloo", init_method=f"file://{config['rendezvous']}", rank=rank, world_size=world
         )
-        group = dist.group.WORLD
+        process_group = dist.group.WORLD
     torch.manual_seed(0)
     samples = config["per_class"]
     num_nodes = config["num_nodes"]
@@ -59,13 +58,10 @@ def run_child(config):
         train_classes,
         config["dim"],
         graph=GraphConfig(neighbors=config["neighbors"]),
+        process_group=process_group,
     )
-    trainer = AlternatingTrainer(
-        model,
-        OptimConfig(warmup_epochs=0),
-        context=Context(rank=rank, world_size=world, group=group),
-    )
-    trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 30.0
+    trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0))
+    model.generator.mean_metric_loss, model.generator.mean_generator_loss = 3.0, 30.0
     features = torch.randn(classes * samples, FEATURES)
     labels = torch.randperm(train_classes)[:classes].repeat_interleave(samples)
     # This process's whole classes, as the sampler shares them.
@@ -77,9 +73,9 @@ def run_child(config):
         config["repeats"],
     )
     with torch.no_grad():
-        embeddings = trainer.model(features[rows], group=group)
-    result["edges"] = trainer.prepare(labels[rows], embeddings)[2].num_edges
-    if group is not None:
+        embeddings = trainer.model(features[rows])
+    result["edges"] = trainer.batch_graph(labels[rows], embeddings).shard.num_edges
+    if process_group is not None:
         dist.destroy_process_group()
     print(json.dumps(result))
 

@@ -102,7 +102,7 @@ def build(config):
         features = torch.randn(num_nodes, features_width, device=device)
     labels = torch.randperm(train_classes, device=device)[:num_classes].repeat_interleave(per_class)
     # Past the first epoch, so that J_syn carries weight and hardness is below 1, as in training.
-    trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 30.0
+    model.generator.mean_metric_loss, model.generator.mean_generator_loss = 3.0, 30.0
     return trainer, features, labels, device
 
 
@@ -117,19 +117,20 @@ def run_child(config):
     result = measure_step(step, device, config["repeats"])
     result["matmul_ms"] = matmul_ms(step, device)
     with torch.no_grad():
-        shard = trainer.prepare(labels, trainer.model(features))[2]
-    print(json.dumps({**result, "edges": shard.num_edges}))
+        graph = trainer.batch_graph(labels, trainer.model(features))
+    print(json.dumps({**result, "edges": graph.shard.num_edges}))
 
 
 def _timed_phases(trainer, totals: dict) -> list:
     """Wraps the step's phases in wall-clock timers that add into `totals` (outermost phase only);
     returns what to undo."""
-    import gca_pyg.model as model_module
+    import gca_pyg.generator as generator_module
+    import gca_pyg.losses as losses_module
 
     targets = (
         [
-            ("net forward", model_module.GCAHNG, "correlate"),
-            ("synthesis", model_module.GCAHNG, "_synthesize"),
+            ("net forward", generator_module.HardNegativeGenerator, "correlate"),
+            ("synthesis", generator_module.HardNegativeGenerator, "synthesize"),
             ("backward", torch.Tensor, "backward"),
             ("clipping", torch.nn.utils, "clip_grad_value_"),
         ]
@@ -142,14 +143,12 @@ def _timed_phases(trainer, totals: dict) -> list:
             )
         ]
         + [
-            ("losses", model_module, name)
-            for name in (
-                "npair_loss",
-                "synthetic_npair_loss",
-                "synthetic_class_loss",
-                "similarity_loss",
-                "diversity_loss",
+            ("losses", module, name)
+            for module, names in (
+                (losses_module, ("npair_loss", "synthetic_npair_loss")),
+                (generator_module, ("synthetic_class_loss", "similarity_loss", "diversity_loss")),
             )
+            for name in names
         ]
     )
     active = []
@@ -187,12 +186,27 @@ def profile(config, rows: int = 25):
     for _ in range(2):
         trainer.training_step(features, labels)
     if device.type == "cuda":
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        trainer.training_step(features, labels)
+        torch.cuda.synchronize(device)
+        step_ms = (time.perf_counter() - start) * 1e3
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             trainer.training_step(features, labels)
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows))
+        averages = prof.key_averages()
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        print(
+            f"one step: {step_ms:.1f} ms of wall time, {len(kernels)} GPU kernels and copies "
+            f"busy for {busy_ms:.1f} ms of it ({100 * busy_ms / step_ms:.0f}%); the rest is "
+            "the host launching them and waiting"
+        )
+        print(averages.table(sort_by="self_device_time_total", row_limit=rows))
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
         return
 
     totals, repeats = {}, 3

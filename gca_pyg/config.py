@@ -27,6 +27,7 @@ from gca_pyg.backbones import (
 from gca_pyg.data import CLASS_SAMPLING, DATASETS
 from gca_pyg.errors import ConfigError
 from gca_pyg.graph import GraphConfig
+from gca_pyg.losses import METRIC_LOSSES, SYNTHETIC_PROXIES
 from gca_pyg.model import LossConfig, NetConfig
 from gca_pyg.trainer import LR_POLICIES, OptimConfig
 
@@ -85,6 +86,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16
     memory_format: str = "auto"  # auto (channels_last with bf16) | contiguous | channels_last
     seed: int = 0
+    # Deterministic kernels (torch.use_deterministic_algorithms): bit-for-bit repeatable runs and
+    # resumes on CUDA too, where sums by atomic adds otherwise vary in their last bits
+    deterministic: bool = False
     eval_every: int = 5  # epochs; the last epoch is always evaluated
     output_dir: str = "runs"
     # Under torchrun: auto (NCCL on CUDA, gloo on the CPU) | gloo | nccl
@@ -301,6 +305,8 @@ def _check_values(config: Config, source: str):
             ("auto", "contiguous", "channels_last"),
         ),
         "train.dist_backend": (config.train.dist_backend, ("auto", "gloo", "nccl")),
+        "loss.metric": (config.loss.metric, METRIC_LOSSES),
+        "loss.synthetic_proxies": (config.loss.synthetic_proxies, SYNTHETIC_PROXIES),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -346,6 +352,8 @@ def _check_values(config: Config, source: str):
         "train.eval_every": config.train.eval_every,
         "eval.batch_size": config.eval.batch_size,
         "train.dist_timeout": config.train.dist_timeout,
+        "loss.proxy_alpha": config.loss.proxy_alpha,
+        "optim.proxy_lr_ratio": config.optim.proxy_lr_ratio,
     }
     for key, value in positive.items():
         if value <= 0:

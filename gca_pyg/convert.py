@@ -56,10 +56,13 @@ __all__ = [
 OUR_PREFIXES = {
     "backbone": "backbone.trunk.",
     "embedding head": "embedding.",
-    "correlation net": "net.",
-    "correlation net layers": "net.convs.{layer}.",
-    "classifier": "classifier.",
+    "correlation net": "generator.net.",
+    "correlation net layers": "generator.net.convs.{layer}.",
+    "classifier": "generator.classifier.",
 }
+
+#: Where the metric loss keeps its own parameters (Proxy-Anchor's proxies; N-pair has none).
+METRIC_LOSS_PREFIX = "criterion."
 
 #: The authors' state-dict keys, by component: their key prefix -> our prefixes within the
 #: component (see :data:`OUR_PREFIXES`). Several: one of their tensors fills several of ours (a
@@ -156,7 +159,7 @@ def convert_state_dict(
             number of layers or any tensor's shape does not fit `model`.
     """
     state = _their_state(state_dict, source)
-    targets = model.state_dict()
+    targets = _weights(model)
     layers = sorted({int(key.split(".")[2]) for key in state if key.startswith("gnn.gnn.")})
     rules = sorted(_rules(layers), key=lambda rule: -len(rule[0]))
     weights: dict[str, Tensor] = {}
@@ -197,13 +200,27 @@ def convert_state_dict(
             )
             weights.update({key: targets[key] for key in missing})
             missing = []
+    own = [key for key in missing if key.startswith(METRIC_LOSS_PREFIX)]
+    if own:  # their released code trains N-pair, which has no parameters
+        notes.append(
+            f"{source} holds no parameters of the metric loss (Proxy-Anchor's proxies): they "
+            "start from a fresh initialisation"
+        )
+        weights.update({key: targets[key] for key in own})
+        missing = [key for key in missing if key not in own]
     if missing:
         raise ReferenceFormatError(
             f"{source} lacks what {missing[0]} of the config's network needs"
             + (f" (and {len(missing) - 1} more tensors)" if len(missing) > 1 else "")
             + f"; is it a complete GCA_HNG state dict of {_REPOSITORY} for this backbone?"
         )
-    return {key: weights[key] for key in targets}, notes
+    return {**model.state_dict(), **{key: weights[key] for key in targets}}, notes
+
+
+def _weights(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The tensors of `model`'s state dict: what a conversion fills (the generator's schedule
+    state, which is not a tensor, keeps the model's fresh value)."""
+    return {key: value for key, value in model.state_dict().items() if isinstance(value, Tensor)}
 
 
 def _class_rows(key: str, value: Tensor, weights: dict, targets: dict) -> bool:
@@ -409,7 +426,7 @@ def load_initial_weights(model: torch.nn.Module, path: Union[str, Path], config:
         source = f"{path} ({what})"
         check_fits(state, config, source)
         weights, notes = convert_state_dict(state, model, source, other_classes=True)
-    targets = model.state_dict()
+    targets = _weights(model)
     fresh = []
     for key, target in targets.items():
         value = weights.get(key)
@@ -423,7 +440,12 @@ def load_initial_weights(model: torch.nn.Module, path: Union[str, Path], config:
                     "network (e.g. its data.image_size)"
                 )
             fresh.append(key)
-    model.load_state_dict({key: targets[key] if key in fresh else weights[key] for key in targets})
+    model.load_state_dict(
+        {
+            **model.state_dict(),  # the generator's schedule state starts afresh: a new run
+            **{key: targets[key] if key in fresh else weights[key] for key in targets},
+        }
+    )
     for note in notes:
         warn(note)
     if fresh:

@@ -7,8 +7,8 @@ collectives below sum in both directions (forward values and backward gradients)
 ``loss.backward()`` the gradients averaged over the processes (:func:`average_gradients`) are
 exactly the single-process gradients of the global batch.
 
-Without ``torchrun`` (or with one process) :func:`setup` returns a context whose ``group`` is
-``None`` and every collective here is the identity.
+Without ``torchrun`` (or with one process) :func:`setup` returns a context whose
+``process_group`` is ``None`` and every collective here is the identity.
 """
 
 import os
@@ -29,12 +29,12 @@ __all__ = [
     "teardown",
     "all_reduce_sum",
     "all_reduce_max",
-    "gather_rows",
+    "all_gather_rows",
     "average_gradients",
     "average_buffers",
     "broadcast_parameters",
     "broadcast_tensor",
-    "world_size",
+    "rank_and_size",
 ]
 
 
@@ -46,13 +46,13 @@ class Context:
         rank: This process's rank, 0 for the single-process case.
         world_size: The number of processes (1 without ``torchrun``).
         device: This process's device.
-        group: The process group of the collectives, or ``None`` for one process.
+        process_group: The process group of the collectives, or ``None`` for one process.
     """
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    group: Optional[dist.ProcessGroup] = None
+    process_group: Optional[dist.ProcessGroup] = None
 
     @property
     def is_main(self) -> bool:
@@ -99,33 +99,36 @@ def setup(device: torch.device, backend: str = "auto", timeout_seconds: float = 
         )
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
-    return Context(rank=rank, world_size=world, device=device, group=dist.group.WORLD)
+    return Context(rank=rank, world_size=world, device=device, process_group=dist.group.WORLD)
 
 
 def teardown(context: Context):
     """Leaves the process group (a no-op for one process)."""
-    if context.group is not None and dist.is_initialized():
+    if context.process_group is not None and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def world_size(group: Optional[dist.ProcessGroup]) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+def rank_and_size(process_group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    """This process's rank in `process_group` and the group's size; ``(0, 1)`` for ``None``."""
+    if process_group is None:
+        return 0, 1
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over processes; the gradient is summed over processes too."""
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:
-        ctx.group = group
+    def forward(ctx, tensor: Tensor, process_group) -> Tensor:
+        ctx.process_group = process_group
         out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
+        dist.all_reduce(out, group=process_group)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
+        dist.all_reduce(grad, group=ctx.process_group)
         return grad, None
 
 
@@ -134,129 +137,134 @@ class _GatherRows(torch.autograd.Function):
     over processes."""
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:
-        ctx.group = group
-        out, ctx.offsets = _gather(tensor, group)
-        ctx.rank = dist.get_rank(group)
+    def forward(ctx, tensor: Tensor, process_group) -> Tensor:
+        ctx.process_group = process_group
+        out, ctx.offsets = _gather(tensor, process_group)
+        ctx.rank = dist.get_rank(process_group)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
+        dist.all_reduce(grad, group=ctx.process_group)
         return grad[ctx.offsets[ctx.rank] : ctx.offsets[ctx.rank + 1]], None
 
 
-def _gather(tensor: Tensor, group) -> tuple[Tensor, list[int]]:
+def _gather(tensor: Tensor, process_group) -> tuple[Tensor, list[int]]:
     """All processes' rows (their counts may differ) and the row offset of each process."""
     counts = [
         torch.zeros(1, dtype=torch.long, device=tensor.device)
-        for _ in range(dist.get_world_size(group))
+        for _ in range(dist.get_world_size(process_group))
     ]
-    dist.all_gather(counts, torch.tensor([tensor.size(0)], device=tensor.device), group=group)
+    dist.all_gather(
+        counts, torch.tensor([tensor.size(0)], device=tensor.device), group=process_group
+    )
     counts = [int(count) for count in counts]
     padded = tensor.new_zeros(max(counts), *tensor.shape[1:])
     padded[: tensor.size(0)] = tensor
     parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded, group=group)
+    dist.all_gather(parts, padded, group=process_group)
     offsets = [0]
     for count in counts:
         offsets.append(offsets[-1] + count)
     return torch.cat([part[:count] for part, count in zip(parts, counts)]), offsets
 
 
-def all_reduce_sum(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
-    """The sum of `tensor` over the processes of `group`, differentiable; identity for ``None``."""
-    if group is None:
+def all_reduce_sum(tensor: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """The sum of `tensor` over the processes of `process_group`, differentiable; the identity
+    for ``None``."""
+    if process_group is None:
         return tensor
-    return _AllReduceSum.apply(tensor, group)
+    return _AllReduceSum.apply(tensor, process_group)
 
 
-def all_reduce_max(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+def all_reduce_max(tensor: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:
     """The elementwise maximum over processes, without gradient (for numerical stabilisers)."""
-    if group is None:
+    if process_group is None:
         return tensor
     out = tensor.detach().clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=process_group)
     return out
 
 
-def gather_rows(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+def all_gather_rows(tensor: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:
     """Every process's rows, rank by rank, differentiable; the processes' row counts may differ."""
-    if group is None:
+    if process_group is None:
         return tensor
     if tensor.requires_grad:
-        return _GatherRows.apply(tensor, group)
-    return _gather(tensor.detach(), group)[0]
+        return _GatherRows.apply(tensor, process_group)
+    return _gather(tensor.detach(), process_group)[0]
 
 
 def average_gradients(
-    parameters: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup] = None
+    parameters: Iterable[torch.nn.Parameter], process_group: Optional[dist.ProcessGroup] = None
 ):
     """Replaces every gradient by its mean over the processes (one flat all-reduce)."""
-    _average_in_place([p.grad for p in parameters if p.grad is not None], group)
+    _average_in_place([p.grad for p in parameters if p.grad is not None], process_group)
 
 
-def average_buffers(module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None):
+def average_buffers(module: torch.nn.Module, process_group: Optional[dist.ProcessGroup] = None):
     """Replaces every floating-point buffer (BatchNorm running statistics) by its mean over the
     processes, so that all of them hold the same model."""
-    _average_in_place([b for b in module.buffers() if b.is_floating_point()], group)
+    _average_in_place([b for b in module.buffers() if b.is_floating_point()], process_group)
 
 
-def _average_in_place(tensors: list[Tensor], group: Optional[dist.ProcessGroup]):
-    if group is None or not tensors:
+def _average_in_place(tensors: list[Tensor], process_group: Optional[dist.ProcessGroup]):
+    if process_group is None or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
+    dist.all_reduce(flat, group=process_group)
+    flat /= dist.get_world_size(process_group)
     offset = 0
     for tensor in tensors:
         tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
         offset += tensor.numel()
 
 
-def broadcast_parameters(module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None):
+def broadcast_parameters(
+    module: torch.nn.Module, process_group: Optional[dist.ProcessGroup] = None
+):
     """Copies rank 0's parameters and buffers to every process."""
-    if group is None:
+    if process_group is None:
         return
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(tensor.data, src=0, group=group)
+            dist.broadcast(tensor.data, src=0, group=process_group)
 
 
-def broadcast_tensor(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+def broadcast_tensor(tensor: Tensor, process_group: Optional[dist.ProcessGroup] = None) -> Tensor:
     """Rank 0's `tensor` on every process, whatever the others hold (same number of dimensions,
     any sizes), so that all of them go on with one value; the identity without a group."""
-    if group is None:
+    if process_group is None:
         return tensor
     shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)
-    dist.broadcast(shape, src=0, group=group)
-    if dist.get_rank(group) == 0:
+    dist.broadcast(shape, src=0, group=process_group)
+    if dist.get_rank(process_group) == 0:
         tensor = tensor.contiguous()
     else:
         tensor = tensor.new_empty(shape.tolist())
-    dist.broadcast(tensor, src=0, group=group)
+    dist.broadcast(tensor, src=0, group=process_group)
     return tensor
 
 
-def all_gather_objects(value, group: Optional[dist.ProcessGroup] = None) -> list:
+def all_gather_objects(value, process_group: Optional[dist.ProcessGroup] = None) -> list:
     """Every process's `value` (any picklable object), rank by rank."""
-    if group is None:
+    if process_group is None:
         return [value]
-    values = [None] * dist.get_world_size(group)
-    dist.all_gather_object(values, value, group=group)
+    values = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(values, value, group=process_group)
     return values
 
 
 def any_process(
     flag: bool,
-    group: Optional[dist.ProcessGroup] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
     device: Optional[torch.device] = None,
 ) -> bool:
     """True on every process if `flag` is True on any of them (e.g. a Ctrl-C seen by one)."""
-    if group is None:
+    if process_group is None:
         return flag
     device = device if device is not None else torch.device("cpu")
     value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=process_group)
     return bool(value.item())

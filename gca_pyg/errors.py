@@ -1,10 +1,31 @@
-"""User-facing errors.
+"""User-facing errors and warnings.
 
 Every error a person can fix themselves (a missing dataset, a wrong folder, a bad config value, an
 unavailable download) is a :class:`GcaError` whose message is one line: what was wrong, where, and
 what to do. The command-line entry points print that line and exit non-zero without a traceback;
-library users catch the subclass they care about.
+library users catch the subclass they care about (:func:`exit_status` is that rule for a command).
+:func:`warn` prints a one-line warning the same way.
 """
+
+import sys
+from typing import Any, Callable
+
+
+def exit_status(command: Callable[[], Any]) -> int:
+    """Runs a command's body: 0 when it returns, 2 with its one-line message on standard error when
+    it raises a :class:`GcaError`."""
+    try:
+        command()
+    except GcaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def warn(message: str):
+    """Prints ``warning: message`` to standard error: something the user should know that does not
+    stop the command."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 class GcaError(Exception):

@@ -12,17 +12,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from gca_pyg.checkpoint import load_checkpoint
-from gca_pyg.config import Config, add_override_argument, apply_overrides
-from gca_pyg.errors import ConfigError, GcaError
-from gca_pyg.pipeline import (
-    build_model,
-    build_test_data,
-    embed_test_data,
-    format_metrics,
-    resolve_device,
-    test_metrics,
-)
+from gca_pyg.config import add_override_argument
+from gca_pyg.errors import ConfigError, exit_status
+from gca_pyg.pipeline import build_test_data, embed_test_data, format_metrics, test_metrics
+from gca_pyg.runs import open_checkpoint
 from gca_pyg.runtime import retain_freed_memory
 
 EXPORT_FORMATS = (".npz", ".pt")
@@ -55,19 +48,13 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         raise ConfigError(
             f"--export {args.export}: use a file name ending in {' or '.join(EXPORT_FORMATS)}"
         )
-    state = load_checkpoint(args.checkpoint)
-    config = Config.from_dict(
-        apply_overrides(state["config"], args.overrides, args.data_root),
-        source=f"the checkpoint {args.checkpoint}",
-    )
-    device = resolve_device(config.train.device)
-    model = build_model(config, len(state["classes"]), device, load_weights=False)
-    model.load_state_dict(state["model"])
+    checkpoint = open_checkpoint(args.checkpoint, args.overrides, args.data_root)
+    config = checkpoint.config
+    model = checkpoint.build_model()
     test_data = build_test_data(config)
     embedded = embed_test_data(model, test_data, config)
     metrics = test_metrics(embedded, config.eval.ks)
-    origin = state.get("converted_from")  # python -m gca_pyg.convert
-    when = f"converted from {origin}" if origin else f"after epoch {state['training']['epoch']}"
+    when = checkpoint.provenance
     print(
         f"{config.name}, checkpoint {args.checkpoint} ({when}): retrieval on "
         f"{test_data.describe()} (%)"
@@ -89,12 +76,8 @@ def _export(arrays: dict[str, torch.Tensor], path: Path):
 
 def main(argv: Optional[list[str]] = None) -> int:
     retain_freed_memory()
-    try:
-        run(parse_args(argv))
-    except GcaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    args = parse_args(argv)
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

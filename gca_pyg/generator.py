@@ -1,241 +1,304 @@
-"""Channel-adaptive synthesis of hard negatives (docs/method.md, "Synthesis").
+r"""GCA-HNG's hard-negative generator, written once (docs/method.md, "The generator").
 
-:func:`synthesize_negatives` moves one negative towards its anchor, channel by channel;
-:func:`synthesize_groups` does it for (anchor, class) groups of a class-balanced batch and merges
-the K samples of the class into one synthetic sample per group; :func:`synthesize_batch` is the
-same for every group, from dense fusion weights; :func:`hardness_from_loss` is the hardness
-schedule.
+:class:`HardNegativeGenerator` owns everything of GCA-HNG that is not the embedding network or the
+metric loss: the :class:`~gca_pyg.nn.CorrelationNet`, the softmax classifier, correlation →
+fusion weights → synthesis, the generator's losses (:math:`J_{gen}`, :math:`J_{gce}`,
+:math:`J_{cls}`) and the schedules that tie it to the metric loss (hardness and synthetic weight,
+from the running means :math:`\bar{J}_m` and :math:`\bar{J}_{gen}`). Two front-ends use it:
+:class:`~gca_pyg.model.GCAHNG` (the built-in trainer) and
+:class:`~gca_pyg.pml.GCANegativeGenerator` (pytorch-metric-learning losses).
 """
 
 import math
-from typing import Optional, Union
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
-from gca_pyg.layout import ClassLayout, class_layout
-from gca_pyg.utils import gather_rows
+from gca_pyg.graph import BatchGraph
+from gca_pyg.losses import diversity_loss, similarity_loss, synthetic_class_loss
+from gca_pyg.nn import CorrelationNet
+from gca_pyg.synthesis import SyntheticSamples, draw_mix, hardness_from_loss, synthesize_groups
+from gca_pyg.utils import autocast, gather_rows
 
-__all__ = [
-    "synthesize_negatives",
-    "synthesize_groups",
-    "synthesize_batch",
-    "draw_mix",
-    "hardness_from_loss",
-]
+__all__ = ["HardNegativeGenerator", "INITIAL_MEAN_LOSS"]
 
-
-def synthesize_negatives(
-    anchor: Tensor,
-    positive: Tensor,
-    negative: Tensor,
-    weights: Tensor,
-    hardness: Union[float, Tensor],
-    eps: float = 1e-12,
-) -> Tensor:
-    r"""Moves each negative towards its anchor, each channel by its own learned ratio.
-
-    With :math:`d^+ = \lVert \mathbf{a} - \mathbf{p} \rVert_2` and
-    :math:`d^- = \lVert \mathbf{a} - \mathbf{n} \rVert_2`,
-
-    .. math::
-        \mathbf{r} = \frac{d^+ + (d^- - d^+)\,\boldsymbol{\lambda}\,h}{d^-}, \qquad
-        \tilde{\mathbf{n}} = \mathbf{a} + (\mathbf{n} - \mathbf{a}) \odot \mathbf{r},
-
-    so :math:`\boldsymbol{\lambda} h = 0` puts :math:`\tilde{\mathbf{n}}` at distance
-    :math:`d^+` from the anchor and :math:`\boldsymbol{\lambda} h = 1` returns
-    :math:`\mathbf{n}`. A negative that is already hard (:math:`d^+ \ge d^-`, which includes
-    :math:`d^- = 0`) is returned unchanged.
-
-    Args:
-        anchor, positive, negative: Rows of shape :math:`(M, D)` (or shapes that broadcast).
-        weights: Per-channel fusion weights :math:`\boldsymbol{\lambda} \in (0, 1)`, :math:`(M, D)`.
-        hardness: :math:`h`, a float or a tensor of shape :math:`(M,)`.
-        eps: Lower bound of :math:`d^-` in the division, so gradients stay finite at
-            :math:`d^- = 0`.
-
-    Returns:
-        The synthetic negatives :math:`(M, D)`; differentiable in every input.
-    """
-    if isinstance(hardness, Tensor) and hardness.dim() == 1:
-        hardness = hardness.unsqueeze(-1)
-    d_pos = torch.linalg.vector_norm(anchor - positive, dim=-1, keepdim=True)
-    offset = negative - anchor
-    d_neg = torch.linalg.vector_norm(offset, dim=-1, keepdim=True)
-    # r = d+/d- + (1 - d+/d-) h lambda: per-row scalars times the per-channel weights. The clamp
-    # keeps the branch a hard negative does not use finite: no NaN leaks into gradients at d- = 0.
-    base = d_pos / d_neg.clamp_min(eps)
-    moved = anchor + offset * (base + (1.0 - base) * hardness * weights)
-    return torch.where(d_pos >= d_neg, negative, moved)
+#: :math:`\bar{J}_m` and :math:`\bar{J}_{gen}` before the first epoch has ended: hardness ≈ 1
+#: (synthetic negatives stay on the real ones) and a synthetic weight ≈ 0.
+INITIAL_MEAN_LOSS = 1e6
+#: Each step's loss is floored here before it enters a running mean, so a mean is never 0.
+MIN_STEP_LOSS = 1e-6
 
 
-def synthesize_groups(
-    embeddings: Tensor,
-    layout: ClassLayout,
-    anchor: Tensor,
-    target_class: Tensor,
-    weights: Tensor,
-    hardness: Union[float, Tensor],
-    mix: Tensor,
-    mask: Optional[Tensor] = None,
-) -> Tensor:
-    r"""One synthetic sample per (anchor, class) group, merging the class's :math:`K` samples.
+class HardNegativeGenerator(torch.nn.Module):
+    r"""Globally correlation-aware synthesis of hard negatives (`"Globally Correlation-Aware Hard
+    Negative Generation" <https://arxiv.org/abs/2411.13145>`_, IJCV 2025).
 
-    For anchor :math:`i` (its positive is the next sample of its class, see
-    :func:`~gca_pyg.layout.class_layout`) and class :math:`c` with samples
-    :math:`n_0, \dots, n_{K-1}` in batch order, each :math:`n_k` is moved by
-    :func:`synthesize_negatives` with its own weights :math:`\boldsymbol{\lambda}_{i n_k}`, and the
-    :math:`K` results are merged in order,
+    A :class:`~gca_pyg.nn.CorrelationNet` on the batch graph (:class:`~gca_pyg.graph.BatchGraph`)
+    gives per-channel fusion weights :math:`\boldsymbol{\lambda}_{ij}`, and every (anchor
+    :math:`i`, class :math:`c`) group of the graph gets one synthetic sample
+    (:func:`~gca_pyg.synthesis.synthesize_groups`),
 
     .. math::
-        \tilde{\mathbf{n}}_c \leftarrow \tilde{\mathbf{n}}_k + u_{r(i),k} (\tilde{\mathbf{n}}_c -
-        \tilde{\mathbf{n}}_k), \quad k = 1, \dots, K-1,
+        \tilde{\mathbf{n}}_{i,c} = \mathbf{a}_i + (\mathbf{n} - \mathbf{a}_i) \odot
+        \frac{d^+ + (d^- - d^+)\,\boldsymbol{\lambda}_{i n}\,h}{d^-},
+        \qquad h = \exp(-\alpha / \bar{J}_m),
 
-    starting from :math:`\tilde{\mathbf{n}}_c = \tilde{\mathbf{n}}_0`, where :math:`r(i)` is the
-    anchor's position in its class: one coefficient per (anchor block, k), as the reference draws
-    them. A group whose class is the anchor's own mixes the anchor's classmates with the weights of
-    the positive edges (the anchor itself comes back unchanged, :math:`d^- = 0`).
+    merged over the :math:`K` samples :math:`\mathbf{n}` of class :math:`c`. The generator is
+    trained by
 
-    On a sparse graph (:obj:`mask`) only the samples joined to the anchor are merged, in the same
-    order and with the same coefficients: the first of them starts the merge and every further one,
-    :math:`k`, applies the step above with :math:`u_{r(i),k}`. With every sample joined this is the
-    merge above, bit for bit.
+    .. math::
+        J_{gen} = \tfrac12 (J_{ce} + w_{sim} J_{sim} + w_{div} J_{div})
 
-    Args:
-        embeddings: :math:`(N, D)`.
-        layout: The batch's :class:`~gca_pyg.layout.ClassLayout`.
-        anchor: Anchor node of every group, :math:`(G,)`.
-        target_class: Class row (in ``layout.classes``) of every group, :math:`(G,)`.
-        weights: Fusion weights of the group's :math:`K` edges, :math:`(G, K, D)`; with
-            :obj:`mask`, those of the joined samples only, :math:`(M, D)` for the :math:`M` True
-            entries of the mask in row-major order (``weights[mask]`` of the full tensor).
-        hardness: :math:`h` (see :func:`hardness_from_loss`).
-        mix: Merge coefficients :math:`u`, :math:`(K, K - 1)` (see :func:`draw_mix`).
-        mask: Bool :math:`(G, K)`, True for the samples joined to the anchor (at least one per
-            group); all if omitted. Only the joined samples are moved, so memory grows with
-            :math:`M`, not :math:`G K`.
+    (:meth:`generator_loss`, on detached embeddings), the net's node classifier by
+    :math:`J_{gce}` and the softmax classifier behind :math:`J_{ce}` by :math:`J_{cls}`
+    (:meth:`classifier_loss`). The metric loss weighs its synthetic term by
+    :attr:`synthetic_weight` :math:`= 1 - \exp(-\beta / \bar{J}_{gen})`.
 
-    Returns:
-        The synthetic samples :math:`(G, D)`.
-    """
-    samples_per_class = layout.samples_per_class
-    if mix.shape != (samples_per_class, samples_per_class - 1):
-        raise ValueError(
-            f"mix must have shape (K, K - 1) = ({samples_per_class}, "
-            f"{samples_per_class - 1}), got {tuple(mix.shape)}"
-        )
-    dim = embeddings.size(1)
-    coefficients = mix.to(embeddings.dtype)[layout.rank[anchor]]  # (G, K - 1)
-    if mask is None:
-        anchors = gather_rows(embeddings, anchor).unsqueeze(1)
-        positives = gather_rows(embeddings, layout.positive_index()[anchor]).unsqueeze(1)
-        negatives = gather_rows(embeddings, layout.members[target_class])
-        moved = synthesize_negatives(
-            anchors, positives, negatives, weights.view(-1, samples_per_class, dim), hardness
-        )
-        # unbind, not moved[:, k]: its backward writes one buffer, not K zero-filled ones.
-        first, *rest = moved.unbind(1)
-        synthetic = first
-        for k, sample in enumerate(rest, 1):  # K is small: a loop over a class's samples
-            synthetic = sample + coefficients[:, k - 1 : k] * (synthetic - sample)
-        return synthetic
-
-    # Only the joined samples are moved: one row per True of the mask, in row-major order.
-    group, member = mask.nonzero(as_tuple=True)
-    if isinstance(hardness, Tensor) and hardness.dim() == 1:
-        hardness = hardness[group]
-    moved_rows = synthesize_negatives(
-        gather_rows(embeddings, anchor[group]),
-        gather_rows(embeddings, layout.positive_index()[anchor[group]]),
-        gather_rows(embeddings, layout.members[target_class[group], member]),
-        weights,
-        hardness,
-    )
-    row = torch.zeros_like(mask, dtype=torch.long)
-    row[group, member] = torch.arange(group.numel(), device=mask.device)
-    synthetic = gather_rows(moved_rows, row[:, 0])
-    started = mask[:, :1]  # whether a joined sample has been merged
-    for k in range(1, samples_per_class):
-        moved = gather_rows(moved_rows, row[:, k])
-        merged = moved + coefficients[:, k - 1 : k] * (synthetic - moved)
-        joined = mask[:, k : k + 1]
-        synthetic = torch.where(joined, torch.where(started, merged, moved), synthetic)
-        started = started | joined
-    return synthetic
-
-
-def draw_mix(
-    samples_per_class: int,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[torch.device] = None,
-) -> Tensor:
-    r"""The merge coefficients :math:`u \sim U(0, 1)` of :func:`synthesize_groups`, one per
-    (anchor block, k): shape :math:`(K, K - 1)`. Drawn on the CPU from `generator`, so every
-    process of a distributed run draws the same values."""
-    mix = torch.rand(samples_per_class, samples_per_class - 1, generator=generator)
-    return mix.to(device) if device is not None else mix
-
-
-def synthesize_batch(
-    embeddings: Tensor,
-    labels: Tensor,
-    fusion_weights: Tensor,
-    hardness: float,
-    *,
-    mix: Optional[Tensor] = None,
-    include_own_class: bool = False,
-    layout: Optional[ClassLayout] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Synthetic hard negatives of a class-balanced batch from dense fusion weights.
-
-    One synthetic sample per (anchor, other class), or per (anchor, class) with
-    :obj:`include_own_class`, built by :func:`synthesize_groups`.
+    The schedule state — :math:`\bar{J}_m`, :math:`\bar{J}_{gen}` and this epoch's sums behind them
+    (:meth:`record`, :meth:`end_epoch`) — travels with :meth:`state_dict`, so a checkpoint resumes
+    it exactly.
 
     Args:
-        embeddings: :math:`(N, D)`.
-        labels: :math:`(N,)`; every class exactly :math:`K \ge 2` times.
-        fusion_weights: Dense :math:`(N, N, D)` weights, ``[i, j]`` for anchor :math:`i` and
-            sample :math:`j` (see :func:`gca_pyg.graph.to_dense_edges`).
-        hardness: :math:`h` (see :func:`hardness_from_loss`).
-        mix: Merge coefficients :math:`(K, K - 1)`; drawn from :math:`U(0, 1)` if omitted.
-        include_own_class: Also synthesise each anchor's own class (its rows then carry the
-            anchor's label: not negatives). (default: :obj:`False`)
-        layout: The batch's :class:`~gca_pyg.layout.ClassLayout`, if already derived.
-
-    Returns:
-        ``(synthetic, synthetic_labels, anchor_index)``: :math:`(N (C-1), D)` samples (:math:`N C`
-        with :obj:`include_own_class`), the class each stands for, and the batch index of its
-        anchor; rows are grouped by anchor (batch order), then by class (ascending), so any loss
-        taking ``(embeddings, labels)`` can consume them.
-
-    Raises:
-        ValueError: If the batch is not class-balanced, naming the class counts.
+        embedding_size (int): :math:`D`.
+        num_classes (int): Training classes (node classifier and softmax classifier).
+        num_layers (int, optional): :class:`~gca_pyg.nn.EdgeNodeConv` layers. (default: :obj:`2`)
+        heads (int, optional): Attention heads per layer. (default: :obj:`4`)
+        dropout (float, optional): Dropout of the edge attention. (default: :obj:`0.1`)
+        alpha (float, optional): :math:`\alpha` of the hardness, on the scale of the metric loss
+            (:math:`h = e^{-1}` when :math:`\bar{J}_m = \alpha`). (default: :obj:`5.0`)
+        beta (float, optional): :math:`\beta` of the synthetic weight. (default: :obj:`20.0`)
+        w_sim (float, optional): :math:`w_{sim}`. (default: :obj:`20.0`)
+        w_div (float, optional): :math:`w_{div}`. (default: :obj:`60.0`)
+        generator_ce_scale (float, optional): Scale of :math:`J_{ce}`. (default: :obj:`20.0`)
+        classifier_scale (float, optional): Scale of :math:`J_{cls}`. (default: :obj:`10.0`)
+        amp_dtype (torch.dtype, optional): Autocast dtype of the net's forward pass, or
+            :obj:`None` for full precision. (default: :obj:`None`)
+        process_group (torch.distributed.ProcessGroup, optional): The processes that share each
+            batch graph's pairs (bound into the net once, here). (default: :obj:`None`)
     """
-    num_nodes = embeddings.size(0)
-    if fusion_weights.shape != (num_nodes, num_nodes, embeddings.size(1)):
-        raise ValueError(
-            f"fusion_weights must be dense [N, N, D] = [{num_nodes}, {num_nodes}, "
-            f"{embeddings.size(1)}], got {tuple(fusion_weights.shape)}; densify per-edge weights "
-            "with gca_pyg.graph.to_dense_edges"
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        num_layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.1,
+        *,
+        alpha: float = 5.0,
+        beta: float = 20.0,
+        w_sim: float = 20.0,
+        w_div: float = 60.0,
+        generator_ce_scale: float = 20.0,
+        classifier_scale: float = 10.0,
+        amp_dtype: Optional[torch.dtype] = None,
+        process_group: Optional[ProcessGroup] = None,
+    ):
+        super().__init__()
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.alpha, self.beta = alpha, beta
+        self.w_sim, self.w_div = w_sim, w_div
+        self.generator_ce_scale, self.classifier_scale = generator_ce_scale, classifier_scale
+        self.amp_dtype = amp_dtype
+        self.process_group = process_group
+        self.net = CorrelationNet(
+            embedding_size,
+            num_classes,
+            num_layers=num_layers,
+            heads=heads,
+            dropout=dropout,
+            process_group=process_group,
         )
-    layout = layout if layout is not None else class_layout(labels)
-    if mix is None:
-        mix = draw_mix(layout.samples_per_class, device=embeddings.device)
-    num_classes = layout.num_classes
-    anchor = torch.arange(num_nodes, device=embeddings.device).repeat_interleave(num_classes)
-    target_class = torch.arange(num_classes, device=embeddings.device).repeat(num_nodes)
-    if not include_own_class:
-        keep = target_class != layout.class_index[anchor]
-        anchor, target_class = anchor[keep], target_class[keep]
-    edges = anchor.unsqueeze(1) * num_nodes + layout.members[target_class]
-    weights = gather_rows(fusion_weights.reshape(num_nodes * num_nodes, -1), edges)
-    synthetic = synthesize_groups(embeddings, layout, anchor, target_class, weights, hardness, mix)
-    return synthetic, layout.classes[target_class], anchor
+        self.classifier = torch.nn.Linear(embedding_size, num_classes)
+        self.mean_metric_loss = INITIAL_MEAN_LOSS
+        self.mean_generator_loss = INITIAL_MEAN_LOSS
+        self._sums = {"metric": 0.0, "generator": 0.0}
+        self._counts = {"metric": 0, "generator": 0}
 
+    @property
+    def device(self) -> torch.device:
+        return self.classifier.weight.device
 
-def hardness_from_loss(alpha: float, mean_metric_loss: float) -> float:
-    r"""The hardness factor :math:`h = \exp(-\alpha / \bar{J}_m)` of :func:`synthesize_negatives`.
+    # -- schedules -----------------------------------------------------------------------------
+    @property
+    def hardness(self) -> float:
+        r"""The hardness :math:`h = \exp(-\alpha / \bar{J}_m)` of synthesis."""
+        return hardness_from_loss(self.alpha, self.mean_metric_loss)
 
-    While the metric loss is high, :math:`h \approx 1` and synthetic negatives stay near the real
-    ones; as it falls, :math:`h \to 0` and they are pulled in towards the positive's distance."""
-    return math.exp(-alpha / mean_metric_loss)
+    @property
+    def synthetic_weight(self) -> float:
+        r"""The weight :math:`w = 1 - \exp(-\beta / \bar{J}_{gen})` of the metric loss's
+        synthetic term: about 0 until the generator's mean loss is known."""
+        return 1.0 - math.exp(-self.beta / self.mean_generator_loss)
+
+    def record(self, metric_loss: Optional[float] = None, generator_loss: Optional[float] = None):
+        """Adds one step's :math:`J_m` and/or :math:`J_{gen}` (floored at 1e-6) to this epoch's
+        running means."""
+        for name, value in (("metric", metric_loss), ("generator", generator_loss)):
+            if value is not None:
+                self._sums[name] += max(float(value), MIN_STEP_LOSS)
+                self._counts[name] += 1
+
+    def end_epoch(self, mean_metric_loss: Optional[float] = None):
+        r"""Rolls :math:`\bar{J}_m` and :math:`\bar{J}_{gen}` over the steps :meth:`record`ed since
+        the last call (a mean without steps stays as it was), or sets :math:`\bar{J}_m` to
+        `mean_metric_loss` when given."""
+        if mean_metric_loss is not None:
+            self.mean_metric_loss = float(mean_metric_loss)
+        elif self._counts["metric"]:
+            self.mean_metric_loss = self._sums["metric"] / self._counts["metric"]
+        if self._counts["generator"]:
+            self.mean_generator_loss = self._sums["generator"] / self._counts["generator"]
+        self._sums = {"metric": 0.0, "generator": 0.0}
+        self._counts = {"metric": 0, "generator": 0}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "mean_metric_loss": self.mean_metric_loss,
+            "mean_generator_loss": self.mean_generator_loss,
+            "sums": dict(self._sums),
+            "counts": dict(self._counts),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]):
+        self.mean_metric_loss = float(state["mean_metric_loss"])
+        self.mean_generator_loss = float(state["mean_generator_loss"])
+        self._sums = {name: float(value) for name, value in state["sums"].items()}
+        self._counts = {name: int(value) for name, value in state["counts"].items()}
+
+    # -- correlation and synthesis -------------------------------------------------------------
+    def correlate(
+        self, embeddings: Tensor, graph: BatchGraph, *, detach_fusion: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        r"""The net on the graph of `embeddings`: node logits :math:`(N, C_{train})` and the
+        fusion weights of this process's pairs :math:`(E_r, D)`, in the parameters' dtype.
+
+        Args:
+            detach_fusion: Compute the fusion weights without autograd (see
+                :class:`~gca_pyg.nn.CorrelationNet`).
+        """
+        data = graph.data(embeddings)
+        with autocast(self.device, self.amp_dtype):
+            node_logits, fusion = self.net(
+                data.x,
+                data.edge_index,
+                data.edge_attr,
+                data.neg_mask,
+                undirected=True,
+                detach_fusion=detach_fusion,
+            )
+        dtype = self.classifier.weight.dtype  # autocast may have produced bf16
+        return node_logits.to(dtype), fusion.to(dtype)
+
+    def synthesize(
+        self,
+        embeddings: Tensor,
+        graph: BatchGraph,
+        fusion: Tensor,
+        mix: Optional[Tensor] = None,
+        *,
+        own_class: bool = False,
+    ) -> SyntheticSamples:
+        """The synthetic samples of this process's groups, at the current :attr:`hardness`.
+
+        Args:
+            embeddings: The batch :math:`(N, D)`.
+            graph: The step's :class:`~gca_pyg.graph.BatchGraph`.
+            fusion: The fusion weights of its pairs, from :meth:`correlate`.
+            mix: Merge coefficients :math:`(K, K - 1)` (:func:`~gca_pyg.synthesis.draw_mix`);
+                drawn from torch's generator if omitted.
+            own_class: Also the groups of each anchor's own class (not negatives).
+        """
+        layout, shard = graph.layout, graph.shard
+        if mix is None:
+            mix = draw_mix(layout.samples_per_class, device=embeddings.device)
+        anchor, target_class, edges, mask = (
+            shard.anchor,
+            shard.target_class,
+            shard.edges,
+            shard.mask,
+        )
+        if not own_class:
+            keep = target_class != layout.class_index[anchor]
+            anchor, target_class, edges = anchor[keep], target_class[keep], edges[keep]
+            mask = None if mask is None else mask[keep]
+        weights = gather_rows(fusion, edges if mask is None else edges[mask])
+        synthetic = synthesize_groups(
+            embeddings, layout, anchor, target_class, weights, self.hardness, mix, mask
+        )
+        return SyntheticSamples(embeddings=synthetic, anchor=anchor, class_index=target_class)
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        graph: BatchGraph,
+        mix: Optional[Tensor] = None,
+        *,
+        synthesize: bool = True,
+    ) -> tuple[Optional[SyntheticSamples], Tensor]:
+        r"""The generator's part of the metric update: the synthetic negatives of `embeddings`
+        (differentiable in them; the fusion weights are computed without autograd, so the metric
+        loss never trains the net through them) and :math:`J_{gce} = \mathrm{CE}(\text{node
+        logits}, y)`, which trains the net (and, through the graph, the embeddings).
+
+        Returns:
+            ``(negatives, j_gce)``; `negatives` is :obj:`None` with `synthesize` off.
+        """
+        node_logits, fusion = self.correlate(embeddings, graph, detach_fusion=True)
+        j_gce = F.cross_entropy(node_logits, graph.labels)
+        negatives = self.synthesize(embeddings, graph, fusion, mix) if synthesize else None
+        return negatives, j_gce
+
+    # -- the generator's own losses ------------------------------------------------------------
+    def generator_loss(
+        self,
+        embeddings: Tensor,
+        graph: BatchGraph,
+        mix: Optional[Tensor] = None,
+        *,
+        node_loss: bool = False,
+    ) -> dict[str, Tensor]:
+        r""":math:`J_{gen} = \tfrac12 (J_{ce} + w_{sim} J_{sim} + w_{div} J_{div})` on detached
+        embeddings, for the net alone. :math:`J_{ce}` covers every group (own class included),
+        :math:`J_{sim}` the other-class ones (see :mod:`gca_pyg.losses` for the sparse graph).
+
+        Args:
+            node_loss: Also return :math:`J_{gce}` of the same forward pass.
+
+        Returns:
+            ``J_gen``, ``J_ce``, ``J_sim``, ``J_div`` (and ``J_gce``) by name.
+        """
+        embeddings = embeddings.detach()
+        node_logits, fusion = self.correlate(embeddings, graph)
+        synthetic = self.synthesize(embeddings, graph, fusion, mix, own_class=True)
+        j_ce = synthetic_class_loss(
+            synthetic, graph, self._frozen_classifier, self.generator_ce_scale
+        )
+        j_sim = similarity_loss(embeddings, synthetic, graph)
+        j_div = diversity_loss(fusion, graph)
+        j_gen = 0.5 * (j_ce + self.w_sim * j_sim + self.w_div * j_div)
+        losses = {"J_gen": j_gen, "J_ce": j_ce, "J_sim": j_sim, "J_div": j_div}
+        if node_loss:
+            losses["J_gce"] = F.cross_entropy(node_logits, graph.labels)
+        return losses
+
+    def classifier_loss(self, embeddings: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        r""":math:`J_{cls} = 10\,\mathrm{CE}(W_s z, y)` on detached embeddings: trains the softmax
+        classifier that :math:`J_{ce}` reads."""
+        j_cls = self.classifier_scale * F.cross_entropy(
+            self.classifier(embeddings.detach()), labels
+        )
+        return {"J_cls": j_cls}
+
+    def _frozen_classifier(self, x: Tensor) -> Tensor:
+        """The softmax classifier as a fixed function: :math:`J_{ce}` must not train it."""
+        return F.linear(x, self.classifier.weight.detach(), self.classifier.bias.detach())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.embedding_size}, num_classes={self.num_classes}, alpha={self.alpha}, "
+            f"beta={self.beta}"
+        )

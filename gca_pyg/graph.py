@@ -12,23 +12,29 @@ lies on one process.
 For large batches the graph can be sparse (``graph.neighbors: k``): :func:`knn_pairs` keeps each
 node's :math:`k` most similar samples and all of its classmates, and :func:`sparse_shard` derives
 the (anchor, class) groups of those pairs.
+
+:class:`BatchGraph` is what one training step knows of its batch: the labels, their class layout,
+this process's pairs and groups, and the process group. It is built once per step
+(:meth:`BatchGraph.build`) and read by the generator and the losses.
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Optional
 
 import faiss
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed import ProcessGroup
 from torch_geometric.data import Data
 
-from gca_pyg.distributed import all_reduce_sum
-from gca_pyg.layout import ClassLayout
+from gca_pyg.distributed import all_reduce_sum, broadcast_tensor, rank_and_size
+from gca_pyg.layout import ClassLayout, class_layout
 from gca_pyg.utils import gather_rows
 
 __all__ = [
+    "BatchGraph",
     "EdgeShard",
     "GraphConfig",
     "build_batch_graph",
@@ -215,18 +221,6 @@ class EdgeShard:
     @property
     def num_groups(self) -> int:
         return self.anchor.numel()
-
-    def connected(self, num_nodes: int, num_classes: int, group=None) -> Tensor:
-        """Bool :math:`(N, C)`: True where anchor :math:`i` has a group of class :math:`c` here,
-        or with a process `group` on any of its processes."""
-        table = torch.zeros(num_nodes * num_classes, dtype=torch.int32, device=self.anchor.device)
-        table[self.anchor * num_classes + self.target_class] = 1
-        return (all_reduce_sum(table, group) > 0).view(num_nodes, num_classes)
-
-    def total_groups(self, group=None) -> int:
-        """The number of groups here, or with a process `group` on all of its processes."""
-        count = torch.tensor(self.num_groups, device=self.anchor.device)
-        return int(all_reduce_sum(count, group))
 
 
 def shard_pairs(layout: ClassLayout, rank: int = 0, world_size: int = 1) -> EdgeShard:
@@ -457,24 +451,24 @@ def sparse_shard(
     low, high = torch.minimum(anchor_class, member_class), torch.maximum(anchor_class, member_class)
     cross_block = low * num_classes - low * (low + 1) // 2 + high - low - 1  # rank of a < b
     num_cross = num_classes * (num_classes - 1) // 2
-    anchor_rank = layout.rank[anchor]
+    anchor_position = layout.position[anchor]
     # The group order of shard_pairs: anchors of the lower class of each cross block, anchors of
     # the higher class, then the same-class groups.
     key = torch.where(
         anchor_class < member_class,
-        cross_block * samples + anchor_rank,
+        cross_block * samples + anchor_position,
         torch.where(
             anchor_class > member_class,
-            (num_cross + cross_block) * samples + anchor_rank,
-            2 * num_cross * samples + anchor_class * samples + anchor_rank,
+            (num_cross + cross_block) * samples + anchor_position,
+            2 * num_cross * samples + anchor_class * samples + anchor_position,
         ),
     )
     groups, group_of = torch.unique(key, return_inverse=True)
     num_groups = groups.numel()
     edges = torch.zeros(num_groups, samples, dtype=torch.long, device=edge_index.device)
     mask = torch.zeros(num_groups, samples, dtype=torch.bool, device=edge_index.device)
-    edges[group_of, layout.rank[member]] = row
-    mask[group_of, layout.rank[member]] = True
+    edges[group_of, layout.position[member]] = row
+    mask[group_of, layout.position[member]] = True
     group_anchor = torch.empty(num_groups, dtype=torch.long, device=edge_index.device)
     group_class = torch.empty_like(group_anchor)
     group_anchor[group_of] = anchor
@@ -482,3 +476,112 @@ def sparse_shard(
     return EdgeShard(
         edge_index=edge_index, anchor=group_anchor, target_class=group_class, edges=edges, mask=mask
     )
+
+
+@dataclass(frozen=True)
+class BatchGraph:
+    r"""What one training step knows of its class-balanced batch: its labels and
+    :class:`~gca_pyg.layout.ClassLayout`, the pairs and (anchor, class) groups this process
+    stores (:class:`EdgeShard`), and the process group over which the graph is split.
+
+    Built once per step by :meth:`build` and read by the generator
+    (:class:`~gca_pyg.generator.HardNegativeGenerator`) and the losses (:mod:`gca_pyg.losses`).
+    The process group is bound here, once: every sum over the graph's pairs or groups is combined
+    over its processes.
+
+    Attributes:
+        labels: The labels of the whole batch, :math:`(N,)`.
+        layout: Their class layout (:math:`C` classes of :math:`K` samples).
+        shard: This process's pairs and groups: the whole complete graph for one process
+            (:func:`shard_pairs`), or its share of a sparse graph (:func:`sparse_shard`).
+        process_group: The processes that share the graph, or :obj:`None` for one process.
+    """
+
+    labels: Tensor
+    layout: ClassLayout
+    shard: EdgeShard
+    process_group: Optional[ProcessGroup] = None
+
+    @classmethod
+    def build(
+        cls,
+        labels: Tensor,
+        embeddings: Optional[Tensor] = None,
+        *,
+        neighbors: Optional[int] = None,
+        process_group: Optional[ProcessGroup] = None,
+    ) -> "BatchGraph":
+        """The batch graph of a class-balanced batch: complete, or with `neighbors` the sparse
+        graph of :func:`knn_pairs` on `embeddings` (searched by rank 0 and broadcast, so that every
+        process splits the same pairs).
+
+        Args:
+            labels: The labels of the whole batch (every process's, in rank order).
+            embeddings: The embeddings of the whole batch; needed with `neighbors` only.
+            neighbors: ``graph.neighbors``: :obj:`None` for the complete graph.
+            process_group: The processes that share the graph.
+
+        Raises:
+            ValueError: If the batch is not class-balanced, or `neighbors` comes without
+                `embeddings`.
+        """
+        layout = class_layout(labels)
+        rank, world_size = rank_and_size(process_group)
+        if neighbors is None:
+            shard = shard_pairs(layout, rank, world_size)
+        elif embeddings is None:
+            raise ValueError(
+                "BatchGraph.build needs the batch's embeddings to build the sparse graph of "
+                "graph.neighbors"
+            )
+        else:
+            pairs = (
+                knn_pairs(embeddings, labels, neighbors)
+                if rank == 0
+                else torch.empty(2, 0, dtype=torch.long, device=labels.device)
+            )
+            pairs = broadcast_tensor(pairs, process_group)
+            shard = sparse_shard(layout, pairs, rank, world_size)
+        return cls(labels=labels, layout=layout, shard=shard, process_group=process_group)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def num_classes(self) -> int:
+        """:math:`C`, the classes of the batch."""
+        return self.layout.num_classes
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether some (anchor, sample) pairs are missing (``graph.neighbors``)."""
+        return self.shard.mask is not None
+
+    def data(self, embeddings: Tensor) -> Data:
+        """The stored pairs' graph of `embeddings` for :class:`~gca_pyg.nn.CorrelationNet`
+        (:func:`build_batch_graph`, undirected storage)."""
+        return build_batch_graph(
+            embeddings, self.labels, undirected=True, edge_index=self.shard.edge_index
+        )
+
+    @cached_property
+    def connected(self) -> Optional[Tensor]:
+        """Bool :math:`(N, C)`: True where anchor :math:`i` has a group of class :math:`c` on any
+        process; :obj:`None` on the complete graph, where every anchor has every class."""
+        if not self.is_sparse:
+            return None
+        shard, num_classes = self.shard, self.num_classes
+        table = torch.zeros(
+            self.num_nodes * num_classes, dtype=torch.int32, device=shard.anchor.device
+        )
+        table[shard.anchor * num_classes + shard.target_class] = 1
+        return (all_reduce_sum(table, self.process_group) > 0).view(self.num_nodes, num_classes)
+
+    @cached_property
+    def total_groups(self) -> int:
+        """The number of (anchor, class) groups over all processes (:math:`N C` when complete)."""
+        if not self.is_sparse:
+            return self.num_nodes * self.num_classes
+        count = torch.tensor(self.shard.num_groups, device=self.shard.anchor.device)
+        return int(all_reduce_sum(count, self.process_group))

@@ -24,13 +24,13 @@ class ClassLayout:
         classes: The C distinct labels, ascending, shape (C,).
         members: Batch indices of each class's samples in batch order, shape (C, K).
         class_index: For every sample, the row of its class in :attr:`classes`, shape (N,).
-        rank: For every sample, its position k within its class, shape (N,).
+        position: For every sample, its position k within its class, shape (N,).
     """
 
     classes: Tensor
     members: Tensor
     class_index: Tensor
-    rank: Tensor
+    position: Tensor
 
     @property
     def num_classes(self) -> int:
@@ -42,15 +42,7 @@ class ClassLayout:
 
     def positive_index(self) -> Tensor:
         """For every sample k of a class, the batch index of sample k + 1 (mod K) of that class."""
-        return self.members[self.class_index, (self.rank + 1) % self.samples_per_class]
-
-    def other_classes(self) -> Tensor:
-        """For every sample, the rows of the C − 1 other classes, ascending: (N, C − 1)."""
-        all_classes = torch.arange(self.num_classes, device=self.members.device)
-        is_other = all_classes.unsqueeze(0) != self.class_index.unsqueeze(1)
-        return all_classes.expand(self.class_index.numel(), -1)[is_other].view(
-            -1, self.num_classes - 1
-        )
+        return self.members[self.class_index, (self.position + 1) % self.samples_per_class]
 
 
 def class_layout(labels: Tensor) -> ClassLayout:
@@ -77,6 +69,6 @@ def class_layout(labels: Tensor) -> ClassLayout:
     samples_per_class = int(counts[0])
     order = torch.sort(class_index, stable=True).indices
     members = order.view(classes.numel(), samples_per_class)
-    rank = torch.empty_like(class_index)
-    rank[members] = torch.arange(samples_per_class, device=labels.device).expand_as(members)
-    return ClassLayout(classes=classes, members=members, class_index=class_index, rank=rank)
+    position = torch.empty_like(class_index)
+    position[members] = torch.arange(samples_per_class, device=labels.device).expand_as(members)
+    return ClassLayout(classes=classes, members=members, class_index=class_index, position=position)

@@ -1,29 +1,21 @@
-"""GCA-HNG: backbone + embedding head + correlation net + classifier, and the losses of its three
-alternating updates (docs/method.md). The optimisers, schedules and running means that drive the
-updates live in :class:`gca_pyg.trainer.AlternatingTrainer`."""
+"""GCA-HNG: backbone + embedding head + hard-negative generator + metric loss, and the losses of
+its three alternating updates (docs/method.md). The optimisers and learning-rate schedules that
+drive the updates live in :class:`gca_pyg.trainer.AlternatingTrainer`."""
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed import ProcessGroup
 from torch.nn import BatchNorm1d, Linear, Sequential
 
-from gca_pyg.distributed import gather_rows as gather_processes
-from gca_pyg.generator import synthesize_groups
-from gca_pyg.graph import EdgeShard, GraphConfig, build_batch_graph
-from gca_pyg.layout import ClassLayout
-from gca_pyg.losses import (
-    diversity_loss,
-    npair_loss,
-    similarity_loss,
-    synthetic_class_loss,
-    synthetic_npair_loss,
-)
-from gca_pyg.nn import CorrelationNet, L2Normalize
-from gca_pyg.utils import gather_rows
+from gca_pyg.distributed import all_gather_rows
+from gca_pyg.generator import HardNegativeGenerator
+from gca_pyg.graph import BatchGraph, GraphConfig
+from gca_pyg.losses import NPairLoss, ProxyAnchorLoss
+from gca_pyg.nn import L2Normalize
+from gca_pyg.utils import autocast
 
 
 @dataclass
@@ -47,24 +39,25 @@ class LossConfig:
     classifier_scale: float = 10.0
     l2_reg: float = 3e-3
     synthesis: bool = True  # False: J_metric = J_m + J_gce, no generator update (ablation)
+    metric: str = "npair"  # npair | proxy_anchor: the metric loss of J_m and J_syn
+    proxy_margin: float = 0.1  # Proxy-Anchor's margin delta
+    proxy_alpha: float = 32.0  # Proxy-Anchor's scale alpha
+    # Proxy-Anchor: a synthetic negative is a negative of its anchor's class proxy (anchor) or
+    # of every proxy but its own class's (others)
+    synthetic_proxies: str = "anchor"
 
 
 class GCAHNG(torch.nn.Module):
-    r"""Globally Correlation-Aware Hard Negative Generation around any backbone.
+    r"""Globally Correlation-Aware Hard Negative Generation around any backbone and metric loss.
 
     :math:`\mathbf{z} = \mathrm{Linear}(\mathrm{BN}(\mathrm{backbone}(x)))`; a
-    :class:`~gca_pyg.nn.CorrelationNet` on the batch graph of :math:`\mathbf{z}` yields per-channel
-    fusion weights, from which :func:`~gca_pyg.generator.synthesize_groups` builds hard negatives;
-    a linear softmax classifier keeps synthetic samples on their class. The module holds the
-    networks and computes the losses of the three updates (:meth:`metric_loss`,
-    :meth:`classifier_loss`, :meth:`generator_loss`); :class:`~gca_pyg.trainer.AlternatingTrainer`
-    owns the optimisers and runs them.
-
-    Every loss takes the batch's :class:`~gca_pyg.layout.ClassLayout` and the
-    :class:`~gca_pyg.graph.EdgeShard` of graph pairs this process stores (the whole graph for one
-    process, or the sparse graph of :func:`~gca_pyg.graph.knn_pairs` and
-    :func:`~gca_pyg.graph.sparse_shard` when ``graph.neighbors`` is set), and a process ``group``
-    (``None`` for one process) over which the graph is split.
+    :class:`~gca_pyg.generator.HardNegativeGenerator` synthesises hard negatives from the batch
+    graph of :math:`\mathbf{z}`, and the metric loss (:class:`~gca_pyg.losses.NPairLoss` or
+    :class:`~gca_pyg.losses.ProxyAnchorLoss`, ``loss.metric``) takes the real batch
+    (:math:`J_m`) and the synthetic negatives (:math:`J_{syn}`). The module holds the networks and
+    computes the losses of the three updates (:meth:`metric_loss`, :meth:`classifier_loss`,
+    :meth:`generator_loss`), each from the step's :class:`~gca_pyg.graph.BatchGraph`;
+    :class:`~gca_pyg.trainer.AlternatingTrainer` owns the optimisers and runs them.
 
     Args:
         backbone: Image → feature module with an ``out_features`` attribute (see
@@ -80,6 +73,10 @@ class GCAHNG(torch.nn.Module):
         normalize: L2-normalise the embeddings the head returns, in training too (an
             :class:`~gca_pyg.nn.L2Normalize` after its Linear; the reference's ``MODEL.NORM``).
             Retrieval normalises them either way.
+        process_group: The processes that train one model on one batch graph (``torchrun``),
+            bound once, here, as :class:`torch.nn.SyncBatchNorm` binds its group: in training mode
+            the pooled features of all of them are gathered before the embedding head, and the
+            generator splits each batch graph's pairs between them. :obj:`None` for one process.
     """
 
     def __init__(
@@ -94,6 +91,7 @@ class GCAHNG(torch.nn.Module):
         amp_dtype: Optional[torch.dtype] = None,
         channels_last: bool = False,
         normalize: bool = False,
+        process_group: Optional[ProcessGroup] = None,
     ):
         super().__init__()
         self.channels_last = channels_last
@@ -101,6 +99,7 @@ class GCAHNG(torch.nn.Module):
         self.loss_config = loss or LossConfig()
         self.graph_config = graph or GraphConfig()
         self.amp_dtype = amp_dtype
+        self.process_group = process_group
         self.backbone = (
             backbone.to(memory_format=torch.channels_last) if channels_last else backbone
         )
@@ -109,44 +108,49 @@ class GCAHNG(torch.nn.Module):
             Linear(backbone.out_features, embedding_size),
             *([L2Normalize()] if normalize else []),
         )
-        self.net = CorrelationNet(
+        cfg = self.loss_config
+        self.generator = HardNegativeGenerator(
             embedding_size,
             num_classes,
             num_layers=self.net_config.num_layers,
             heads=self.net_config.heads,
             dropout=self.net_config.dropout,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            w_sim=cfg.w_sim,
+            w_div=cfg.w_div,
+            generator_ce_scale=cfg.generator_ce_scale,
+            classifier_scale=cfg.classifier_scale,
+            amp_dtype=amp_dtype,
+            process_group=process_group,
         )
-        self.classifier = Linear(embedding_size, num_classes)
+        self.criterion = build_metric_loss(cfg, num_classes, embedding_size)
 
     @property
     def device(self) -> torch.device:
-        return self.classifier.weight.device
+        return self.generator.device
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _out_of_autocast(self, tensor: Tensor) -> Tensor:
-        """`tensor` in the parameters' dtype (autocast may have produced it in bf16)."""
-        return tensor.to(self.classifier.weight.dtype)
-
-    def forward(self, images: Tensor, *, freeze_backbone: bool = False, group=None) -> Tensor:
+    def forward(self, images: Tensor, *, freeze_backbone: bool = False) -> Tensor:
         """Embeddings :math:`\\mathbf{z}` (not normalised) of a batch of images.
+
+        In training mode with a process group, the pooled features of all its processes are
+        gathered (with autograd) before the embedding head, so the result is the embeddings of the
+        whole batch, rank by rank, and the head's BatchNorm sees the whole batch; in evaluation
+        mode each process embeds its own images.
 
         Args:
             images: This process's images.
             freeze_backbone: Run the backbone without gradients (warm-up).
-            group: A process group: the pooled features of all its processes are gathered (with
-                autograd) before the embedding head, so the result is the embeddings of the whole
-                batch, rank by rank, and the head's BatchNorm sees the whole batch.
         """
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_backbone):
                 features = self.backbone(images)
-            return self._out_of_autocast(self.embedding(gather_processes(features, group)))
+            if self.training:
+                features = all_gather_rows(features, self.process_group)
+            embeddings = self.embedding(features)
+        return embeddings.to(self.generator.classifier.weight.dtype)  # autocast may give bf16
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
@@ -158,159 +162,63 @@ class GCAHNG(torch.nn.Module):
         finally:
             self.train(was_training)
 
-    def correlate(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        shard: EdgeShard,
-        *,
-        detach_fusion: bool = False,
-        group=None,
-    ) -> tuple[Tensor, Tensor]:
-        """Node logits :math:`(N, C_{train})` and the fusion weights of the shard's pairs
-        :math:`(E_r, D)`, from the batch graph of `embeddings`."""
-        graph = build_batch_graph(embeddings, labels, undirected=True, edge_index=shard.edge_index)
-        with self._autocast():
-            node_logits, fusion = self.net(
-                graph.x,
-                graph.edge_index,
-                graph.edge_attr,
-                graph.neg_mask,
-                undirected=True,
-                detach_fusion=detach_fusion,
-                group=group,
-            )
-        return self._out_of_autocast(node_logits), self._out_of_autocast(fusion)
-
-    def _synthesize(
-        self,
-        embeddings: Tensor,
-        layout: ClassLayout,
-        shard: EdgeShard,
-        fusion: Tensor,
-        hardness: float,
-        mix: Tensor,
-        own_class: bool,
-    ):
-        """The shard's synthetic samples, their class rows and anchors (optionally without the
-        groups of the anchor's own class)."""
-        anchor, target_class, edges = shard.anchor, shard.target_class, shard.edges
-        mask = shard.mask
-        if not own_class:
-            keep = target_class != layout.class_index[anchor]
-            anchor, target_class, edges = anchor[keep], target_class[keep], edges[keep]
-            mask = None if mask is None else mask[keep]
-        weights = gather_rows(fusion, edges if mask is None else edges[mask])
-        synthetic = synthesize_groups(
-            embeddings, layout, anchor, target_class, weights, hardness, mix, mask
+    def batch_graph(self, labels: Tensor, embeddings: Optional[Tensor] = None) -> BatchGraph:
+        """The :class:`~gca_pyg.graph.BatchGraph` of a batch (labels and embeddings of all
+        processes) under ``graph.neighbors`` and the model's process group."""
+        return BatchGraph.build(
+            labels,
+            embeddings,
+            neighbors=self.graph_config.neighbors,
+            process_group=self.process_group,
         )
-        return synthetic, target_class, anchor
 
     def metric_loss(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        layout: ClassLayout,
-        shard: EdgeShard,
-        *,
-        hardness: float,
-        synthetic_weight: float,
-        mix: Tensor,
-        group=None,
+        self, embeddings: Tensor, graph: BatchGraph, mix: Optional[Tensor] = None
     ) -> dict[str, Tensor]:
         """:math:`J_{metric} = J_m + w J_{syn} + J_{gce}` (fusion weights detached), for the
-        backbone, the embedding head and the correlation net. Returns every term by name.
+        backbone, the embedding head, the correlation net (through :math:`J_{gce}`) and the metric
+        loss's own parameters (proxies); :math:`w` is the generator's
+        :attr:`~gca_pyg.generator.HardNegativeGenerator.synthetic_weight`. Returns every term by
+        name.
 
-        On a sparse graph each anchor's :math:`J_{syn}` logits cover the classes it is joined to
-        (see :func:`~gca_pyg.losses.synthetic_npair_loss`)."""
-        cfg = self.loss_config
-        j_m = npair_loss(embeddings, labels, cfg.l2_reg, layout=layout)
-        node_logits, fusion = self.correlate(
-            embeddings, labels, shard, detach_fusion=True, group=group
-        )
-        j_gce = F.cross_entropy(node_logits, labels)
+        On a sparse graph each anchor's synthetic negatives cover the classes it is joined to
+        (see :mod:`gca_pyg.losses`)."""
+        j_m = self.criterion(embeddings, graph.labels, layout=graph.layout)
+        synthesis = self.loss_config.synthesis
+        negatives, j_gce = self.generator(embeddings, graph, mix, synthesize=synthesis)
         losses = {"J_m": j_m, "J_gce": j_gce}
         j_metric = j_m + j_gce
-        if cfg.synthesis:
-            synthetic, target_class, anchor = self._synthesize(
-                embeddings, layout, shard, fusion, hardness, mix, own_class=False
-            )
-            connected = (
-                None
-                if shard.mask is None
-                else shard.connected(embeddings.size(0), layout.num_classes, group)
-            )
-            j_syn = synthetic_npair_loss(
-                embeddings,
-                labels,
-                synthetic,
-                layout.classes[target_class],
-                anchor,
-                cfg.l2_reg,
-                layout=layout,
-                connected=connected,
-                group=group,
-            )
-            j_metric = j_metric + synthetic_weight * j_syn
+        if synthesis:
+            j_syn = self.criterion.synthetic(embeddings, negatives, graph)
+            j_metric = j_metric + self.generator.synthetic_weight * j_syn
             losses["J_syn"] = j_syn
         losses["J_metric"] = j_metric
         return losses
 
     def classifier_loss(self, embeddings: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """:math:`J_{cls} = 10\\,\\mathrm{CE}(W_s z, y)` on detached embeddings (classifier)."""
-        j_cls = self.loss_config.classifier_scale * F.cross_entropy(
-            self.classifier(embeddings.detach()), labels
-        )
-        return {"J_cls": j_cls}
+        """:math:`J_{cls}` (see :meth:`HardNegativeGenerator.classifier_loss
+        <gca_pyg.generator.HardNegativeGenerator.classifier_loss>`)."""
+        return self.generator.classifier_loss(embeddings, labels)
 
     def generator_loss(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        layout: ClassLayout,
-        shard: EdgeShard,
-        *,
-        hardness: float,
-        mix: Tensor,
-        group=None,
+        self, embeddings: Tensor, graph: BatchGraph, mix: Optional[Tensor] = None
     ) -> dict[str, Tensor]:
-        """:math:`J_{gen} = \\tfrac12 (J_{ce} + w_{sim} J_{sim} + w_{div} J_{div})` on detached
-        embeddings, for the correlation net alone. :math:`J_{ce}` covers all :math:`N C` synthetic
-        samples (own class included), :math:`J_{sim}` the other-class ones.
+        """:math:`J_{gen}` and its terms (see :meth:`HardNegativeGenerator.generator_loss
+        <gca_pyg.generator.HardNegativeGenerator.generator_loss>`), for the net alone."""
+        return self.generator.generator_loss(embeddings, graph, mix)
 
-        On a sparse graph :math:`J_{ce}` covers the groups present (own class included),
-        :math:`J_{sim}` sums over the other-class ones and divides by the number of groups present,
-        and :math:`J_{div}` runs over the stored pairs (see :func:`~gca_pyg.losses.diversity_loss`);
-        on the complete graph each is the term above."""
-        cfg = self.loss_config
-        embeddings = embeddings.detach()
-        _, fusion = self.correlate(embeddings, labels, shard, group=group)
-        synthetic, target_class, anchor = self._synthesize(
-            embeddings, layout, shard, fusion, hardness, mix, own_class=True
-        )
-        j_ce = synthetic_class_loss(
-            synthetic,
-            layout.classes[target_class],
-            self._frozen_classifier,
-            cfg.generator_ce_scale,
-            group=group,
-        )
-        is_other = target_class != layout.class_index[anchor]
-        j_sim = similarity_loss(
-            embeddings,
-            synthetic,
-            anchor,
-            layout.num_classes,
-            mask=is_other,
-            num_groups=None if shard.mask is None else shard.total_groups(group),
-            group=group,
-        )
-        j_div = diversity_loss(
-            fusion, edge_index=shard.edge_index, num_nodes=embeddings.size(0), group=group
-        )
-        j_gen = 0.5 * (j_ce + cfg.w_sim * j_sim + cfg.w_div * j_div)
-        return {"J_gen": j_gen, "J_ce": j_ce, "J_sim": j_sim, "J_div": j_div}
 
-    def _frozen_classifier(self, x: Tensor) -> Tensor:
-        """The softmax classifier as a fixed function: the generator update must not touch it."""
-        return F.linear(x, self.classifier.weight.detach(), self.classifier.bias.detach())
+def build_metric_loss(config: LossConfig, num_classes: int, embedding_size: int) -> torch.nn.Module:
+    """The metric loss of ``loss.metric``: :class:`~gca_pyg.losses.NPairLoss` or
+    :class:`~gca_pyg.losses.ProxyAnchorLoss` (one proxy per training class)."""
+    if config.metric == "npair":
+        return NPairLoss(config.l2_reg)
+    if config.metric == "proxy_anchor":
+        return ProxyAnchorLoss(
+            num_classes,
+            embedding_size,
+            margin=config.proxy_margin,
+            alpha=config.proxy_alpha,
+            synthetic_proxies=config.synthetic_proxies,
+        )
+    raise ValueError(f"loss.metric must be npair or proxy_anchor, got {config.metric!r}")

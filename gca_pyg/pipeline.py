@@ -1,15 +1,15 @@
-"""From a :class:`~gca_pyg.config.Config` to datasets, a model, embeddings and metrics: the parts
-that
-``python -m gca_pyg.train`` and ``python -m gca_pyg.evaluate`` share."""
+"""From a :class:`~gca_pyg.config.Config` to datasets, transforms, a model, embeddings and metrics:
+the parts that the commands share."""
 
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+from torch.distributed import ProcessGroup
 from torch.utils.data import DataLoader, Subset
+from torchvision.transforms import v2
 
 from gca_pyg.backbones import build_backbone
 from gca_pyg.config import Config
@@ -22,15 +22,17 @@ from gca_pyg.data import (
     test_transform,
     train_transform,
 )
+from gca_pyg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gca_pyg.distributed import Context, all_gather_objects
-from gca_pyg.errors import ConfigError, UnreadableImagesError
+from gca_pyg.errors import UnreadableImagesError, warn
 from gca_pyg.metrics import retrieval_metrics
 from gca_pyg.model import GCAHNG
-from gca_pyg.runtime import native_bf16
+from gca_pyg.runtime import autocast_dtype, use_channels_last
 
 __all__ = [
     "TestData",
-    "resolve_device",
+    "inference_transform",
+    "preprocessing",
     "build_train_dataset",
     "build_train_sampler",
     "build_test_data",
@@ -42,7 +44,6 @@ __all__ = [
     "format_metrics",
     "one_line_unreadable_error",
     "report_unreadable",
-    "warn",
 ]
 
 
@@ -60,10 +61,6 @@ class TestData:
             f"{len(self.query)} queries against a gallery of {len(self.gallery)} images, "
             f"{self.gallery.num_classes} unseen items"
         )
-
-
-def warn(message: str):
-    print(f"warning: {message}", file=sys.stderr)
 
 
 @contextmanager
@@ -91,54 +88,6 @@ def report_unreadable(dataset: RetrievalDataset, what: str, already_reported: in
     return count
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda``/``cuda:N`` must exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.device is '{spec}' but torch sees no CUDA device here "
-                f"(torch {torch.__version__}); use --set train.device=auto or cpu"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"train.device is '{spec}' but only {torch.cuda.device_count()} CUDA "
-                "device(s) exist; use --set train.device=cuda:0"
-            )
-    return device
-
-
-def check_precision(config: Config, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of ``train.precision``. ``auto`` is what measured fastest for the whole
-    step (``benchmarks/bench_step.py --backbone``): bf16 where `device` has native bf16 (CUDA with
-    bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere. An explicit bf16 without native support
-    runs, with a warning."""
-    precision = config.train.precision
-    if precision == "auto":
-        precision = "bf16" if native_bf16(device) else "fp32"
-    if precision == "fp32":
-        return None
-    if not native_bf16(device):
-        warn(
-            f"train.precision is bf16 but this {device.type.upper()} has no native bf16 matmul "
-            "(no AVX512-BF16/AMX): expect it to run many times slower than fp32"
-        )
-    return torch.bfloat16
-
-
-def use_channels_last(config: Config, device: torch.device) -> bool:
-    """Whether the backbone runs in channels_last memory format: ``train.memory_format``, where
-    ``auto`` means channels_last with bf16 autocast (oneDNN's and cuDNN's fast bf16 layout; 1.9x
-    faster than contiguous for ResNet-50 in bf16 on an AMX CPU) and contiguous in fp32 (faster
-    there, see ``benchmarks/bench_step.py --backbone``)."""
-    memory_format = config.train.memory_format
-    if memory_format == "auto":
-        return check_precision(config, device) is not None
-    return memory_format == "channels_last"
-
-
 def _transforms(config: Config):
     data = config.data
     if data.dataset == "demo":
@@ -147,6 +96,40 @@ def _transforms(config: Config):
         train_transform(data.image_size, scale=tuple(data.crop_scale)),
         test_transform(data.resize, data.image_size),
     )
+
+
+def inference_transform(config: Config) -> v2.Compose:
+    """What the model of `config` sees of an image at test time: the test transform, for a
+    ``PIL.Image`` or an image tensor (``uint8``, or float in [0, 1]) of any size.
+
+    For the demo recipe (whose test transform takes its 32×32 float tensors as they are) images are
+    converted to float, resized (shorter side) and centre-cropped to ``data.image_size``: the demo's
+    own images pass unchanged."""
+    if config.data.dataset != "demo":
+        return _transforms(config)[1]
+    size = config.data.image_size
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Resize(size, antialias=True),
+            v2.CenterCrop(size),
+            *demo_test_transform().transforms,
+        ]
+    )
+
+
+def preprocessing(config: Config) -> dict:
+    """What :func:`inference_transform` does, as plain values for another program to repeat:
+    resize the shorter side to ``resize``, centre-crop ``crop`` × ``crop``, scale to [0, 1],
+    subtract ``mean`` and divide by ``std`` per RGB channel."""
+    data = config.data
+    return {
+        "resize": data.image_size if data.dataset == "demo" else data.resize,
+        "crop": data.image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
 
 
 def build_train_dataset(config: Config) -> RetrievalDataset:
@@ -183,9 +166,15 @@ def build_test_data(config: Config) -> TestData:
 
 
 def build_model(
-    config: Config, num_classes: int, device: torch.device, *, load_weights: bool = True
+    config: Config,
+    num_classes: int,
+    device: torch.device,
+    *,
+    load_weights: bool = True,
+    process_group: Optional[ProcessGroup] = None,
 ) -> GCAHNG:
-    """The GCA-HNG model of `config` on `device`.
+    """The GCA-HNG model of `config` on `device`; `process_group` is that of a ``torchrun``
+    training run.
 
     With `load_weights`, the backbone's pretrained weights (``model.pretrained``) are loaded, or,
     with ``model.init``, every weight of that checkpoint
@@ -207,9 +196,10 @@ def build_model(
         net=config.net,
         loss=config.loss,
         graph=config.graph,
-        amp_dtype=check_precision(config, device),
-        channels_last=use_channels_last(config, device),
+        amp_dtype=autocast_dtype(config.train.precision, device),
+        channels_last=use_channels_last(config.train.memory_format, config.train.precision, device),
         normalize=model_config.normalize,
+        process_group=process_group,
     )
     if model_config.head_init == "orthogonal":
         head = model.embedding[1]
@@ -256,7 +246,7 @@ def compute_embeddings(
     report_unreadable(dataset, "test")
     if not embeddings:  # more processes than items
         embeddings.append(torch.empty(0, model.embedding[1].out_features))
-    gathered = torch.cat(all_gather_objects(torch.cat(embeddings), context.group))
+    gathered = torch.cat(all_gather_objects(torch.cat(embeddings), context.process_group))
     return gathered, torch.as_tensor(dataset.labels)
 
 
@@ -293,9 +283,9 @@ def evaluate(
     """Embeds the test split (in shares across processes) and returns its retrieval metrics; under
     ``torchrun`` rank 0 computes them and every process receives them."""
     embedded = embed_test_data(model, test_data, config, context)
-    group = context.group if context is not None else None
+    process_group = context.process_group if context is not None else None
     metrics = test_metrics(embedded, config.eval.ks) if context is None or context.is_main else None
-    return all_gather_objects(metrics, group)[0]
+    return all_gather_objects(metrics, process_group)[0]
 
 
 def format_metrics(columns: dict[str, dict[str, float]]) -> str:

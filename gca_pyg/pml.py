@@ -1,8 +1,10 @@
 r"""GCA-HNG's hard-negative generator in a pytorch-metric-learning (PML) training loop.
 
-:class:`GCANegativeGenerator` owns the correlation net and the synthesis of GCA-HNG, and turns a
-class-balanced batch ``(embeddings, labels)`` into synthetic hard negatives in PML's reference form,
-so any PML loss can use them::
+:class:`GCANegativeGenerator` is a front-end on :class:`~gca_pyg.generator.HardNegativeGenerator`
+(the generator the built-in trainer uses): it turns a class-balanced batch
+``(embeddings, labels)`` into synthetic hard negatives in PML's reference form, with the triplets
+that use them as negatives only, so any PML loss that takes ``indices_tuple`` and ``ref_emb`` can
+use them::
 
     from pytorch_metric_learning.losses import TripletMarginLoss
 
@@ -15,8 +17,7 @@ so any PML loss can use them::
         for images, labels in loader:                     # C classes x K >= 2 images each
             embeddings = model(images)
             loss = loss_fn(embeddings, labels)
-            negatives, negative_labels = generator(embeddings, labels)
-            synthetic = loss_fn(embeddings, labels, ref_emb=negatives, ref_labels=negative_labels)
+            synthetic = loss_fn(embeddings, labels, *generator(embeddings, labels))
             optimizer.zero_grad()
             (loss + generator.synthetic_weight * synthetic).backward()
             optimizer.step()                              # your model only
@@ -41,43 +42,52 @@ The synthetic negatives depend on pytorch-metric-learning only through the call 
 """
 
 import math
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from gca_pyg.generator import hardness_from_loss, synthesize_batch
-from gca_pyg.graph import build_batch_graph, to_dense_edges
-from gca_pyg.losses import diversity_loss, similarity_loss, synthetic_class_loss
-from gca_pyg.nn import CorrelationNet
+from gca_pyg.generator import INITIAL_MEAN_LOSS, HardNegativeGenerator
+from gca_pyg.graph import BatchGraph
 
-__all__ = ["GCANegativeGenerator"]
-
-#: The running mean losses before the first :meth:`GCANegativeGenerator.update`: hardness ≈ 1 (the
-#: synthetic negatives stay on the real ones) and a synthetic weight ≈ 0.
-INITIAL_MEAN_LOSS = 1e6
+__all__ = ["GCANegativeGenerator", "SyntheticReferences", "INITIAL_MEAN_LOSS"]
 
 
-class GCANegativeGenerator(torch.nn.Module):
+class SyntheticReferences(NamedTuple):
+    """A batch's synthetic negatives in the order of the trailing arguments of a PML loss,
+    ``loss_fn(embeddings, labels, indices_tuple, ref_emb, ref_labels)``.
+
+    Attributes:
+        indices_tuple: Triplets ``(anchors, positives, negatives)``: every anchor with each real
+            positive of its class and each synthetic negative made for it; anchors index the
+            batch, positives and negatives :attr:`ref_emb`.
+        ref_emb: The batch's embeddings, then its synthetic negatives (grouped by anchor in batch
+            order, then by class, ascending): :math:`(N + N (C - 1), D)`; ``ref_emb[N:]`` are
+            the synthetic negatives alone.
+        ref_labels: Their labels; a synthetic negative's is the class it stands for.
+    """
+
+    indices_tuple: tuple[Tensor, Tensor, Tensor]
+    ref_emb: Tensor
+    ref_labels: Tensor
+
+
+class GCANegativeGenerator(HardNegativeGenerator):
     r"""Synthetic hard negatives of GCA-HNG (`"Globally Correlation-Aware Hard Negative Generation"
-    <https://arxiv.org/abs/2411.13145>`_, IJCV 2025) for pytorch-metric-learning losses.
+    <https://arxiv.org/abs/2411.13145>`_, IJCV 2025) for pytorch-metric-learning losses: a thin
+    front-end on :class:`~gca_pyg.generator.HardNegativeGenerator`, the generator that
+    :class:`~gca_pyg.model.GCAHNG` trains with.
 
-    For a class-balanced batch, a :class:`~gca_pyg.nn.CorrelationNet` on its correlation graph
-    gives per-channel fusion weights :math:`\boldsymbol{\lambda}_{ij}`, and every anchor :math:`i`
-    gets one synthetic negative per other class :math:`c`
-    (:func:`~gca_pyg.generator.synthesize_batch`),
-
-    .. math::
-        \tilde{\mathbf{n}}_{i,c} = \mathbf{a}_i + (\mathbf{n} - \mathbf{a}_i) \odot
-        \frac{d^+ + (d^- - d^+)\,\boldsymbol{\lambda}_{i n}\,h}{d^-},
-        \qquad h = \exp(-\alpha / \bar{J}),
-
-    merged over the K samples :math:`\mathbf{n}` of class :math:`c`. :math:`\bar{J}` is the mean
-    loss of your model over the last epoch (:meth:`update`): as it falls, :math:`h \to 0` and the
-    negatives move in to the positive's distance. Each synthetic negative carries the label of the
-    class it stands for (the generator's classifier loss keeps it recognisable as that class): in a
-    PML loss with ``ref_emb``, it is a negative for every anchor of another class — the hardest for
-    the anchor it was made for — and a positive for the anchors of its own class.
+    For a class-balanced batch, every anchor :math:`i` gets one synthetic negative per other class
+    :math:`c` (see :class:`~gca_pyg.generator.HardNegativeGenerator`), at the hardness
+    :math:`h = \exp(-\alpha / \bar{J})` set by the mean loss :math:`\bar{J}` of your model over
+    the last epoch (:meth:`update`): as it falls, :math:`h \to 0` and the negatives move in to the
+    positive's distance. It is a negative for the anchor it was made for, and only that: the
+    :class:`SyntheticReferences` it comes in pair every anchor with its real positives and its own
+    synthetic negatives, as GCA-HNG's :math:`J_{syn}` does. (Left to PML's label matching, a
+    synthetic sample that stands for class :math:`c` but lies near an anchor of another class would
+    also be a positive for the anchors of :math:`c`, pulling them towards that other class;
+    ``examples/pml_triplet.py --label-matching`` measures what that costs.)
 
     The generator's own loss (:meth:`loss`, on detached embeddings) is
 
@@ -92,102 +102,62 @@ class GCANegativeGenerator(torch.nn.Module):
     Args:
         embedding_size (int): Size :math:`D` of the embeddings.
         num_classes (int): Number of training classes; labels must be ``0..num_classes-1``.
-        num_layers (int, optional): :class:`~gca_pyg.nn.EdgeNodeConv` layers. (default: :obj:`2`)
-        heads (int, optional): Attention heads per layer. (default: :obj:`4`)
-        dropout (float, optional): Dropout of the edge attention. (default: :obj:`0.1`)
-        alpha (float, optional): :math:`\alpha` of the hardness; choose it on the scale of your
-            loss (:math:`h = e^{-1}` when :math:`\bar{J} = \alpha`). (default: :obj:`5.0`, for the
-            N-pair loss of GCA-HNG)
-        beta (float, optional): :math:`\beta` of :attr:`synthetic_weight`. (default: :obj:`20.0`)
-        w_sim (float, optional): Weight of :math:`J_{sim}`. (default: :obj:`20.0`)
-        w_div (float, optional): Weight of :math:`J_{div}`. (default: :obj:`60.0`)
-        generator_ce_scale (float, optional): Scale of :math:`J_{ce}`. (default: :obj:`20.0`)
-        classifier_scale (float, optional): Scale of :math:`J_{cls}`. (default: :obj:`10.0`)
+        num_layers, heads, dropout, alpha, beta, w_sim, w_div, generator_ce_scale,
+            classifier_scale: As in :class:`~gca_pyg.generator.HardNegativeGenerator`; choose
+            :obj:`alpha` on the scale of your loss (:math:`h = e^{-1}` when
+            :math:`\bar{J} = \alpha`; the default 5.0 suits GCA-HNG's N-pair loss).
 
     Shapes:
         - **input:** embeddings :math:`(N, D)`, labels :math:`(N,)`, every class exactly
           :math:`K \ge 2` times
-        - **output:** synthetic negatives :math:`(N (C-1), D)` and their labels
-          :math:`(N (C-1),)`, grouped by anchor
+        - **output:** :class:`SyntheticReferences`: :math:`N (K-1) (C-1)` triplets over
+          :math:`N + N (C-1)` references of size :math:`D`
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        num_layers: int = 2,
-        heads: int = 4,
-        dropout: float = 0.1,
-        *,
-        alpha: float = 5.0,
-        beta: float = 20.0,
-        w_sim: float = 20.0,
-        w_div: float = 60.0,
-        generator_ce_scale: float = 20.0,
-        classifier_scale: float = 10.0,
-    ):
-        super().__init__()
-        self.embedding_size, self.num_classes = embedding_size, num_classes
-        self.alpha, self.beta = alpha, beta
-        self.w_sim, self.w_div = w_sim, w_div
-        self.generator_ce_scale, self.classifier_scale = generator_ce_scale, classifier_scale
-        self.net = CorrelationNet(
-            embedding_size, num_classes, num_layers=num_layers, heads=heads, dropout=dropout
-        )
-        self.classifier = torch.nn.Linear(embedding_size, num_classes)
-        # Buffers, so that a state_dict resumes the schedule too.
-        self.register_buffer("mean_metric_loss", torch.tensor(INITIAL_MEAN_LOSS))
-        self.register_buffer("mean_generator_loss", torch.tensor(INITIAL_MEAN_LOSS))
-        self.register_buffer("generator_loss_sum", torch.tensor(0.0))
-        self.register_buffer("generator_loss_count", torch.tensor(0))
-
-    @property
-    def hardness(self) -> float:
-        r"""The hardness :math:`h = \exp(-\alpha / \bar{J})` of the synthesis."""
-        return hardness_from_loss(self.alpha, float(self.mean_metric_loss))
-
-    @property
-    def synthetic_weight(self) -> float:
-        r"""A suggested weight :math:`1 - \exp(-\beta / \bar{J}_{gen})` of the loss on synthetic
-        negatives: about 0 until the generator's mean loss :math:`\bar{J}_{gen}` is known."""
-        return 1.0 - math.exp(-self.beta / float(self.mean_generator_loss))
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Synthetic negatives and their labels: ``ref_emb, ref_labels`` for a PML loss.
+    def forward(self, embeddings: Tensor, labels: Tensor) -> SyntheticReferences:
+        """The batch's synthetic negatives as ``indices_tuple, ref_emb, ref_labels`` of a PML
+        loss: ``loss_fn(embeddings, labels, *generator(embeddings, labels))``.
 
         Differentiable in `embeddings`; the generator's parameters get no gradient from them.
 
         Raises:
             ValueError: If the shapes, the labels or the class balance of the batch are wrong.
         """
-        self._check(embeddings, labels)
+        graph = self._batch_graph(embeddings, labels)
         with torch.no_grad():
-            _, fusion = self._correlate(embeddings.detach(), labels)
-        synthetic, synthetic_labels, _ = synthesize_batch(embeddings, labels, fusion, self.hardness)
-        return synthetic, synthetic_labels
+            _, fusion = self.correlate(embeddings.detach(), graph)
+        negatives = self.synthesize(embeddings, graph, fusion)
+        num_nodes, num_classes = graph.num_nodes, graph.num_classes
+        order = torch.argsort(negatives.anchor * num_classes + negatives.class_index)
+        layout, device = graph.layout, embeddings.device
+        nodes = torch.arange(num_nodes, device=device)
+        classmates = layout.members[layout.class_index]  # (N, K), each anchor among them
+        positives = classmates[classmates != nodes.unsqueeze(1)].view(num_nodes, -1, 1)
+        own_negatives = num_nodes + torch.arange(num_nodes * (num_classes - 1), device=device).view(
+            num_nodes, 1, -1
+        )
+        shape = (num_nodes, positives.size(1), own_negatives.size(2))
+        triplets = (
+            nodes.view(-1, 1, 1).expand(shape).reshape(-1),
+            positives.expand(shape).reshape(-1),
+            own_negatives.expand(shape).reshape(-1),
+        )
+        return SyntheticReferences(
+            indices_tuple=triplets,
+            ref_emb=torch.cat([embeddings, negatives.embeddings[order]]),
+            ref_labels=torch.cat([labels, negatives.labels(layout)[order]]),
+        )
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The generator's loss on a batch (the embeddings are detached), for its own optimiser.
 
         Its :math:`J_{gen}` part also enters the running mean behind :attr:`synthetic_weight`.
         """
-        self._check(embeddings, labels)
-        embeddings = embeddings.detach()
-        node_logits, fusion = self._correlate(embeddings, labels)
-        synthetic, synthetic_labels, anchor_index = synthesize_batch(
-            embeddings, labels, fusion, self.hardness
-        )
-        j_ce = synthetic_class_loss(
-            synthetic, synthetic_labels, self._frozen_classifier, self.generator_ce_scale
-        )
-        classes_in_batch = synthetic.size(0) // embeddings.size(0) + 1
-        j_sim = similarity_loss(embeddings, synthetic, anchor_index, classes_in_batch)
-        j_gen = 0.5 * (j_ce + self.w_sim * j_sim + self.w_div * diversity_loss(fusion))
-        j_gce = F.cross_entropy(node_logits, labels)
-        j_cls = self.classifier_scale * F.cross_entropy(self.classifier(embeddings), labels)
-        self.generator_loss_sum += j_gen.detach().clamp_min(1e-6)
-        self.generator_loss_count += 1
-        return j_gen + j_gce + j_cls
+        graph = self._batch_graph(embeddings, labels)
+        losses = self.generator_loss(embeddings, graph, node_loss=True)
+        self.record(generator_loss=losses["J_gen"].item())
+        j_cls = self.classifier_loss(embeddings, labels)["J_cls"]
+        return losses["J_gen"] + losses["J_gce"] + j_cls
 
     @torch.no_grad()
     def update(self, mean_metric_loss: float):
@@ -203,27 +173,10 @@ class GCANegativeGenerator(torch.nn.Module):
                 f"update() needs the mean loss of your model over the epoch, a "
                 f"positive finite number; got {mean_metric_loss}"
             )
-        self.mean_metric_loss.fill_(mean_metric_loss)
-        if int(self.generator_loss_count) > 0:
-            self.mean_generator_loss.copy_(self.generator_loss_sum / self.generator_loss_count)
-        self.generator_loss_sum.zero_()
-        self.generator_loss_count.zero_()
+        self.end_epoch(mean_metric_loss)
 
-    def _correlate(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Node logits and dense fusion weights :math:`(N, N, D)` of the batch graph."""
-        graph = build_batch_graph(embeddings, labels, undirected=True)
-        node_logits, fusion = self.net(
-            graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask, undirected=True
-        )
-        return node_logits, to_dense_edges(
-            fusion, graph.edge_index, embeddings.size(0), undirected=True
-        )
-
-    def _frozen_classifier(self, x: Tensor) -> Tensor:
-        """The classifier as a fixed function: :math:`J_{ce}` must not train it."""
-        return F.linear(x, self.classifier.weight.detach(), self.classifier.bias.detach())
-
-    def _check(self, embeddings: Tensor, labels: Tensor):
+    def _batch_graph(self, embeddings: Tensor, labels: Tensor) -> BatchGraph:
+        """The complete batch graph of one process, after checking the batch."""
         if embeddings.dim() != 2 or embeddings.size(1) != self.embedding_size:
             raise ValueError(
                 f"GCANegativeGenerator was built for embeddings of shape "
@@ -241,6 +194,4 @@ class GCANegativeGenerator(torch.nn.Module):
                 f"got {int(labels.min())}..{int(labels.max())}; pass num_classes=the "
                 "number of training classes, or map the labels to 0..C-1"
             )
-
-    def extra_repr(self) -> str:
-        return f"{self.embedding_size}, num_classes={self.num_classes}, alpha={self.alpha}"
+        return BatchGraph.build(labels)

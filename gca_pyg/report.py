@@ -21,43 +21,48 @@ import argparse
 import copy
 import html
 import importlib
-import json
 import shlex
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import faiss
 import numpy as np
-import torch
 import yaml
 
-from gca_pyg.checkpoint import load_checkpoint
-from gca_pyg.config import Config, add_override_argument, apply_overrides
+from gca_pyg.config import add_override_argument
 from gca_pyg.data import RetrievalDataset
 from gca_pyg.errors import ConfigError, GcaError, MissingExtraError
+from gca_pyg.gallery import (
+    GALLERY_STYLE,
+    ThumbnailFiles,
+    Tile,
+    gallery_row,
+    img_html,
+    neighbour_kind,
+)
 from gca_pyg.metrics import retrieval_metrics
-from gca_pyg.pipeline import build_model, build_test_data, embed_test_data, resolve_device
+from gca_pyg.pipeline import TestData, build_test_data, embed_test_data
+from gca_pyg.runs import RunCheckpoint, open_checkpoint, read_log
 
 __all__ = [
     "report_command",
     "write_report",
+    "collect_report",
+    "render_report",
+    "ReportContent",
     "plot_curves",
     "embedding_map",
     "nearest_neighbours",
     "per_class_recall_at_1",
-    "read_log",
 ]
 
 #: Queries of the retrieval gallery, and neighbours shown per query.
 NUM_QUERIES, NUM_NEIGHBOURS = 16, 8
 #: Classes listed under per-class Recall@1.
 NUM_WORST_CLASSES = 10
-#: Largest side of a thumbnail file, in pixels.
-THUMBNAIL_SIZE = 128
 
 #: Training curves drawn together: (title, keys of log.jsonl). Other numeric keys get a panel each.
 CURVE_PANELS = (
@@ -73,6 +78,13 @@ TEST_PREFIX = "test/"
 def report_command(run_dir: Union[str, Path]) -> str:
     """The shell command that writes the report of the run in `run_dir`."""
     return f"python -m gca_pyg.report {shlex.quote(str(run_dir))}"
+
+
+def _check_rendering(max_points: int):
+    """Fails early on what would stop the drawing: a missing extra or too few map points."""
+    _require_extras()
+    if max_points < 3:
+        raise ConfigError(f"--max-points must be at least 3, got {max_points}")
 
 
 def _require_extras():
@@ -95,25 +107,6 @@ def _importable(module: str) -> bool:
     except ImportError:
         return False
     return True
-
-
-# -- the run's log ---------------------------------------------------------------------------------
-def read_log(run_dir: Path) -> list[dict]:
-    """The records of ``run_dir/log.jsonl`` (one per epoch), minus a line cut short by a crash."""
-    path = run_dir / "log.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            warnings.warn(
-                f"{path}, line {number}, is not JSON and is left out of the curves",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return records
 
 
 def _metric_label(name: str) -> str:
@@ -330,35 +323,109 @@ def per_class_recall_at_1(
     return ClassRecall(recall, queries, confused_with, confused_count)
 
 
-class _Thumbnails:
-    """Writes a dataset's items as small image files on demand, each once."""
-
-    def __init__(self, dataset: RetrievalDataset, folder: Path, prefix: str):
-        self.raw = copy.copy(dataset)  # the images as stored: a PIL image or a [0, 1] tensor
-        self.raw.transform = None
-        self.folder, self.prefix = folder, prefix
-        self.written: dict[int, tuple[str, bool]] = {}
-
-    def __call__(self, index: int) -> tuple[str, bool]:
-        """The thumbnail's path relative to the report, and whether it is smaller than shown."""
-        if index not in self.written:
-            from torchvision.transforms.functional import to_pil_image
-
-            image, _ = self.raw[index]
-            if isinstance(image, torch.Tensor):
-                image = to_pil_image(image)
-            image = image.convert("RGB")
-            image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-            # Small images stay lossless; photographs are smaller as JPEG.
-            small = max(image.size) < THUMBNAIL_SIZE
-            name = f"{self.prefix}-{index}.{'png' if small else 'jpg'}"
-            image.save(self.folder / name, **({} if small else {"quality": 88}))
-            self.written[index] = (f"{self.folder.name}/{name}", max(image.size) < 96)
-        return self.written[index]
+def _raw_items(dataset: RetrievalDataset) -> Callable[[int], object]:
+    """Item index → the image as the dataset stores it (a PIL image or a [0, 1] tensor), without
+    the model's transform."""
+    raw = copy.copy(dataset)
+    raw.transform = None
+    return lambda index: raw[index][0]
 
 
-# -- the page --------------------------------------------------------------------------------------
-STYLE = """
+# -- collecting ------------------------------------------------------------------------------------
+@dataclass
+class ReportContent:
+    """What the report shows, computed from a checkpoint and its test split
+    (:func:`collect_report`); :func:`render_report` draws it.
+
+    Attributes:
+        checkpoint: The checkpoint and its config.
+        test_data: The test split.
+        gallery, gallery_labels: The gallery's embeddings :math:`(N, D)` and labels :math:`(N,)`.
+        query, query_labels: Separate queries (In-Shop), else None and the gallery's labels.
+        metrics: The retrieval metrics of this checkpoint.
+        neighbours: Every query's nearest gallery rows, best first, :math:`(Q, k)`.
+        valid: The queries with an item of their class to find :math:`(Q,)`.
+        shown: The seeded queries of the retrieval gallery.
+        class_recall: Per-class Recall@1 and the class each is most mistaken for.
+        records: The run's ``log.jsonl``.
+    """
+
+    checkpoint: RunCheckpoint
+    test_data: TestData
+    gallery: np.ndarray
+    gallery_labels: np.ndarray
+    query: Optional[np.ndarray]
+    query_labels: np.ndarray
+    metrics: dict[str, float]
+    neighbours: np.ndarray
+    valid: np.ndarray
+    shown: np.ndarray
+    class_recall: ClassRecall
+    records: list[dict]
+
+
+def collect_report(
+    checkpoint: Union[str, Path],
+    *,
+    data_root: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    seed: int = 0,
+) -> ReportContent:
+    """Embeds the test split with a checkpoint's model and computes what the report shows.
+
+    Args:
+        checkpoint: A ``.pt`` file or a run folder (its ``last.pt``).
+        data_root: The dataset folder, if it moved since training.
+        overrides: ``section.key=value`` config overrides, e.g. ``eval.batch_size=64``.
+        seed: Seed of the choice of queries shown.
+    """
+    run = open_checkpoint(checkpoint, overrides, data_root)
+    config = run.config
+    test_data = build_test_data(config)
+    embedded = embed_test_data(run.build_model(), test_data, config)
+    gallery = embedded["embeddings"].numpy()
+    gallery_labels = embedded["labels"].numpy()
+    query = embedded.get("query_embeddings")
+    query = None if query is None else query.numpy()
+    query_labels = gallery_labels if query is None else embedded["query_labels"].numpy()
+    metrics = retrieval_metrics(
+        gallery,
+        gallery_labels,
+        ks=config.eval.ks,
+        query=query,
+        query_labels=None if query is None else query_labels,
+    )
+    # Queries with a same-class item to find: itself excluded when the gallery queries itself.
+    num_classes = test_data.gallery.num_classes
+    in_gallery = np.bincount(gallery_labels, minlength=num_classes)
+    valid = in_gallery[query_labels] > (1 if query is None else 0)
+    k = min(NUM_NEIGHBOURS, len(gallery) - (1 if query is None else 0))
+    neighbours = nearest_neighbours(gallery, k, query)
+    class_recall = per_class_recall_at_1(
+        query_labels, gallery_labels[neighbours[:, 0]], valid, num_classes
+    )
+    candidates = np.flatnonzero(valid)
+    rng = np.random.default_rng(seed)
+    shown = np.sort(rng.choice(candidates, min(NUM_QUERIES, len(candidates)), replace=False))
+    return ReportContent(
+        checkpoint=run,
+        test_data=test_data,
+        gallery=gallery,
+        gallery_labels=gallery_labels,
+        query=query,
+        query_labels=query_labels,
+        metrics=metrics,
+        neighbours=neighbours,
+        valid=valid,
+        shown=shown,
+        class_recall=class_recall,
+        records=read_log(run.run_dir),
+    )
+
+
+# -- rendering -------------------------------------------------------------------------------------
+STYLE = (
+    """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto;
        max-width: 1180px; padding: 0 16px; color: #1d232a; background: #fff; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 8px;
@@ -376,26 +443,13 @@ pre.config { background: #f5f7f9; padding: 8px 12px; max-height: 300px; overflow
 .curves img { width: 100%; }
 figure { margin: 0; } figcaption { color: #56606b; font-size: 12px; }
 img.map { width: 560px; max-width: 100%; }
-.query-row { display: flex; gap: 6px; align-items: flex-start; margin-bottom: 8px; }
-.thumb { width: 84px; font-size: 11px; color: #56606b; text-align: center;
-  overflow-wrap: anywhere; }
-.thumb img { width: 78px; height: 78px; object-fit: contain; display: block; margin: 0 auto 2px;
-  border: 3px solid transparent; background: #f0f2f4; }
-.thumb img.pixelated { image-rendering: pixelated; }
-.query img { border-color: #2b5fad; } .same img { border-color: #1f9d3a; }
-.other img { border-color: #d7263d; }
-.query { width: 150px; color: #1d232a; font-weight: 600; margin-right: 10px; }
 .worst { display: grid; grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)); gap: 10px; }
 .worst .card { display: flex; gap: 8px; align-items: center; font-size: 12px; }
 .worst .card img { width: 64px; height: 64px; object-fit: contain; background: #f0f2f4; }
 .worst b { font-size: 13px; }
 """
-
-
-def _img(src: str, small: bool, alt: str, title: str = "") -> str:
-    klass = ' class="pixelated"' if small else ""
-    title = f' title="{html.escape(title)}"' if title else ""
-    return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}"{klass}{title}>'
+    + GALLERY_STYLE
+)
 
 
 def _metrics_table(columns: dict[str, dict[str, float]]) -> str:
@@ -411,6 +465,166 @@ def _metrics_table(columns: dict[str, dict[str, float]]) -> str:
     return f'<table class="metrics"><tr><th>metric (%)</th>{head}</tr>{"".join(rows)}</table>'
 
 
+def _metric_columns(content: ReportContent) -> dict[str, dict[str, float]]:
+    """This checkpoint's metrics beside the last and best that training logged."""
+    state = content.checkpoint.state
+    columns = {f"this checkpoint ({content.checkpoint.path.name})": content.metrics}
+    last = dict(state.get("last_metrics") or {})
+    if last:
+        columns[f"last logged (epoch {last.pop('epoch', '?')})"] = last
+    if state.get("best_metrics"):
+        columns[f"best R@1 (epoch {state['best'].get('epoch', '?')})"] = state["best_metrics"]
+    return columns
+
+
+def _retrieval_rows(content: ReportContent, gallery_thumbnail, query_thumbnail) -> list[str]:
+    classes = content.test_data.gallery.classes
+    rows = []
+    for q in content.shown.tolist():
+        name = classes[content.query_labels[q]]
+        src, small = query_thumbnail(q)
+        query = Tile(src, small, caption=name, kind="query", label=name)
+        neighbours = []
+        for rank, g in enumerate(content.neighbours[q].tolist(), start=1):
+            found = classes[content.gallery_labels[g]]
+            src, small = gallery_thumbnail(g)
+            neighbours.append(
+                Tile(
+                    src,
+                    small,
+                    caption=str(rank),
+                    kind=neighbour_kind(name, found),
+                    label=found,
+                    title=f"rank {rank}: {found}",
+                )
+            )
+        rows.append(gallery_row(query, neighbours))
+    return rows
+
+
+def _worst_class_cards(content: ReportContent, query_thumbnail) -> list[str]:
+    """The classes of lowest Recall@1, each with its first valid query and the class it is most
+    mistaken for."""
+    recall = content.class_recall
+    classes = content.test_data.gallery.classes
+    ranked = [
+        c
+        for c in np.argsort(recall.recall, kind="stable").tolist()
+        if not np.isnan(recall.recall[c])
+    ][:NUM_WORST_CLASSES]
+    valid_queries = np.flatnonzero(content.valid)
+    first_classes, first_rows = np.unique(content.query_labels[valid_queries], return_index=True)
+    first_query_of = dict(zip(first_classes.tolist(), valid_queries[first_rows].tolist()))
+    cards = []
+    for c in ranked:
+        src, small = query_thumbnail(first_query_of[c])
+        confused = ""
+        if recall.confused_with[c] >= 0:
+            mistaken_for = classes[recall.confused_with[c]]
+            confused = (
+                f"<br>mistaken most for {html.escape(mistaken_for)} ({recall.confused_count[c]}×)"
+            )
+        cards.append(
+            f'<div class="card" data-class="{html.escape(classes[c])}">'
+            f"{img_html(src, small, classes[c])}<div><b>{html.escape(classes[c])}</b><br>"
+            f"R@1 {100 * recall.recall[c]:.1f}% of {recall.queries[c]} "
+            f"queries{confused}</div></div>"
+        )
+    return cards
+
+
+def render_report(
+    content: ReportContent,
+    out_dir: Optional[Union[str, Path]] = None,
+    *,
+    max_points: int = 3000,
+    seed: int = 0,
+) -> Path:
+    """Draws what :func:`collect_report` computed into `out_dir` (default: ``report/`` in the run
+    folder): the curves, the embedding map, the thumbnails and ``index.html``.
+
+    Args:
+        content: The report's content.
+        out_dir: Where to write.
+        max_points: Most points of the embedding map.
+        seed: Seed of the map's subsample and layout.
+
+    Returns:
+        The path of ``index.html``.
+    """
+    _check_rendering(max_points)
+    run, test_data = content.checkpoint, content.test_data
+    out_dir = Path(out_dir) if out_dir is not None else run.run_dir / "report"
+    thumbnail_dir = out_dir / "thumbnails"
+    thumbnail_dir.mkdir(parents=True, exist_ok=True)
+    gallery_thumbnail = ThumbnailFiles(_raw_items(test_data.gallery), thumbnail_dir, "gallery")
+    query_thumbnail = (
+        gallery_thumbnail
+        if test_data.query is None
+        else ThumbnailFiles(_raw_items(test_data.query), thumbnail_dir, "query")
+    )
+    curves = plot_curves(content.records, out_dir)
+    map_caption = embedding_map(
+        content.gallery,
+        content.gallery_labels,
+        out_dir / "embedding-map.png",
+        max_points=max_points,
+        seed=seed,
+    )
+    rows = _retrieval_rows(content, gallery_thumbnail, query_thumbnail)
+    cards = _worst_class_cards(content, query_thumbnail)
+
+    config = run.config
+    after = f", {run.provenance}"
+    curve_html = (
+        "".join(
+            f'<figure><img src="{html.escape(name)}" alt="{html.escape(title)}"></figure>'
+            for title, name in curves
+        )
+        or "<p>No log.jsonl next to the checkpoint: no curves.</p>"
+    )
+    k = content.neighbours.shape[1]
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>gca_pyg report: {html.escape(config.name)}</title>
+<style>{STYLE}</style>
+</head>
+<body>
+<h1>gca_pyg report: {html.escape(config.name)}</h1>
+<p class="lead">{html.escape(str(run.path))}{after}; retrieval on
+{html.escape(test_data.describe())}</p>
+<nav><a href="#summary">metrics &amp; config</a><a href="#curves">training curves</a>
+<a href="#map">embedding map</a><a href="#retrieval">retrieval</a>
+<a href="#worst-classes">worst classes</a></nav>
+<section id="summary"><h2>Metrics and config</h2>
+<div class="summary">{_metrics_table(_metric_columns(content))}
+<pre class="config">{html.escape(yaml.safe_dump(config.to_dict(), sort_keys=False))}</pre></div>
+</section>
+<section id="curves"><h2>Training curves</h2>
+<div class="curves">{curve_html}</div>
+</section>
+<section id="map"><h2>Embedding map</h2>
+<figure><img class="map" src="embedding-map.png" alt="2-D map of the test embeddings">
+<figcaption>{html.escape(map_caption)}.</figcaption></figure>
+</section>
+<section id="retrieval"><h2>Retrieval: {len(content.shown)} seeded queries and their top {k}</h2>
+<p class="lead">Blue: the query and its class; green: a neighbour of the same class; red: of another
+class. Neighbours are numbered by rank (cosine similarity).</p>
+{"".join(rows)}
+</section>
+<section id="worst-classes"><h2>Per-class Recall@1: the {len(cards)} worst classes</h2>
+<div class="worst">{"".join(cards)}</div>
+</section>
+</body>
+</html>
+"""
+    index = out_dir / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
 def write_report(
     checkpoint: Union[str, Path],
     out_dir: Optional[Union[str, Path]] = None,
@@ -420,7 +634,8 @@ def write_report(
     max_points: int = 3000,
     seed: int = 0,
 ) -> Path:
-    """Writes the report of a checkpoint (a ``.pt`` file or a run folder, meaning its ``last.pt``).
+    """Writes the report of a checkpoint (a ``.pt`` file or a run folder, meaning its ``last.pt``):
+    :func:`collect_report`, then :func:`render_report`.
 
     Args:
         checkpoint: The checkpoint or run folder.
@@ -433,161 +648,9 @@ def write_report(
     Returns:
         The path of ``index.html``.
     """
-    _require_extras()
-    if max_points < 3:
-        raise ConfigError(f"--max-points must be at least 3, got {max_points}")
-    checkpoint = Path(checkpoint)
-    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    state = load_checkpoint(checkpoint)
-    config = Config.from_dict(
-        apply_overrides(state["config"], overrides, data_root),
-        source=f"the checkpoint {checkpoint}",
-    )
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
-    thumbnail_dir = out_dir / "thumbnails"
-    thumbnail_dir.mkdir(parents=True, exist_ok=True)
-
-    device = resolve_device(config.train.device)
-    model = build_model(config, len(state["classes"]), device, load_weights=False)
-    model.load_state_dict(state["model"])
-    test_data = build_test_data(config)
-    embedded = embed_test_data(model, test_data, config)
-    gallery = embedded["embeddings"].numpy()
-    gallery_labels = embedded["labels"].numpy()
-    query = embedded.get("query_embeddings")
-    query = None if query is None else query.numpy()
-    query_labels = gallery_labels if query is None else embedded["query_labels"].numpy()
-    metrics = retrieval_metrics(
-        gallery,
-        gallery_labels,
-        ks=config.eval.ks,
-        query=query,
-        query_labels=None if query is None else query_labels,
-    )
-
-    # Queries with a same-class item to find: itself excluded when the gallery queries itself.
-    in_gallery = np.bincount(gallery_labels, minlength=test_data.gallery.num_classes)
-    valid = in_gallery[query_labels] > (1 if query is None else 0)
-    k = min(NUM_NEIGHBOURS, len(gallery) - (1 if query is None else 0))
-    neighbours = nearest_neighbours(gallery, k, query)
-    class_recall = per_class_recall_at_1(
-        query_labels, gallery_labels[neighbours[:, 0]], valid, test_data.gallery.num_classes
-    )
-    rng = np.random.default_rng(seed)
-    candidates = np.flatnonzero(valid)
-    chosen = np.sort(rng.choice(candidates, min(NUM_QUERIES, len(candidates)), replace=False))
-
-    classes = test_data.gallery.classes
-    gallery_thumbnail = _Thumbnails(test_data.gallery, thumbnail_dir, "gallery")
-    query_thumbnail = (
-        gallery_thumbnail
-        if test_data.query is None
-        else _Thumbnails(test_data.query, thumbnail_dir, "query")
-    )
-
-    curves = plot_curves(read_log(run_dir), out_dir)
-    map_caption = embedding_map(
-        gallery, gallery_labels, out_dir / "embedding-map.png", max_points=max_points, seed=seed
-    )
-
-    rows = []
-    for q in chosen.tolist():
-        name = classes[query_labels[q]]
-        src, small = query_thumbnail(q)
-        cells = [
-            f'<div class="thumb query" data-class="{html.escape(name)}">'
-            f"{_img(src, small, name)}{html.escape(name)}</div>"
-        ]
-        for rank, g in enumerate(neighbours[q].tolist(), start=1):
-            found = classes[gallery_labels[g]]
-            kind = "same" if gallery_labels[g] == query_labels[q] else "other"
-            src, small = gallery_thumbnail(g)
-            cells.append(
-                f'<div class="thumb {kind}" data-class="{html.escape(found)}">'
-                f"{_img(src, small, found, f'rank {rank}: {found}')}{rank}</div>"
-            )
-        rows.append(f'<div class="query-row">{"".join(cells)}</div>')
-
-    ranked = [
-        c
-        for c in np.argsort(class_recall.recall, kind="stable").tolist()
-        if not np.isnan(class_recall.recall[c])
-    ][:NUM_WORST_CLASSES]
-    valid_queries = np.flatnonzero(valid)
-    first_classes, first_rows = np.unique(query_labels[valid_queries], return_index=True)
-    first_query_of = dict(zip(first_classes.tolist(), valid_queries[first_rows].tolist()))
-    cards = []
-    for c in ranked:
-        src, small = query_thumbnail(first_query_of[c])
-        confused = ""
-        if class_recall.confused_with[c] >= 0:
-            mistaken_for = classes[class_recall.confused_with[c]]
-            confused = (
-                f"<br>mistaken most for {html.escape(mistaken_for)} "
-                f"({class_recall.confused_count[c]}×)"
-            )
-        cards.append(
-            f'<div class="card" data-class="{html.escape(classes[c])}">'
-            f"{_img(src, small, classes[c])}<div><b>{html.escape(classes[c])}</b><br>"
-            f"R@1 {100 * class_recall.recall[c]:.1f}% of {class_recall.queries[c]} "
-            f"queries{confused}</div></div>"
-        )
-
-    file_name = "last.pt" if checkpoint.is_dir() else checkpoint.name
-    columns = {f"this checkpoint ({file_name})": metrics}
-    last = dict(state.get("last_metrics") or {})
-    if last:
-        columns[f"last logged (epoch {last.pop('epoch', '?')})"] = last
-    if state.get("best_metrics"):
-        columns[f"best R@1 (epoch {state['best'].get('epoch', '?')})"] = state["best_metrics"]
-    epoch = state.get("training", {}).get("epoch")
-    after = f", after epoch {epoch}" if epoch is not None else ""
-    curve_html = (
-        "".join(
-            f'<figure><img src="{html.escape(name)}" alt="{html.escape(title)}"></figure>'
-            for title, name in curves
-        )
-        or "<p>No log.jsonl next to the checkpoint: no curves.</p>"
-    )
-    page = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>gca_pyg report: {html.escape(config.name)}</title>
-<style>{STYLE}</style>
-</head>
-<body>
-<h1>gca_pyg report: {html.escape(config.name)}</h1>
-<p class="lead">{html.escape(str(checkpoint))}{after}; retrieval on
-{html.escape(test_data.describe())}</p>
-<nav><a href="#summary">metrics &amp; config</a><a href="#curves">training curves</a>
-<a href="#map">embedding map</a><a href="#retrieval">retrieval</a>
-<a href="#worst-classes">worst classes</a></nav>
-<section id="summary"><h2>Metrics and config</h2>
-<div class="summary">{_metrics_table(columns)}
-<pre class="config">{html.escape(yaml.safe_dump(config.to_dict(), sort_keys=False))}</pre></div>
-</section>
-<section id="curves"><h2>Training curves</h2>
-<div class="curves">{curve_html}</div>
-</section>
-<section id="map"><h2>Embedding map</h2>
-<figure><img class="map" src="embedding-map.png" alt="2-D map of the test embeddings">
-<figcaption>{html.escape(map_caption)}.</figcaption></figure>
-</section>
-<section id="retrieval"><h2>Retrieval: {len(chosen)} seeded queries and their top {k}</h2>
-<p class="lead">Blue: the query and its class; green: a neighbour of the same class; red: of another
-class. Neighbours are numbered by rank (cosine similarity).</p>
-{"".join(rows)}
-</section>
-<section id="worst-classes"><h2>Per-class Recall@1: the {len(ranked)} worst classes</h2>
-<div class="worst">{"".join(cards)}</div>
-</section>
-</body>
-</html>
-"""
-    index = out_dir / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    _check_rendering(max_points)
+    content = collect_report(checkpoint, data_root=data_root, overrides=overrides, seed=seed)
+    return render_report(content, out_dir, max_points=max_points, seed=seed)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

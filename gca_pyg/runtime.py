@@ -1,13 +1,19 @@
-"""Process-level tuning for training on the CPU.
+"""Where and how a model runs: the device, the precision and memory format policy, deterministic
+kernels, and process-level tuning of memory on the CPU.
 
-PyTorch allocates every large activation afresh. glibc's malloc serves large blocks with ``mmap``
-and returns freed memory to the system, so each training step page-faults its activations in again
-(zero-filled by the kernel): with GCA-HNG's O(N²·D) edge tensors that costs 10–35% of a step on
-the CPU (``benchmarks/bench_step.py`` measures both settings). Keeping freed memory for reuse
-removes
-it, at the price of a process that holds on to its peak memory. When the blocks change size from
-step to step (a sparse batch graph's edge count varies), the kept memory fragments and grows;
-:class:`FreedMemoryLimit` hands it back to the system when it has grown too far.
+Device and precision. :func:`resolve_device` turns ``train.device`` into a device;
+:func:`autocast_dtype` and :func:`use_channels_last` turn ``train.precision`` and
+``train.memory_format`` into what measured fastest there (:func:`native_bf16` says where bf16 runs
+in hardware); :func:`use_deterministic_algorithms` is ``train.deterministic``.
+
+Memory. PyTorch allocates every large activation afresh. glibc's malloc serves large blocks with
+``mmap`` and returns freed memory to the system, so each training step page-faults its activations
+in again (zero-filled by the kernel), a sizeable share of a CPU step with GCA-HNG's O(N²·D) edge
+tensors (``benchmarks/bench_step.py --malloc system retain`` measures both settings). Keeping freed
+memory for reuse removes it, at the price of a process that holds on to its peak memory. When the
+blocks change size from step to step (a sparse batch graph's edge count varies), the kept memory
+fragments and grows; :class:`FreedMemoryLimit` hands it back to the system when it has grown too
+far.
 """
 
 import ctypes
@@ -18,7 +24,17 @@ from typing import Optional
 
 import torch
 
-__all__ = ["retain_freed_memory", "FreedMemoryLimit", "native_bf16"]
+from gca_pyg.errors import ConfigError, warn
+
+__all__ = [
+    "resolve_device",
+    "autocast_dtype",
+    "use_channels_last",
+    "use_deterministic_algorithms",
+    "native_bf16",
+    "retain_freed_memory",
+    "FreedMemoryLimit",
+]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -106,3 +122,68 @@ def _cpu_flags() -> frozenset:
     except OSError:  # not Linux
         pass
     return frozenset()
+
+
+def use_deterministic_algorithms(enabled: bool = True):
+    """Turns PyTorch's deterministic kernels on or off (``train.deterministic``).
+
+    On the CPU GCA-HNG's step repeats bit for bit without them. On CUDA, sums by atomic adds (the
+    scatters of message passing and the backward of gathers) vary in their last bits from run to
+    run; the deterministic kernels sort instead, at some cost in speed. cuBLAS needs a fixed
+    workspace for it (``CUBLAS_WORKSPACE_CONFIG``), which is set here unless already set; it
+    takes effect only if no CUDA matrix product ran in this process before.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda``/``cuda:N`` must exist.
+
+    Raises:
+        ConfigError: If CUDA is asked for where torch sees none, or the index is out of range.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device is '{spec}' but torch sees no CUDA device here "
+                f"(torch {torch.__version__}); use --set train.device=auto or cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"train.device is '{spec}' but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist; use --set train.device=cuda:0"
+            )
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.precision`` on `device` (None: fp32). ``auto`` is what measured
+    fastest for the whole step (``benchmarks/bench_step.py --backbone``): bf16 where `device` has
+    native bf16 (CUDA with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere. An explicit bf16
+    without native support runs, with a warning."""
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp32"
+    if precision == "fp32":
+        return None
+    if not native_bf16(device):
+        warn(
+            f"train.precision is bf16 but this {device.type.upper()} has no native bf16 matmul "
+            "(no AVX512-BF16/AMX): expect it to run many times slower than fp32"
+        )
+    return torch.bfloat16
+
+
+def use_channels_last(memory_format: str, precision: str, device: torch.device) -> bool:
+    """Whether a backbone runs in channels_last memory format: ``train.memory_format``, where
+    ``auto`` is what measured fastest for the whole step (``benchmarks/bench_step.py
+    --backbone``): channels_last with bf16 autocast on a CPU (oneDNN's fast bf16 layout),
+    contiguous otherwise (in fp32 on a CPU, and on CUDA in either dtype)."""
+    if memory_format == "auto":
+        bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
+        return device.type == "cpu" and bf16
+    return memory_format == "channels_last"

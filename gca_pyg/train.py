@@ -12,15 +12,13 @@ Errors a user can fix print one line and exit with status 2.
 """
 
 import argparse
-import csv
-import json
 import os
 import random
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -31,14 +29,8 @@ import yaml
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from gca_pyg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gca_pyg.config import (
-    Config,
-    add_override_argument,
-    apply_overrides,
-    available_configs,
-    load_config,
-)
+from gca_pyg.checkpoint import rng_state, save_checkpoint, set_rng_state
+from gca_pyg.config import Config, add_override_argument, available_configs, load_config
 from gca_pyg.distributed import Context, all_gather_objects, any_process, setup, teardown
 from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError
 from gca_pyg.pipeline import (
@@ -51,10 +43,15 @@ from gca_pyg.pipeline import (
     loader_options,
     one_line_unreadable_error,
     report_unreadable,
-    resolve_device,
 )
 from gca_pyg.report import report_command
-from gca_pyg.runtime import FreedMemoryLimit, retain_freed_memory
+from gca_pyg.runs import RunLog, open_checkpoint
+from gca_pyg.runtime import (
+    FreedMemoryLimit,
+    resolve_device,
+    retain_freed_memory,
+    use_deterministic_algorithms,
+)
 from gca_pyg.trainer import AlternatingTrainer
 
 #: Exit status of a run stopped by Ctrl-C after saving (128 + SIGINT, as shells report it).
@@ -95,6 +92,7 @@ class TrainingRun:
         self.device = self.context.device
         self.is_main = self.context.is_main
         _seed_everything(config.train.seed)
+        use_deterministic_algorithms(config.train.deterministic)
         self.train_data = build_train_dataset(config)
         self.test_data = build_test_data(config)
         self.sampler = build_train_sampler(
@@ -104,18 +102,13 @@ class TrainingRun:
             rank=self.context.rank,
         )
         self.model = build_model(
-            config, self.train_data.num_classes, self.device, load_weights=resume_state is None
+            config,
+            self.train_data.num_classes,
+            self.device,
+            load_weights=resume_state is None,
+            process_group=self.context.process_group,
         )
-        if (
-            self.context.world_size > 1
-            and self.device.type == "cuda"
-            and not config.model.frozen_bn
-        ):
-            # Batch statistics over the whole batch, where torch can (CUDA).
-            self.model.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.backbone)
-        self.trainer = AlternatingTrainer(
-            self.model, config.optim, context=self.context, seed=config.train.seed
-        )
+        self.trainer = AlternatingTrainer(self.model, config.optim, seed=config.train.seed)
         self.memory_limit = FreedMemoryLimit()
         self.batch_in_epoch = 0
         self.best = {"recall@1": -1.0, "epoch": 0}
@@ -124,13 +117,15 @@ class TrainingRun:
         self.reported_unreadable = 0
         if resume_state is not None:
             self._restore(resume_state)
-        self.tensorboard = None
+        self.log = RunLog(
+            run_dir,
+            enabled=self.is_main,
+            resumed_at=(
+                None if resume_state is None else (self._global_step(), self.trainer.epoch)
+            ),
+        )
         if self.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-            if resume_state is not None:
-                self._forget_logs_after_checkpoint()
-            self.tensorboard = _tensorboard_writer(run_dir, purge_step=self._global_step() + 1)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -144,7 +139,7 @@ class TrainingRun:
             f"{len(self.train_data)} images of {self.train_data.num_classes} classes; "
             f"testing on {self.test_data.describe()}; run folder {self.run_dir}"
         )
-        with self._ctrl_c_saves():
+        with self._ctrl_c_saves(), closing(self.log):
             while self.trainer.epoch < cfg.optim.epochs:
                 epoch = self.trainer.epoch + 1
                 started = time.perf_counter()
@@ -176,7 +171,7 @@ class TrainingRun:
                 }
                 if epoch % cfg.train.eval_every == 0 or epoch == cfg.optim.epochs:
                     record.update(self._evaluate(epoch))
-                self._log_epoch(record)
+                self.log.epoch(record)
                 self._save("last.pt")
         self._print_results()
         return 0
@@ -210,7 +205,7 @@ class TrainingRun:
                     {k: f"{logs[k]:.3g}" for k in ("J_m", "J_metric", "J_gen") if k in logs}
                 )
                 self.stop_requested = any_process(
-                    self.stop_requested, self.context.group, self.device
+                    self.stop_requested, self.context.process_group, self.device
                 )
                 if self.stop_requested:
                     break
@@ -231,17 +226,7 @@ class TrainingRun:
             )
             raise NonFiniteLossError(f"{error}; stopped, {kept}") from None
         self.memory_limit.check()
-        if not self.is_main:
-            return logs
-        step = self._global_step() + 1
-        with open(self.run_dir / "steps.csv", "a", newline="") as handle:
-            writer = csv.writer(handle)
-            if handle.tell() == 0:
-                writer.writerow(["step", "epoch", *logs])
-            writer.writerow([step, epoch, *(f"{v:.6g}" for v in logs.values())])
-        if self.tensorboard is not None:
-            for name, value in logs.items():
-                self.tensorboard.add_scalar(f"train/{name}", value, step)
+        self.log.step(self._global_step() + 1, epoch, logs)
         return logs
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
@@ -255,9 +240,7 @@ class TrainingRun:
         if metrics["recall@1"] > self.best["recall@1"]:
             self.best = {"recall@1": metrics["recall@1"], "epoch": epoch, "metrics": metrics}
             self._save("best.pt")
-        if self.tensorboard is not None:
-            for name, value in metrics.items():
-                self.tensorboard.add_scalar(f"test/{name}", value, epoch)
+        self.log.test_metrics(epoch, metrics)
         return {f"test/{name}": value for name, value in metrics.items()}
 
     def _print_results(self):
@@ -282,7 +265,7 @@ class TrainingRun:
     # -- state ---------------------------------------------------------------------------------
     def _save(self, name: str):
         """Writes a checkpoint (rank 0; every process must call it: it gathers their RNG states)."""
-        rng = all_gather_objects(rng_state(), self.context.group)
+        rng = all_gather_objects(rng_state(), self.context.process_group)
         if not self.is_main:
             return
         save_checkpoint(
@@ -323,23 +306,6 @@ class TrainingRun:
         self.last_metrics = dict(state["last_metrics"]) or None
         set_rng_state(state["rng_per_process"][self.context.rank])
 
-    def _forget_logs_after_checkpoint(self):
-        """Drops the log lines written after the checkpoint a resumed run starts from, so that every
-        step and epoch appears exactly once however the previous process ended."""
-        steps, epochs = self._global_step(), self.trainer.epoch
-        _keep_lines(
-            self.run_dir / "steps.csv",
-            lambda line, first: first or int(line.split(",", 1)[0]) <= steps,
-        )
-        _keep_lines(
-            self.run_dir / "log.jsonl", lambda line, first: json.loads(line)["epoch"] <= epochs
-        )
-
-    def _log_epoch(self, record: dict):
-        if self.is_main:
-            with open(self.run_dir / "log.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
     @contextmanager
     def _ctrl_c_saves(self):
         """First Ctrl-C: finish the current step, save, exit. Second: stop at once."""
@@ -367,19 +333,6 @@ class TrainingRun:
             signal.signal(signal.SIGINT, previous)
 
 
-def _keep_lines(path: Path, keep):
-    """Rewrites the text file `path` (atomically) with the lines for which ``keep(line, first)``
-    holds."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for index, line in enumerate(lines) if line.strip() and keep(line, index == 0)]
-    if len(kept) != len(lines):
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text("".join(kept))
-        os.replace(temporary, path)
-
-
 def _command() -> str:
     """How this process was started, for the messages that say how to continue."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -399,15 +352,6 @@ def _seed_worker(worker_id: int):
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-
-
-def _tensorboard_writer(run_dir: Path, purge_step: Optional[int] = None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is an optional extra
-        return None
-    # purge_step drops events a crashed process logged after the checkpoint this run resumes from.
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def _new_run_dir(config: Config) -> Path:
@@ -446,20 +390,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     context = None
     try:
         if args.resume:
-            state = load_checkpoint(args.resume)
-            if "converted_from" in state:  # python -m gca_pyg.convert: weights, no training state
+            # --set / --data-root still apply, e.g. optim.epochs=200 to train longer.
+            checkpoint = open_checkpoint(args.resume, args.overrides, args.data_root)
+            if "converted_from" in checkpoint.state:  # python -m gca_pyg.convert: no training
                 raise ConfigError(
                     f"{args.resume} is a converted checkpoint, not a run to resume; start from it "
                     f"with: python -m gca_pyg.train CONFIG --set model.init={args.resume}"
                 )
-            # --set / --data-root still apply, e.g. optim.epochs=200 to train longer.
-            config = Config.from_dict(
-                apply_overrides(state["config"], args.overrides, args.data_root),
-                source=f"the checkpoint in {args.resume}",
-            )
-            run_dir = Path(args.resume)
-            if run_dir.is_file():
-                run_dir = run_dir.parent
+            config, state, run_dir = checkpoint.config, checkpoint.state, checkpoint.run_dir
         else:
             if args.config is None:
                 raise ConfigError(
@@ -473,7 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         if state is None:  # rank 0 names the folder: the processes' clocks may differ
             run_dir = all_gather_objects(
-                _new_run_dir(config) if context.is_main else None, context.group
+                _new_run_dir(config) if context.is_main else None, context.process_group
             )[0]
         return TrainingRun(config, run_dir, resume_state=state, context=context).fit()
     except GcaError as error:

@@ -1,8 +1,19 @@
 """Small tensor helpers shared across modules."""
 
+from contextlib import AbstractContextManager, nullcontext
+from typing import Optional
+
+import torch
 from torch import Tensor
 
-__all__ = ["gather_rows"]
+__all__ = ["autocast", "gather_rows"]
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> AbstractContextManager:
+    """``torch.autocast`` to `dtype` on `device`'s type, or nothing for ``dtype=None`` (fp32)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def gather_rows(source: Tensor, index: Tensor) -> Tensor:

@@ -23,22 +23,33 @@ class Features(torch.nn.Linear):
         self.out_features = 24
 
 
-def build(context: Context, neighbors=None) -> AlternatingTrainer:
+def build(context: Context, neighbors=None, metric="npair") -> AlternatingTrainer:
     torch.manual_seed(0)
     model = GCAHNG(
         Features(),
         TRAIN_CLASSES,
         16,
         net=NetConfig(num_layers=2, heads=2, dropout=0.0),
-        loss=LossConfig(),
+        loss=LossConfig(metric=metric),
         graph=GraphConfig(neighbors=neighbors),
+        process_group=context.process_group,
     )
     trainer = AlternatingTrainer(
-        model, OptimConfig(warmup_epochs=0, metric_lr=1e-3, net_lr=1e-3), context=context, seed=0
+        model, OptimConfig(warmup_epochs=0, metric_lr=1e-3, net_lr=1e-3), seed=0
     )
     # Past the first epoch: hardness below 1 and J_syn at full weight.
-    trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 0.5
+    model.generator.mean_metric_loss, model.generator.mean_generator_loss = 3.0, 0.5
     return trainer
+
+
+def initial_proxies():
+    """The proxies a freshly built Proxy-Anchor model starts from (float64)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return build(Context(), metric="proxy_anchor").model.criterion.proxies.detach().clone()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def global_batch(step: int):
@@ -50,12 +61,12 @@ def global_batch(step: int):
     return inputs.to(torch.get_default_dtype()), labels
 
 
-def train(context: Context, neighbors=None):
+def train(context: Context, neighbors=None, metric="npair"):
     """STEPS training steps; this process's share of every batch is its contiguous block of
     classes (uneven: CLASSES is odd). Returns the final parameters/buffers, the losses and the
     stored edge counts (of the graph of the batch after each step); `neighbors` is
-    ``graph.neighbors``."""
-    trainer = build(context, neighbors)
+    ``graph.neighbors``, `metric` ``loss.metric``."""
+    trainer = build(context, neighbors, metric)
     first = context.rank * CLASSES // context.world_size
     last = (context.rank + 1) * CLASSES // context.world_size
     rows = slice(first * SAMPLES, last * SAMPLES)
@@ -64,13 +75,17 @@ def train(context: Context, neighbors=None):
         inputs, labels = global_batch(step)
         losses.append(trainer.training_step(inputs[rows], labels[rows]))
         with torch.no_grad():
-            embeddings = trainer.model(inputs[rows], group=context.group)
-        edges.append(trainer.prepare(labels[rows], embeddings)[2].num_edges)
-    state = {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+            embeddings = trainer.model(inputs[rows])  # training mode: every process's rows
+        edges.append(trainer.batch_graph(labels[rows], embeddings).shard.num_edges)
+    state = {
+        name: value.detach().clone()
+        for name, value in trainer.model.state_dict().items()
+        if isinstance(value, torch.Tensor)
+    }
     return {"state": state, "losses": losses, "edges": edges}
 
 
-def worker(rank: int, world_size: int, folder: str, neighbors=None):
+def worker(rank: int, world_size: int, folder: str, neighbors=None, metric="npair"):
     """Entry point of a spawned process: gloo group through a file, float64, one thread."""
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -81,8 +96,8 @@ def worker(rank: int, world_size: int, folder: str, neighbors=None):
         world_size=world_size,
     )
     try:
-        context = Context(rank=rank, world_size=world_size, group=dist.group.WORLD)
-        torch.save(train(context, neighbors), os.path.join(folder, f"rank{rank}.pt"))
+        context = Context(rank=rank, world_size=world_size, process_group=dist.group.WORLD)
+        torch.save(train(context, neighbors, metric), os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

@@ -1,17 +1,24 @@
 import errno
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import gca_pyg
 from gca_pyg.checkpoint import (
+    FORMAT_VERSION,
     CheckpointError,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from gca_pyg.model import GCAHNG, NetConfig
+from gca_pyg.trainer import AlternatingTrainer, OptimConfig
+
+from tiny_model import TinyBackbone, batch
 
 
 def test_round_trip_through_a_run_folder(tmp_path):
@@ -68,3 +75,44 @@ def test_rng_state_survives_a_checkpoint(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1))
     set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def test_a_checkpoint_of_format_1_continues_as_gca_pyg_0_1_0_continued_it():
+    """format_1.pt is a mid-epoch checkpoint written by gca_pyg 0.1.0, format_1_continued.pt what
+    0.1.0 computed from there (tests/data/make_format_1_checkpoint.py wrote both)."""
+    state = load_checkpoint(DATA / "format_1.pt")
+    expected = torch.load(DATA / "format_1_continued.pt", weights_only=True)
+    assert state["format_version"] == FORMAT_VERSION and expected["version"] == "0.1.0"
+    torch.manual_seed(0)
+    model = GCAHNG(TinyBackbone(), num_classes=6, embedding_size=16, net=NetConfig(1, 2, 0.1))
+    trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0, epochs=4), seed=0)
+    model.load_state_dict(state["model"])  # strict: every key of the model, none left over
+    trainer.load_state_dict(state["training"])
+    set_rng_state(state["rng"])
+    images, labels = batch()
+    logs = [trainer.training_step(images, labels) for _ in range(2)]
+    assert trainer.end_epoch() == expected["means"]  # the epoch's means span the checkpoint
+    schedule = {"hardness": trainer.hardness, "synthetic_weight": trainer.synthetic_weight}
+    assert schedule == expected["schedule"]
+    logs.append(trainer.training_step(images, labels))
+    assert logs == expected["logs"]  # bit for bit
+    assert torch.equal(model.embed(images), expected["embeddings"])
+
+
+def test_a_checkpoint_of_a_newer_format_is_one_clear_error(tmp_path):
+    path = tmp_path / "future.pt"
+    torch.save({"format_version": FORMAT_VERSION + 1, "written_by": "9.9.0"}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert f"format {FORMAT_VERSION + 1}, written by gca_pyg 9.9.0" in message
+    assert "upgrade gca_pyg" in message and "\n" not in message
+
+
+def test_a_checkpoint_names_the_release_that_wrote_it(tmp_path):
+    save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    state = load_checkpoint(tmp_path)
+    assert state["written_by"] == gca_pyg.__version__ and state["format_version"] == 2

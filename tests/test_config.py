@@ -1,6 +1,7 @@
 import pytest
+import yaml
 
-from gca_pyg.config import Config, available_configs, load_config
+from gca_pyg.config import Config, available_configs, config_dirs, load_config
 from gca_pyg.errors import ConfigError
 
 RECIPES = [
@@ -12,6 +13,10 @@ RECIPES = [
     "sop_googlenet",
     "inshop",
     "inshop_googlenet",
+    "cub_proxy",
+    "cars_proxy",
+    "sop_proxy",
+    "inshop_proxy",
     "folder",
 ]
 
@@ -22,26 +27,36 @@ def test_every_recipe_is_shipped_and_valid():
         config = load_config(name)
         assert config.name == name
         assert config.model.backbone == ("googlenet" if "googlenet" in name else "resnet50")
+        assert config.loss.metric == ("proxy_anchor" if name.endswith("_proxy") else "npair")
 
 
-def test_spec_values_reach_the_typed_config():
-    cub = load_config("cub")
-    assert (cub.data.classes_per_batch, cub.data.samples_per_class) == (27, 3)
-    assert (cub.net.num_layers, cub.net.heads) == (2, 4)
-    assert (cub.loss.alpha, cub.loss.beta, cub.loss.w_div, cub.loss.w_sim) == (5, 20, 60, 20)
-    assert cub.optim.metric_lr == pytest.approx(1.5e-4) and cub.optim.epochs == 100
-    assert cub.model.frozen_bn and cub.eval.ks == [1, 2, 4, 8]
-    sop = load_config("sop_googlenet")
-    assert (sop.data.classes_per_batch, sop.data.samples_per_class) == (40, 2)
-    assert (sop.net.num_layers, sop.net.heads) == (1, 2)
-    assert (sop.loss.alpha, sop.loss.beta) == (5, 20)
-    assert (sop.optim.metric_lr, sop.optim.net_lr) == (pytest.approx(3e-4), pytest.approx(1.5e-4))
-    inshop = load_config("inshop_googlenet")
-    assert (inshop.optim.metric_lr, inshop.optim.net_lr) == (
-        pytest.approx(3e-4),
-        pytest.approx(1.5e-4),
-    )
-    assert load_config("inshop").eval.ks == [1, 10, 20, 30, 40, 50]
+def test_a_proxy_recipe_is_its_datasets_recipe_with_the_proxy_anchor_optimisation():
+    for name in ("cub", "cars", "sop", "inshop"):
+        plain, proxy = load_config(name).to_dict(), load_config(f"{name}_proxy").to_dict()
+        for section in ("data", "model", "net", "graph", "train", "eval"):
+            assert proxy[section] == plain[section], (name, section)
+        generator = ("alpha", "beta", "w_sim", "w_div", "generator_ce_scale", "classifier_scale")
+        assert {k: proxy["loss"][k] for k in generator} == {k: plain["loss"][k] for k in generator}
+        assert proxy["optim"]["net_lr"] == plain["optim"]["net_lr"]
+
+
+def test_every_key_of_a_recipe_file_reaches_the_typed_config_unchanged():
+    for name in available_configs():
+        (path,) = [
+            folder / f"{name}.yaml"
+            for folder in config_dirs()
+            if (folder / f"{name}.yaml").is_file()
+        ]
+        written = yaml.safe_load(path.read_text())
+        typed = load_config(name).to_dict()
+        for section, values in written.items():
+            if not isinstance(values, dict):
+                assert typed[section] == values, (name, section)
+                continue
+            for key, value in values.items():
+                if isinstance(typed[section][key], float):
+                    value = float(value)  # YAML 1.1 reads 1e-4 as a string
+                assert typed[section][key] == value, (name, f"{section}.{key}")
 
 
 def test_sop_and_inshop_recipes_draw_classes_uniformly():
@@ -86,6 +101,12 @@ def test_a_yaml_file_by_path(tmp_path):
         ("train.device=gpu", r"'train.device' .* valid values: auto, cpu, cuda, cuda:N"),
         ("train.precision=fp16", r"valid values: auto, fp32, bf16"),
         (
+            "loss.metric=triplet",
+            r"'loss.metric' .* is 'triplet'; valid values: npair, proxy_anchor",
+        ),
+        ("loss.synthetic_proxies=all", r"'loss.synthetic_proxies' .* valid values: anchor, others"),
+        ("optim.proxy_lr_ratio=0", r"'optim.proxy_lr_ratio' .* must be positive"),
+        (
             "data.class_sampling=random",
             r"'data.class_sampling' .* is 'random'; valid values: balanced, "
             "uniform",
@@ -119,17 +140,15 @@ def test_round_trip_through_a_dict():
     assert Config.from_dict(config.to_dict()) == config
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_and_memory_format_are_the_measured_fastest(monkeypatch, native):
+def test_explicit_precision_and_memory_format_are_honoured(monkeypatch, capsys):
     import torch
 
-    import gca_pyg.pipeline as pipeline
+    import gca_pyg.runtime as runtime
 
-    monkeypatch.setattr(pipeline, "native_bf16", lambda device: native)
-    config = load_config("demo", ["train.precision=auto", "train.memory_format=auto"])
-    for device in (torch.device("cpu"), torch.device("cuda")):
-        assert pipeline.check_precision(config, device) == (torch.bfloat16 if native else None)
-        assert pipeline.use_channels_last(config, device) == native
-    explicit = load_config("demo", ["train.precision=fp32", "train.memory_format=channels_last"])
-    assert pipeline.check_precision(explicit, torch.device("cpu")) is None
-    assert pipeline.use_channels_last(explicit, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert runtime.autocast_dtype("fp32", cpu) is None
+    assert runtime.use_channels_last("channels_last", "fp32", cpu)
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    assert runtime.autocast_dtype("bf16", cpu) == torch.bfloat16  # it runs, and says so:
+    assert "no native bf16 matmul" in capsys.readouterr().err
+    assert not runtime.use_channels_last("contiguous", "bf16", cpu)

@@ -6,6 +6,7 @@ outputs on stand-in weights (tests/reference/make_fixture.py made it from their 
 stand-in weights are rebuilt here from its names and shapes (reference_weights.py).
 """
 
+import copy
 import re
 from pathlib import Path
 
@@ -24,8 +25,7 @@ from gca_pyg.convert import (
     load_initial_weights,
 )
 from gca_pyg.errors import ConfigError
-from gca_pyg.graph import shard_pairs, to_dense_edges
-from gca_pyg.layout import class_layout
+from gca_pyg.graph import to_dense_edges
 from gca_pyg.pipeline import build_model
 
 from data_layouts import make_folder
@@ -83,28 +83,33 @@ def converted(fixture, their_files, tmp_path_factory):
     return outputs
 
 
+def tensors(state: dict) -> dict:
+    """The weights of a state dict (without the generator's schedule state)."""
+    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
 def our_outputs(model, images, labels, mode):
     """What make_fixture.py records of their forward, from our model."""
     model.train(mode == "train")
-    for conv in model.net.convs:
+    for conv in model.generator.net.convs:
         conv.dropout = 0.0  # as their dropout, set to 0 for the fixture
     with torch.no_grad():
         embeddings = model(images)
-        shard = shard_pairs(class_layout(labels))
-        node_logits, fusion = model.correlate(embeddings, labels, shard)
+        graph = model.batch_graph(labels)
+        node_logits, fusion = model.generator.correlate(embeddings, graph)
     count = len(labels)
     return {
         "embeddings": embeddings,
         "node_logits": node_logits,
-        "fusion": to_dense_edges(fusion, shard.edge_index, count, undirected=True),
+        "fusion": to_dense_edges(fusion, graph.shard.edge_index, count, undirected=True),
     }
 
 
 #: Their running statistics -> ours (the embedding head's BatchNorm and the net's two).
 RUNNING = {
     "feature_extractor.fc.0.": "embedding.0.",
-    "gnn.bottleneck1.0.": "net.edge_norm.",
-    "gnn.bottleneck2.0.": "net.node_norm.",
+    "gnn.bottleneck1.0.": "generator.net.edge_norm.",
+    "gnn.bottleneck2.0.": "generator.net.node_norm.",
 }
 
 
@@ -125,7 +130,7 @@ def test_the_converted_model_computes_what_their_gca_hng_computes(fixture, ours,
     """Embeddings, node logits and fusion weights of their forward at fp32 precision, in eval mode
     and in training mode (batch statistics; then the running statistics it leaves)."""
     model = ours[case]
-    weights = {key: value.clone() for key, value in model.state_dict().items()}
+    weights = copy.deepcopy(model.state_dict())
     size = fixture["cases"][case]["image_size"]
     images = stand_in_images(len(fixture["labels"]), size, fixture["seed"])
     for mode in ("eval", "train"):
@@ -159,7 +164,9 @@ def test_every_tensor_of_theirs_is_used_or_unused_by_their_forward(fixture, conv
     theirs = stand_in_state_dict(fixture["cases"]["resnet50"]["manifest"], fixture["seed"])
     layer = "gnn.gnn.1.node_model.layers.0."
     for norm in ("norm_attention", "norm_edge_to_node", "norm_node_ffn"):
-        assert torch.equal(state[f"net.convs.1.{norm}.weight"], theirs[layer + "norm.1.weight"])
+        assert torch.equal(
+            state[f"generator.net.convs.1.{norm}.weight"], theirs[layer + "norm.1.weight"]
+        )
     dropped = {
         key
         for key in theirs
@@ -172,7 +179,8 @@ def test_every_tensor_of_theirs_is_used_or_unused_by_their_forward(fixture, conv
         for key, value in theirs.items()
         if key.endswith(("norm.1.weight", "norm.1.bias"))
     )
-    assert sum(value.numel() for value in state.values()) == mapped + repeated
+    tensors = [value for value in state.values() if isinstance(value, torch.Tensor)]
+    assert sum(value.numel() for value in tensors) == mapped + repeated
 
 
 def test_data_parallel_prefixes_and_googlenets_auxiliary_heads_are_accepted(
@@ -190,7 +198,7 @@ def test_data_parallel_prefixes_and_googlenets_auxiliary_heads_are_accepted(
     for variant in variants:
         weights, notes = convert_state_dict(variant, ours["googlenet"])
         assert notes == [] and weights.keys() == expected.keys()
-        assert all(torch.equal(weights[key], expected[key]) for key in expected)
+        assert all(torch.equal(weights[key], expected[key]) for key in tensors(expected))
 
 
 def test_dino_position_embedding_is_interpolated_as_their_backbone_does(fixture, converted):
@@ -238,11 +246,31 @@ def test_fine_tuning_starts_from_model_init(fixture, converted, their_files, tmp
     expected = load_checkpoint(converted["resnet50"])["model"]
     for model in (from_checkpoint, from_their_file):
         state = model.state_dict()
-        for key, value in expected.items():
-            if key.startswith(("classifier.", "net.lin_classifier.")):
+        for key, value in tensors(expected).items():
+            if key.startswith(("generator.classifier.", "generator.net.lin_classifier.")):
                 assert state[key].shape[0] == 7  # 5 classes there, 7 here: fresh
             else:
                 assert torch.equal(state[key], value), key
+
+
+def test_a_proxy_anchor_run_starts_from_their_n_pair_model_with_fresh_proxies(
+    fixture, their_files, capsys
+):
+    """Their released models train N-pair, which has no parameters: Proxy-Anchor's proxies start
+    fresh (one line says so), every tensor of their file is loaded."""
+    sets = tiny(fixture, "resnet50") + ["loss.metric=proxy_anchor"]
+    config = load_config("folder", sets + [f"model.init={their_files['resnet50']}"])
+    torch.manual_seed(0)
+    model = build_model(config, 5, CPU)
+    assert "(Proxy-Anchor's proxies): they start from a fresh" in capsys.readouterr().err
+    torch.manual_seed(0)
+    fresh = build_model(load_config("folder", sets), 5, CPU, load_weights=False)
+    converted, _ = convert_state_dict(
+        stand_in_state_dict(fixture["cases"]["resnet50"]["manifest"], fixture["seed"]), fresh
+    )
+    for key, value in tensors(model.state_dict()).items():
+        expected = fresh.state_dict()[key] if key.startswith("criterion.") else converted[key]
+        assert torch.equal(value, expected), key
 
 
 def convert_error(capsys, their_file, output, recipe, *sets):
@@ -389,7 +417,7 @@ def test_the_train_command_starts_from_model_init(tmp_path, capsys):
 
     parameters = [
         name
-        for name, value in first["model"].items()
+        for name, value in tensors(first["model"]).items()
         if value.is_floating_point() and "running_" not in name
     ]
     assert all(torch.equal(second["model"][name], first["model"][name]) for name in parameters)

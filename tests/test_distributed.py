@@ -9,18 +9,24 @@ from gca_pyg.distributed import Context
 import distributed_helpers as helpers
 
 
-@pytest.mark.parametrize("neighbors", [None, 3], ids=["complete", "sparse"])
-def test_two_processes_train_like_one_on_the_global_batch(tmp_path, neighbors):
-    mp.spawn(helpers.worker, args=(2, str(tmp_path), neighbors), nprocs=2, join=True)
+@pytest.mark.parametrize(
+    "neighbors, metric",
+    [(None, "npair"), (3, "npair"), (None, "proxy_anchor")],
+    ids=["complete", "sparse", "proxy_anchor"],
+)
+def test_two_processes_train_like_one_on_the_global_batch(tmp_path, neighbors, metric):
+    mp.spawn(helpers.worker, args=(2, str(tmp_path), neighbors, metric), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        single = helpers.train(Context(), neighbors)
+        single = helpers.train(Context(), neighbors, metric)
     finally:
         torch.set_default_dtype(default)
 
+    if metric == "proxy_anchor":  # the proxies trained, alike everywhere
+        assert not torch.equal(single["state"]["criterion.proxies"], helpers.initial_proxies())
     for name, expected in single["state"].items():
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
         torch.testing.assert_close(

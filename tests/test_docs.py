@@ -13,6 +13,7 @@ METHOD = ROOT / "docs" / "method.md"
 # Table column -> the config value it shows.
 COLUMNS = {
     "backbone": lambda c: c.model.backbone,
+    "metric loss": lambda c: c.loss.metric,
     "C × K": lambda c: f"{c.data.classes_per_batch} × {c.data.samples_per_class}",
     "layers × heads": lambda c: f"{c.net.num_layers} × {c.net.heads}",
     "α": lambda c: c.loss.alpha,
@@ -22,6 +23,7 @@ COLUMNS = {
     "metric lr": lambda c: c.optim.metric_lr,
     "net lr": lambda c: c.optim.net_lr,
     "lr step": lambda c: c.optim.metric_lr_step,
+    "lr decay": lambda c: c.optim.metric_lr_gamma,
     "warm-up": lambda c: c.optim.warmup_epochs,
     "epochs": lambda c: c.optim.epochs,
     "frozen BN": lambda c: "yes" if c.model.frozen_bn else "no",

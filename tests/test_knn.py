@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from gca_pyg.config import load_config
 from gca_pyg.errors import ConfigError, NonFiniteLossError
-from gca_pyg.generator import synthesize_groups, synthesize_negatives
 from gca_pyg.graph import (
+    BatchGraph,
+    EdgeShard,
     GraphConfig,
     build_batch_graph,
     knn_pairs,
@@ -21,6 +22,7 @@ from gca_pyg.graph import (
 from gca_pyg.layout import class_layout
 from gca_pyg.losses import diversity_loss, similarity_loss, synthetic_npair_loss
 from gca_pyg.model import GCAHNG, NetConfig
+from gca_pyg.synthesis import SyntheticSamples, synthesize_groups, synthesize_negatives
 from gca_pyg.trainer import AlternatingTrainer, OptimConfig
 
 from tiny_model import TinyBackbone, batch
@@ -114,7 +116,7 @@ def test_groups_of_a_sparse_graph_are_the_classes_each_anchor_is_joined_to():
         table.reshape(-1),
         accumulate=True,
     )
-    assert torch.equal(shard.connected(18, 6), expected)
+    assert torch.equal(BatchGraph(y, layout, shard).connected, expected)
     assert shard.num_groups == int(expected.sum()) < 18 * 6
     own = shard.target_class == layout.class_index[shard.anchor]
     assert int(own.sum()) == 18 and bool(shard.mask[own].all())
@@ -191,35 +193,53 @@ def test_masked_synthetic_npair_loss_by_hand():
     connected[5, 2] = True  # own class: always a candidate (the positive)
     other = connected & (y.unsqueeze(1) != torch.arange(3))
     anchor_index, classes = other.nonzero(as_tuple=True)
-    synthetic = torch.randn(anchor_index.numel(), 4, dtype=torch.float64)
-    loss = synthetic_npair_loss(z, y, synthetic, classes, anchor_index, connected=connected)
+    groups = connected.nonzero(as_tuple=True)  # a sparse graph's groups, own classes included
+    shard = EdgeShard(
+        edge_index=torch.zeros(2, 0, dtype=torch.long),
+        anchor=groups[0],
+        target_class=groups[1],
+        edges=torch.zeros(len(groups[0]), 2, dtype=torch.long),
+        mask=torch.ones(len(groups[0]), 2, dtype=torch.bool),
+    )
+    graph = BatchGraph(y, class_layout(y), shard)
+    synthetic = SyntheticSamples(
+        torch.randn(anchor_index.numel(), 4, dtype=torch.float64), anchor_index, classes
+    )
+    loss = synthetic_npair_loss(z, synthetic, graph)
     total, candidate_norms = 0.0, []
     for i in range(6):
         candidates = [z[i ^ 1]] + [
-            synthetic[r] for r in range(len(synthetic)) if anchor_index[r] == i
+            synthetic.embeddings[r] for r in range(len(anchor_index)) if anchor_index[r] == i
         ]
         total -= log_softmax_at([float(z[i] @ c) for c in candidates], 0)
         candidate_norms += [float(c.square().sum()) for c in candidates]
     assert len(candidate_norms) == 6 + 8  # 6 positives, 12 - 4 synthetic negatives
     l2 = z.square().sum(1).mean().item() + sum(candidate_norms) / len(candidate_norms)
     assert loss.item() == pytest.approx(total / 6 + 0.25 * 3e-3 * l2, rel=1e-12)
-    # Every connected (anchor, other class) needs its row, and only those may come.
-    with pytest.raises(ValueError, match="exactly one synthetic negative.*connected"):
-        synthetic_npair_loss(
-            z, y, synthetic[1:], classes[1:], anchor_index[1:], connected=connected
-        )
+    # Every joined (anchor, other class) needs its row, and only those may come.
+    missing = SyntheticSamples(synthetic.embeddings[1:], anchor_index[1:], classes[1:])
+    with pytest.raises(ValueError, match="exactly one synthetic negative.*sparse graph joins"):
+        synthetic_npair_loss(z, missing, graph)
     with pytest.raises(ValueError, match="exactly one synthetic negative"):
-        synthetic_npair_loss(z, y, synthetic, classes, anchor_index)
+        synthetic_npair_loss(z, synthetic, BatchGraph.build(y))
 
 
 def test_sparse_similarity_and_diversity_losses_by_hand():
-    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    synthetic = torch.tensor([[1.0, 1.0], [3.0, 0.0]], dtype=torch.float64)
-    j_sim = similarity_loss(z, synthetic, torch.tensor([0, 1]), num_classes=3, num_groups=5)
-    assert j_sim.item() == pytest.approx((1 - 1 / math.sqrt(2) + 1) / 5)
-
-    # Nodes 0..3, pairs {0,0} {1,1} {2,2} {3,3} {0,1} {0,2} {1,3}: degrees 3, 3, 2, 2.
+    # Nodes 0..3 of classes 0, 0, 1, 1; pairs {0,0} {1,1} {2,2} {3,3} {0,1} {0,2} {1,3}:
+    # degrees 3, 3, 2, 2, and 6 groups: the 4 own-class ones, (0, class 1) and (1, class 1).
+    y = torch.tensor([0, 0, 1, 1])
     pairs = torch.tensor([[0, 1, 2, 3, 0, 0, 1], [0, 1, 2, 3, 1, 2, 3]])
+    graph = BatchGraph(y, class_layout(y), sparse_shard(class_layout(y), pairs))
+    assert graph.total_groups == 8  # (2, class 0) and (3, class 0) too, by symmetry
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [5.0, 5.0]], dtype=torch.float64)
+    synthetic = SyntheticSamples(
+        torch.tensor([[1.0, 1.0], [3.0, 0.0], [9.0, 9.0]], dtype=torch.float64),
+        torch.tensor([0, 1, 2]),
+        torch.tensor([1, 1, 1]),  # the last is node 2's own class: it counts 0
+    )
+    j_sim = similarity_loss(z, synthetic, graph)
+    assert j_sim.item() == pytest.approx((1 - 1 / math.sqrt(2) + 1) / 8)
+
     weights = torch.rand(7, 3, dtype=torch.float64)
     neighbours = {i: [] for i in range(4)}
     for row, (i, j) in enumerate(pairs.T.tolist()):
@@ -232,12 +252,10 @@ def test_sparse_similarity_and_diversity_losses_by_hand():
         for w in ws
     )
     expected = 0.01 * (1 - math.sqrt(total / 10))  # 10 stored directed pairs
-    assert diversity_loss(weights, edge_index=pairs, num_nodes=4).item() == pytest.approx(
-        expected, rel=1e-12
-    )
+    assert diversity_loss(weights, graph).item() == pytest.approx(expected, rel=1e-12)
 
 
-def make_trainer(neighbors, dtype=torch.float64):
+def make_trainer(neighbors, dtype=torch.float64, device="cpu"):
     torch.manual_seed(0)
     model = GCAHNG(
         TinyBackbone(),
@@ -245,32 +263,35 @@ def make_trainer(neighbors, dtype=torch.float64):
         embedding_size=16,
         net=NetConfig(num_layers=2, heads=4, dropout=0.1),
         graph=GraphConfig(neighbors=neighbors),
-    ).to(dtype)
+    ).to(device, dtype)
     trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0, epochs=10))
-    trainer.mean_metric_loss, trainer.mean_generator_loss = 3.0, 1.0  # h < 1, J_syn weighs in
+    model.generator.mean_metric_loss = 3.0  # h < 1
+    model.generator.mean_generator_loss = 1.0  # J_syn weighs in
     return trainer
 
 
-def test_a_step_on_the_sparse_graph_with_k_of_n_minus_1_equals_the_dense_step():
+def test_a_step_on_the_sparse_graph_with_k_of_n_minus_1_equals_the_dense_step(
+    device, deterministic
+):
     images, labels = batch()
-    images = images.double()
-    dense, sparse = make_trainer(None), make_trainer(11)
+    images, labels = images.double().to(device), labels.to(device)
+    dense, sparse = make_trainer(None, device=device), make_trainer(11, device=device)
     embeddings = dense.model(images)
-    _, layout, dense_shard = dense.prepare(labels)
-    _, _, sparse_shard_ = sparse.prepare(labels, embeddings)
-    assert torch.equal(sparse_shard_.edge_index, dense_shard.edge_index)
-    assert sparse_shard_.mask is not None and dense_shard.mask is None
-    fusion = torch.rand(dense_shard.num_edges, 16, dtype=torch.float64)
-    mix = torch.rand(3, 2, dtype=torch.float64)
+    dense_graph = dense.batch_graph(labels)
+    sparse_graph = sparse.batch_graph(labels, embeddings)
+    assert torch.equal(sparse_graph.shard.edge_index, dense_graph.shard.edge_index)
+    assert sparse_graph.is_sparse and not dense_graph.is_sparse
+    fusion = torch.rand(dense_graph.shard.num_edges, 16, dtype=torch.float64, device=device)
+    mix = torch.rand(3, 2, dtype=torch.float64, device=device)
     for own_class in (False, True):
-        expected = dense.model._synthesize(
-            embeddings, layout, dense_shard, fusion, 0.4, mix, own_class
+        expected = dense.model.generator.synthesize(
+            embeddings, dense_graph, fusion, mix, own_class=own_class
         )
-        actual = sparse.model._synthesize(
-            embeddings, layout, sparse_shard_, fusion, 0.4, mix, own_class
+        actual = sparse.model.generator.synthesize(
+            embeddings, sparse_graph, fusion, mix, own_class=own_class
         )
-        for a, b in zip(actual, expected):
-            assert torch.equal(a, b)
+        for field in ("embeddings", "anchor", "class_index"):
+            assert torch.equal(getattr(actual, field), getattr(expected, field)), field
 
     torch.manual_seed(5)
     expected = dense.training_step(images, labels)
@@ -289,13 +310,15 @@ def test_the_model_synthesises_and_scores_a_sparse_graph_group_by_group():
     images, labels = batch()
     model.train()
     embeddings = model(images.double()).detach()
-    labels, layout, shard = trainer.prepare(labels, embeddings)
+    graph = trainer.batch_graph(labels, embeddings)
+    layout, shard = graph.layout, graph.shard
     mix, hardness = torch.rand(3, 2, dtype=torch.float64), 0.6
+    model.generator.mean_metric_loss = 5.0 / math.log(1 / hardness)
     torch.manual_seed(3)
     with torch.no_grad():
-        _, fusion = model.correlate(embeddings, labels, shard)
+        _, fusion = model.generator.correlate(embeddings, graph)
     torch.manual_seed(3)
-    losses = model.generator_loss(embeddings, labels, layout, shard, hardness=hardness, mix=mix)
+    losses = model.generator_loss(embeddings, graph, mix)
 
     positive = layout.positive_index()
     synthetic, ce, sim = [], 0.0, 0.0
@@ -311,22 +334,33 @@ def test_the_model_synthesises_and_scores_a_sparse_graph_group_by_group():
                     fusion[shard.edges[g, k]],
                     hardness,
                 )
-                u = mix[layout.rank[i], k - 1]
+                u = mix[layout.position[i], k - 1]
                 result = n if result is None else n + u * (result - n)
         synthetic.append(result)
-        logits = F.linear(result, model.classifier.weight.detach(), model.classifier.bias.detach())
+        classifier = model.generator.classifier
+        logits = F.linear(result, classifier.weight.detach(), classifier.bias.detach())
         ce -= float(F.log_softmax(logits, dim=0)[layout.classes[c]])
         if c != layout.class_index[i]:
             sim += 1 - float(F.cosine_similarity(embeddings[i], result, dim=0))
     assert losses["J_ce"].item() == pytest.approx(20 * ce / shard.num_groups, rel=1e-10)
     assert losses["J_sim"].item() == pytest.approx(sim / shard.num_groups, rel=1e-10)
-    expected_div = diversity_loss(fusion, edge_index=shard.edge_index, num_nodes=12)
-    assert losses["J_div"].item() == pytest.approx(expected_div.item(), rel=1e-12)
+    # J_div by hand: each node's stored neighbours (a pair stands for both directions).
+    neighbours = {i: [] for i in range(12)}
+    for row, (i, j) in enumerate(shard.edge_index.T.tolist()):
+        neighbours[i].append(fusion[row])
+        if i != j:
+            neighbours[j].append(fusion[row])
+    spread = sum(
+        float((w - torch.stack(ws).mean(0)).square().sum())
+        for ws in neighbours.values()
+        for w in ws
+    )
+    directed_pairs = sum(len(ws) for ws in neighbours.values())
+    expected_div = 0.01 * (1 - math.sqrt(spread / directed_pairs))
+    assert losses["J_div"].item() == pytest.approx(expected_div, rel=1e-10)
 
     torch.manual_seed(3)  # the same dropout, so the same fusion weights
-    metric = model.metric_loss(
-        embeddings, labels, layout, shard, hardness=hardness, synthetic_weight=1.0, mix=mix
-    )
+    metric = model.metric_loss(embeddings, graph, mix)
     other = shard.target_class != layout.class_index[shard.anchor]
     total, norms = 0.0, []
     for i in range(12):
@@ -339,11 +373,12 @@ def test_the_model_synthesises_and_scores_a_sparse_graph_group_by_group():
     assert metric["J_syn"].item() == pytest.approx(total / 12 + 0.25 * 3e-3 * l2, rel=1e-10)
 
 
-def test_training_on_a_sparse_graph_stays_finite_and_lowers_the_metric_loss():
-    trainer = make_trainer(2, dtype=torch.float32)
+def test_training_on_a_sparse_graph_stays_finite_and_lowers_the_metric_loss(device):
+    trainer = make_trainer(2, dtype=torch.float32, device=device)
     images, labels = batch()
+    images, labels = images.to(device), labels.to(device)
     embeddings = trainer.model(images)
-    _, _, shard = trainer.prepare(labels, embeddings)
+    shard = trainer.batch_graph(labels, embeddings).shard
     assert shard.num_edges < 12 * 13 // 2 and not bool(shard.mask.all())
     logs = [trainer.training_step(images, labels) for _ in range(12)]
     assert all(math.isfinite(value) for log in logs for value in log.values())
@@ -374,7 +409,7 @@ def test_bad_neighbours_are_clear_errors():
         )
     trainer = make_trainer(2, dtype=torch.float32)
     with pytest.raises(ValueError, match="needs the batch's embeddings"):
-        trainer.prepare(torch.arange(4).repeat_interleave(3))
+        trainer.batch_graph(torch.arange(4).repeat_interleave(3))
     pairs = knn_pairs(torch.randn(6, 3), torch.arange(3).repeat(2), 2)
     with pytest.raises(ValueError, match="block order of knn_pairs"):
         sparse_shard(class_layout(torch.arange(3).repeat(2)), pairs.flip(1), 0, 2)

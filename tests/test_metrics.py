@@ -222,11 +222,14 @@ def test_the_number_of_threads_does_not_change_the_result():
         )
 
 
-def test_torch_tensors_of_any_dtype_give_the_numpy_answer():
+def test_torch_tensors_of_any_dtype_give_the_numpy_answer(device):
     x, y = clustered(n_classes=10, sizes=(2, 6), dim=8, spread=1.0, seed=5)
     expected = retrieval_metrics(x, y)
-    embeddings = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    assert retrieval_metrics(embeddings, torch.from_numpy(y)) == pytest.approx(expected, abs=1e-12)
+    embeddings = torch.tensor(x, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.from_numpy(y).to(device)
+    assert retrieval_metrics(embeddings, labels) == pytest.approx(expected, abs=1e-12)
+    half = embeddings.detach().to(torch.bfloat16)
+    assert retrieval_metrics(half, labels) == retrieval_metrics(half.float().cpu().numpy(), y)
     string_labels = np.array([f"class-{label}" for label in y])
     assert retrieval_metrics(x, string_labels) == expected
 

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gca_pyg.graph import BatchGraph
+from gca_pyg.model import GCAHNG, NetConfig
 from gca_pyg.pml import INITIAL_MEAN_LOSS, GCANegativeGenerator
+from gca_pyg.synthesis import draw_mix
+
+from tiny_model import TinyBackbone
 
 losses = pytest.importorskip("pytorch_metric_learning.losses")
 
@@ -23,20 +28,29 @@ def batch(classes=4, per_class=3, dim=16):
     return embeddings.requires_grad_(), labels
 
 
-def test_negatives_come_in_pml_reference_form():
-    embeddings, labels = batch()
+def test_negatives_come_as_the_trailing_arguments_of_a_pml_loss():
+    embeddings, labels = batch()  # 4 classes x 3
     generator = GCANegativeGenerator(16, num_classes=6, num_layers=1, heads=2)
-    negatives, negative_labels = generator(embeddings, labels)
-    assert negatives.shape == (12 * 3, 16) and negative_labels.shape == (12 * 3,)
-    # Grouped by anchor, one per other class: never the anchor's own class.
-    anchor_labels = labels.repeat_interleave(3)
-    assert not (negative_labels == anchor_labels).any()
+    (anchors, positives, negatives), references, reference_labels = generator(embeddings, labels)
+    assert references.shape == (12 + 12 * 3, 16) and reference_labels.shape == (12 + 12 * 3,)
+    assert torch.equal(references[:12], embeddings) and torch.equal(reference_labels[:12], labels)
+    # Synthetic rows grouped by anchor, one per other class, ascending.
     assert torch.equal(
-        negative_labels.view(12, 3).sort(dim=1).values,
+        reference_labels[12:].view(12, 3),
         torch.stack([torch.tensor([c for c in range(4) if c != y]) for y in labels]),
     )
+    # Every anchor with each real positive and each synthetic negative made for it, once.
+    triplets = set(zip(anchors.tolist(), positives.tolist(), negatives.tolist()))
+    expected = {
+        (a, p, 12 + 3 * a + j)
+        for a in range(12)
+        for p in range(12)
+        if p != a and labels[p] == labels[a]
+        for j in range(3)
+    }
+    assert triplets == expected and len(anchors) == len(expected)
     loss = losses.TripletMarginLoss(margin=0.1)(
-        embeddings, labels, ref_emb=negatives, ref_labels=negative_labels
+        embeddings, labels, (anchors, positives, negatives), references, reference_labels
     )
     assert torch.isfinite(loss) and loss > 0
 
@@ -44,9 +58,8 @@ def test_negatives_come_in_pml_reference_form():
 def test_the_users_loss_trains_the_model_and_never_the_generator():
     embeddings, labels = batch()
     generator = GCANegativeGenerator(16, num_classes=4, num_layers=1, heads=2)
-    negatives, negative_labels = generator(embeddings, labels)
     losses.TripletMarginLoss(margin=0.5)(
-        embeddings, labels, ref_emb=negatives, ref_labels=negative_labels
+        embeddings, labels, *generator(embeddings, labels)
     ).backward()
     assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
     assert all(p.grad is None for p in generator.parameters())
@@ -66,13 +79,19 @@ def test_update_sets_the_hardness_and_the_synthetic_weight():
     generator = GCANegativeGenerator(16, num_classes=4, num_layers=1, heads=2, alpha=0.2, beta=3)
     assert generator.hardness == pytest.approx(math.exp(-0.2 / INITIAL_MEAN_LOSS))
     assert generator.synthetic_weight < 1e-5
-    for _ in range(2):
+    graph = BatchGraph.build(labels)
+    generator_losses = []
+    for seed in range(2):  # the J_gen of each call, from the same dropout and merge draws
+        torch.manual_seed(seed)
+        generator_losses.append(generator.generator_loss(embeddings, graph)["J_gen"].item())
+        torch.manual_seed(seed)
         generator.loss(embeddings, labels)
-    mean_generator_loss = float(generator.generator_loss_sum) / 2
     generator.update(0.4)
     assert generator.hardness == pytest.approx(math.exp(-0.2 / 0.4))
+    mean_generator_loss = sum(generator_losses) / 2
     assert generator.synthetic_weight == pytest.approx(1 - math.exp(-3 / mean_generator_loss))
-    assert int(generator.generator_loss_count) == 0  # the next epoch starts afresh
+    generator.update(0.4)  # no loss() since: J̄_gen stays, the next epoch starts afresh
+    assert generator.synthetic_weight == pytest.approx(1 - math.exp(-3 / mean_generator_loss))
     # The schedule travels with the state_dict.
     restored = GCANegativeGenerator(16, num_classes=4, num_layers=1, heads=2, alpha=0.2, beta=3)
     restored.load_state_dict(generator.state_dict())
@@ -80,9 +99,9 @@ def test_update_sets_the_hardness_and_the_synthetic_weight():
     assert restored.synthetic_weight == generator.synthetic_weight
     # Harder negatives as the loss falls: closer to their anchors.
     generator.eval()
-    far = generator(embeddings, labels)[0]
+    far = generator(embeddings, labels).ref_emb[12:]
     generator.update(0.01)
-    near = generator(embeddings, labels)[0]
+    near = generator(embeddings, labels).ref_emb[12:]
     anchors = embeddings.repeat_interleave(3, dim=0)
     assert (near - anchors).norm(dim=1).mean() < (far - anchors).norm(dim=1).mean()
 
@@ -93,7 +112,10 @@ def test_update_sets_the_hardness_and_the_synthetic_weight():
         (lambda g, z, y: g(z[:, :8], y), r"embeddings of shape \[N, 16\], got \(12, 8\)"),
         (lambda g, z, y: g(z, y[:-1]), r"one label per embedding \(12\)"),
         (lambda g, z, y: g(z, y + 5), r"labels must be training class ids in 0\.\.5, got 5\.\.8"),
-        (lambda g, z, y: g(z[:-1], y[:-1]), r"class"),  # class 3 has 2 samples, the others 3
+        (  # class 3 has 2 samples, the others 3
+            lambda g, z, y: g(z[:-1], y[:-1]),
+            r"class-balanced batch .* class counts \{0: 3, 1: 3, 2: 3, 3: 2\}",
+        ),
         (lambda g, z, y: g.update(float("nan")), r"positive finite number; got nan"),
     ],
 )
@@ -102,6 +124,40 @@ def test_bad_input_is_one_clear_error(call, message):
     generator = GCANegativeGenerator(16, num_classes=6, num_layers=1, heads=2)
     with pytest.raises(ValueError, match=message):
         call(generator, embeddings, labels)
+
+
+def test_the_front_end_gives_the_trainers_negatives_and_losses_on_the_same_tensors():
+    torch.manual_seed(0)
+    model = GCAHNG(TinyBackbone(), 6, 16, net=NetConfig(num_layers=2, heads=4, dropout=0.0))
+    model.generator.mean_metric_loss, model.generator.mean_generator_loss = 3.0, 2.0
+    front_end = GCANegativeGenerator(16, 6, num_layers=2, heads=4, dropout=0.0)
+    front_end.load_state_dict(model.generator.state_dict())  # weights and schedule
+    assert front_end.hardness == model.generator.hardness == pytest.approx(math.exp(-5 / 3))
+    model.train()
+    labels = torch.tensor([4, 1, 4, 0, 1, 0, 4, 0, 1])
+    embeddings = model(torch.randn(9, 20))
+    graph = model.batch_graph(labels)
+
+    torch.manual_seed(1)
+    mix = draw_mix(3)  # the trainer's coefficients are the front end's draw
+    negatives, _ = model.generator(embeddings, graph, mix)
+    torch.manual_seed(1)
+    _, references, reference_labels = front_end(embeddings, labels)
+    order = torch.argsort(negatives.anchor * 3 + negatives.class_index)
+    assert torch.equal(references[9:], negatives.embeddings[order])
+    assert torch.equal(reference_labels[9:], negatives.labels(graph.layout)[order])
+
+    torch.manual_seed(2)
+    mix = draw_mix(3)
+    expected = model.generator.generator_loss(embeddings, graph, mix, node_loss=True)
+    expected_cls = model.classifier_loss(embeddings, labels)["J_cls"]
+    torch.manual_seed(2)
+    actual = front_end.loss(embeddings, labels)
+    assert actual.item() == pytest.approx(
+        (expected["J_gen"] + expected["J_gce"] + expected_cls).item(), rel=1e-6
+    )
+    front_end.update(1.5)
+    assert front_end.synthetic_weight == pytest.approx(1 - math.exp(-20 / expected["J_gen"].item()))
 
 
 def test_the_example_trains_with_and_without_the_generator(tmp_path):

@@ -2,7 +2,6 @@
 
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -14,6 +13,8 @@ from PIL import Image
 from gca_pyg import report
 from gca_pyg import train as train_cli
 from gca_pyg.checkpoint import load_checkpoint
+
+from browser import CHROMIUM, FLAGS, SKIP_REASON
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
@@ -175,34 +176,14 @@ def test_no_checkpoint_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "no checkpoint at" in err
 
 
-CHROMIUM = next(
-    (
-        shutil.which(name)
-        for name in ("chromium", "chromium-browser", "google-chrome")
-        if shutil.which(name)
-    ),
-    None,
-)
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no chromium on this machine: apt-get install "
-    "chromium (Debian) to test how the report renders",
-)
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_the_report_renders_in_headless_chromium(demo_run, tmp_path):
     screenshot = tmp_path / "report.png"
     subprocess.run(
         [
             CHROMIUM,
             "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *FLAGS,
             "--hide-scrollbars",
             f"--user-data-dir={tmp_path / 'profile'}",
             "--window-size=1200,1600",
@@ -226,6 +207,7 @@ def test_the_report_renders_in_headless_chromium(demo_run, tmp_path):
 
 def test_thumbnails_of_image_files_are_small_jpegs(tmp_path):
     from gca_pyg.data import ImageFolderByClass, test_transform
+    from gca_pyg.gallery import ThumbnailFiles
 
     for c in range(4):  # the last two classes test
         (tmp_path / "images" / f"class{c}").mkdir(parents=True)
@@ -233,7 +215,8 @@ def test_thumbnails_of_image_files_are_small_jpegs(tmp_path):
         image.save(tmp_path / "images" / f"class{c}" / "a.png")
     dataset = ImageFolderByClass(tmp_path / "images", "test", test_transform(64, 56))
     (tmp_path / "thumbnails").mkdir()
-    src, small = report._Thumbnails(dataset, tmp_path / "thumbnails", "gallery")(0)
+    thumbnails = ThumbnailFiles(report._raw_items(dataset), tmp_path / "thumbnails", "gallery")
+    src, small = thumbnails(0)
     assert src == "thumbnails/gallery-0.jpg" and not small
     with Image.open(tmp_path / src) as image:  # the stored image, not the transformed crop
         assert image.size == (128, 85) and abs(image.getpixel((64, 42))[0] - 120) < 5

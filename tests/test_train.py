@@ -68,11 +68,13 @@ def only_run_dir(output):
     return run_dir
 
 
-def test_demo_trains_and_reports_on_unseen_classes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("metric_loss", ["npair", "proxy_anchor"])
+def test_demo_trains_and_reports_on_unseen_classes(tmp_path, monkeypatch, capsys, metric_loss):
     monkeypatch.setenv("GCA_PYG_CACHE", str(tmp_path / "cache"))
     settings = TINY + [
         "optim.epochs=1",
         "data.classes_per_batch=10",
+        f"loss.metric={metric_loss}",
         f"train.output_dir={tmp_path}",
     ]
     code = train_cli.main(["demo"] + [a for s in settings for a in ("--set", s)])
@@ -84,6 +86,13 @@ def test_demo_trains_and_reports_on_unseen_classes(tmp_path, monkeypatch, capsys
     run_dir = next(p for p in tmp_path.iterdir() if p.name.startswith("demo-"))
     for name in ("last.pt", "best.pt", "config.yaml", "log.jsonl", "steps.csv"):
         assert (run_dir / name).is_file(), name
+    (record,) = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert record["J_syn"] > 0 and record["J_gen"] > 0
+    proxies = load_checkpoint(run_dir)["model"].get("criterion.proxies")
+    if metric_loss == "proxy_anchor":  # one proxy per training class, saved with the model
+        assert proxies.shape == (100, 32)
+    else:
+        assert proxies is None
     if importlib.util.find_spec("tensorboard") is not None:  # an optional extra
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -301,3 +310,23 @@ def test_cuda_where_there_is_none(capsys):
 def test_evaluate_without_a_checkpoint(tmp_path, capsys):
     assert evaluate_cli.main(["--checkpoint", str(tmp_path)]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_deterministic_kernels_are_what_the_config_says(image_folder, tmp_path, monkeypatch):
+    seen = []
+    step = gca_pyg.trainer.AlternatingTrainer.training_step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(gca_pyg.trainer.AlternatingTrainer, "training_step", recording_step)
+    try:
+        for flag in (True, False):
+            seen.clear()
+            output = tmp_path / str(flag)
+            args = folder_args(image_folder, output, f"train.deterministic={str(flag).lower()}")
+            assert train_cli.main(args) == 0
+            assert seen and set(seen) == {flag}
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from gca_pyg.data.base import ImageFileDataset, RetrievalDataset
+from gca_pyg.data.base import DECODE_ERRORS, ImageFileDataset, RetrievalDataset, open_rgb
 from gca_pyg.data.cars import Cars196
 from gca_pyg.data.cub import CUB200
-from gca_pyg.data.folder import ImageFolderByClass
+from gca_pyg.data.folder import IMAGE_EXTENSIONS, ImageFolderByClass, find_images
 from gca_pyg.data.inshop import InShop
 from gca_pyg.data.official import OfficialDataset
 from gca_pyg.data.sampler import CLASS_SAMPLING, ClassBalancedBatchSampler
@@ -53,6 +53,8 @@ def get_dataset(
 
 __all__ = [
     "CLASS_SAMPLING",
+    "DECODE_ERRORS",
+    "IMAGE_EXTENSIONS",
     "CUB200",
     "Cars196",
     "ClassBalancedBatchSampler",
@@ -67,8 +69,10 @@ __all__ = [
     "default_cache_dir",
     "demo_test_transform",
     "demo_train_transform",
+    "find_images",
     "generate_demo",
     "get_dataset",
+    "open_rgb",
     "test_transform",
     "train_transform",
 ]

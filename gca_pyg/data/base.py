@@ -33,8 +33,18 @@ MAX_UNREADABLE_FRACTION = 0.01
 
 DEMO_HINT = "`python -m gca_pyg.train demo` runs without any download"
 
-# What Pillow raises on a corrupt, truncated, vanished or absurdly large file.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+#: What Pillow raises on a corrupt, truncated, vanished or absurdly large file.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def open_rgb(path) -> Image.Image:
+    """The image file `path` decoded as RGB.
+
+    Raises:
+        One of :data:`DECODE_ERRORS` if it cannot be read or decoded.
+    """
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 class RetrievalDataset(Dataset):
@@ -139,9 +149,8 @@ class ImageFileDataset(RetrievalDataset):
         if self._failed[index]:
             return None
         try:
-            with Image.open(self.paths[index]) as image:
-                return image.convert("RGB")
-        except _DECODE_ERRORS as error:
+            return open_rgb(self.paths[index])
+        except DECODE_ERRORS as error:
             self._failed[index] = True
             warnings.warn(
                 f"unreadable image {self.paths[index]} ({error}); using another image of "

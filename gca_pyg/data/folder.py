@@ -87,3 +87,16 @@ def _images_by_class(folder: Path) -> dict[str, list[Path]]:
         if images:
             by_class[class_dir.name] = images
     return by_class
+
+
+def find_images(folder: Path) -> list[Path]:
+    """The image files (by extension, :data:`IMAGE_EXTENSIONS`) in `folder` and all its subfolders,
+    in path order; hidden files and folders (``.*``) are skipped."""
+    folder = Path(folder)
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )

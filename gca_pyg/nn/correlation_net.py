@@ -2,6 +2,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 from torch.nn import BatchNorm1d, ModuleList
 from torch_geometric.nn.dense.linear import Linear
 
@@ -31,6 +32,10 @@ class CorrelationNet(torch.nn.Module):
         dropout (float, optional): Dropout of the two-way edge attention. (default: :obj:`0.1`)
         ffn_ratio (int, optional): Hidden size of the feed-forward blocks, as a multiple of
             :obj:`channels`. (default: :obj:`4`)
+        process_group (torch.distributed.ProcessGroup, optional): A process group whose processes
+            each hold a share of the edges of one graph and the same nodes (see
+            :class:`EdgeNodeConv`); the edge batch norm then takes its statistics over all of
+            them. Bound once, here. (default: :obj:`None`)
 
     Shapes:
         - **input:**
@@ -50,6 +55,8 @@ class CorrelationNet(torch.nn.Module):
         heads: int = 4,
         dropout: float = 0.1,
         ffn_ratio: int = 4,
+        *,
+        process_group: Optional[ProcessGroup] = None,
     ):
         super().__init__()
         if num_layers < 1:
@@ -61,10 +68,16 @@ class CorrelationNet(torch.nn.Module):
         self.num_layers = num_layers
         self.lin_in = Linear(channels, channels)
         self.convs = ModuleList(
-            EdgeNodeConv(channels, heads=heads, dropout=dropout, ffn_ratio=ffn_ratio)
+            EdgeNodeConv(
+                channels,
+                heads=heads,
+                dropout=dropout,
+                ffn_ratio=ffn_ratio,
+                process_group=process_group,
+            )
             for _ in range(num_layers)
         )
-        self.edge_norm = WeightedBatchNorm1d(channels)
+        self.edge_norm = WeightedBatchNorm1d(channels, process_group=process_group)
         self.lin_fusion = Linear(channels, channels)
         self.node_norm = BatchNorm1d(channels)
         self.lin_classifier = Linear(channels, num_classes)
@@ -84,7 +97,6 @@ class CorrelationNet(torch.nn.Module):
         *,
         undirected: bool = False,
         detach_fusion: bool = False,
-        group=None,
     ) -> tuple[Tensor, Tensor]:
         r"""Computes node logits and per-channel fusion weights.
 
@@ -101,9 +113,6 @@ class CorrelationNet(torch.nn.Module):
             detach_fusion (bool, optional): Compute the fusion weights without autograd, for callers
                 that only need gradients through the node logits: the last edge update then stores
                 no activations. (default: :obj:`False`)
-            group (optional): A :mod:`torch.distributed` process group whose processes each hold a
-                share of the edges and the same nodes (see :class:`EdgeNodeConv`); the edge batch
-                norm then takes its statistics over all of them. (default: :obj:`None`)
 
         Returns:
             ``(node_logits, fusion_weights)``; the fusion weights are in :math:`(0, 1)` and, with
@@ -113,22 +122,16 @@ class CorrelationNet(torch.nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # one cast serves every layer's edge work
             edge_attr = edge_attr.to(torch.get_autocast_dtype(x.device.type))
         for conv in self.convs[:-1]:
-            h, edge_attr = conv(
-                h, edge_index, edge_attr, attn_mask, undirected=undirected, group=group
-            )
+            h, edge_attr = conv(h, edge_index, edge_attr, attn_mask, undirected=undirected)
         last = self.convs[-1]
-        h = last.update_nodes(
-            h, edge_index, edge_attr, attn_mask, undirected=undirected, group=group
-        )
+        h = last.update_nodes(h, edge_index, edge_attr, attn_mask, undirected=undirected)
         node_logits = self.lin_classifier(self.node_norm(h))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_fusion):
             edge_attr = last.update_edges(h, edge_index, edge_attr)
             row_weight = None
             if undirected:
                 row_weight = 2.0 - (edge_index[0] == edge_index[1]).to(edge_attr.dtype)
-            fusion_weights = torch.sigmoid(
-                self.lin_fusion(self.edge_norm(edge_attr, row_weight, group))
-            )
+            fusion_weights = torch.sigmoid(self.lin_fusion(self.edge_norm(edge_attr, row_weight)))
         return node_logits, fusion_weights
 
     def __repr__(self) -> str:

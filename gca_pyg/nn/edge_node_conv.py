@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed import ProcessGroup
 from torch.nn import GELU, LayerNorm, Sequential
 from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.dense.linear import Linear
@@ -12,7 +13,23 @@ from torch_geometric.utils import scatter
 from gca_pyg.distributed import all_reduce_max, all_reduce_sum
 
 
-def softmax_with_sink(src: Tensor, index: Tensor, num_nodes: int, group=None) -> Tensor:
+def _layer_norm(x: Tensor, norm: LayerNorm, affine: bool = True) -> Tensor:
+    r"""`norm` applied in the dtype of `x` (its affine map too, unless `affine` is False).
+
+    Autocast on CUDA runs ``layer_norm`` in fp32 and returns fp32 (the CPU's keeps the input's
+    dtype): on the :math:`|\mathcal{E}| \times F` edge features that would pull the rest of the
+    edge update out of bf16. The kernels keep their statistics in fp32 either way.
+    """
+    weight = bias = None
+    if affine:
+        weight, bias = norm.weight.to(x.dtype), norm.bias.to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+
+def softmax_with_sink(
+    src: Tensor, index: Tensor, num_nodes: int, process_group: Optional[ProcessGroup] = None
+) -> Tensor:
     r"""Sparse softmax over the edges entering each node, plus one constant zero logit.
 
     .. math::
@@ -27,13 +44,15 @@ def softmax_with_sink(src: Tensor, index: Tensor, num_nodes: int, group=None) ->
         src (torch.Tensor): Edge logits of shape :math:`(|\mathcal{E}|, \ast)`.
         index (torch.Tensor): Target node of every edge, shape :math:`(|\mathcal{E}|,)`.
         num_nodes (int): Number of target nodes.
-        group (optional): A process group whose processes hold the other edges of the graph: the
-            maximum and the denominator are then taken over all of them. (default: :obj:`None`)
+        process_group (torch.distributed.ProcessGroup, optional): A process group whose processes
+            hold the other edges of the graph: the maximum and the denominator are then taken over
+            all of them. (default: :obj:`None`)
     """
     src_max = scatter(src.detach(), index, 0, dim_size=num_nodes, reduce="max").clamp_min(0.0)
-    src_max = all_reduce_max(src_max, group)
+    src_max = all_reduce_max(src_max, process_group)
     out = (src - src_max[index]).exp()
-    denominator = all_reduce_sum(scatter(out, index, 0, dim_size=num_nodes, reduce="sum"), group)
+    denominator = scatter(out, index, 0, dim_size=num_nodes, reduce="sum")
+    denominator = all_reduce_sum(denominator, process_group)
     denominator = denominator + (-src_max).exp()
     return out / denominator[index]
 
@@ -98,6 +117,12 @@ class EdgeNodeConv(MessagePassing):
             (default: :obj:`0.1`)
         ffn_ratio (int, optional): Hidden size of both feed-forward blocks, as a multiple of
             :obj:`channels`. (default: :obj:`4`)
+        process_group (torch.distributed.ProcessGroup, optional): Bound once, as
+            :class:`torch.nn.SyncBatchNorm` binds its group: a process group whose processes each
+            hold a share of the edges of one graph (and the same node features). The attention
+            normalisation and the edge-to-node sums are then combined over them, so every process
+            gets the node features of the whole graph and its own share of the updated edges.
+            :obj:`None` for a graph held whole. (default: :obj:`None`)
         **kwargs (optional): Additional arguments of
             :class:`torch_geometric.nn.conv.MessagePassing`.
 
@@ -112,7 +137,14 @@ class EdgeNodeConv(MessagePassing):
     """
 
     def __init__(
-        self, channels: int, heads: int = 4, dropout: float = 0.1, ffn_ratio: int = 4, **kwargs
+        self,
+        channels: int,
+        heads: int = 4,
+        dropout: float = 0.1,
+        ffn_ratio: int = 4,
+        *,
+        process_group: Optional[ProcessGroup] = None,
+        **kwargs,
     ):
         kwargs.setdefault("aggr", "add")
         super().__init__(node_dim=0, **kwargs)
@@ -125,6 +157,7 @@ class EdgeNodeConv(MessagePassing):
         self.heads = heads
         self.dropout = dropout
         self.ffn_ratio = ffn_ratio
+        self.process_group = process_group
         hidden = ffn_ratio * channels
 
         def attention_linear() -> Linear:
@@ -168,7 +201,6 @@ class EdgeNodeConv(MessagePassing):
         attn_mask: Optional[Tensor] = None,
         *,
         undirected: bool = False,
-        group=None,
     ) -> tuple[Tensor, Tensor]:
         r"""Runs one joint node and edge update.
 
@@ -184,18 +216,11 @@ class EdgeNodeConv(MessagePassing):
                 feature row (which must then be symmetric); a self-loop stands once. Exactly equal
                 to
                 running on the directed graph with both directions stored. (default: :obj:`False`)
-            group (optional): A :mod:`torch.distributed` process group whose processes each hold a
-                share of the edges (and the same node features): the attention normalisation and
-                the edge-to-node sums are combined over them, so every process gets the node
-                features of the whole graph and its own share of the updated edges.
-                (default: :obj:`None`)
 
         Returns:
             The updated node features and edge features.
         """
-        h = self.update_nodes(
-            x, edge_index, edge_attr, attn_mask, undirected=undirected, group=group
-        )
+        h = self.update_nodes(x, edge_index, edge_attr, attn_mask, undirected=undirected)
         return h, self.update_edges(h, edge_index, edge_attr)
 
     def update_nodes(
@@ -206,7 +231,6 @@ class EdgeNodeConv(MessagePassing):
         attn_mask: Optional[Tensor] = None,
         *,
         undirected: bool = False,
-        group=None,
     ) -> Tensor:
         """The node half of :meth:`forward` (same arguments); returns the new node features."""
         num_nodes = x.size(0)
@@ -217,7 +241,8 @@ class EdgeNodeConv(MessagePassing):
         key = self.lin_key(x).view(num_nodes, self.heads, head_size)
         value = self.lin_value(x).view(num_nodes, self.heads, head_size)
         off_diagonal = source != target
-        if group is None and undirected and self._is_complete(source, target, num_nodes):
+        process_group = self.process_group
+        if process_group is None and undirected and self._is_complete(source, target, num_nodes):
             # The complete graph: attention as small dense matmuls instead of N^2 gathers.
             message = self._dense_attention(query, key, value, source, target, attn_mask)
         else:
@@ -232,10 +257,9 @@ class EdgeNodeConv(MessagePassing):
                 key=key,
                 value=value,
                 attn_mask=directed_mask,
-                group=group,
                 size=(num_nodes, num_nodes),
             )
-            message = all_reduce_sum(message, group)
+            message = all_reduce_sum(message, process_group)
         h = self.norm_attention(F.gelu(x + self.lin_out(message.reshape(num_nodes, -1))))
 
         edge_to_node = F.gelu(self.lin_edge_to_node(edge_attr))
@@ -244,7 +268,7 @@ class EdgeNodeConv(MessagePassing):
             loops = (~off_diagonal).nonzero().view(-1)
             outgoing = outgoing + scatter(edge_to_node, target, 0, dim_size=num_nodes, reduce="sum")
             outgoing = outgoing.index_add(0, source[loops], edge_to_node[loops], alpha=-1)
-        outgoing = all_reduce_sum(outgoing, group)
+        outgoing = all_reduce_sum(outgoing, process_group)
         h = self.norm_edge_to_node(F.gelu(h + outgoing))
         return self.norm_node_ffn(F.gelu(h + self.node_ffn(h)))
 
@@ -320,12 +344,11 @@ class EdgeNodeConv(MessagePassing):
         attn_mask: Optional[Tensor],
         index: Tensor,
         size_i: int,
-        group=None,
     ) -> Tensor:
         score = (query_i * key_j).sum(dim=-1) / math.sqrt(query_i.size(-1))
         if attn_mask is not None:
             score = score.masked_fill(~attn_mask.view(-1, 1), float("-inf"))
-        alpha = softmax_with_sink(score, index, size_i, group)
+        alpha = softmax_with_sink(score, index, size_i, self.process_group)
         return alpha.unsqueeze(-1) * value_j
 
     def edge_update(
@@ -345,8 +368,8 @@ class EdgeNodeConv(MessagePassing):
         attention = F.dropout(attention, p=self.dropout, training=self.training)
         residual = torch.addcmul(edge_attr, attention[:, :1], value_i)
         residual = torch.addcmul(residual, attention[:, 1:], value_j)
-        edge_attr = self.norm_edge_attention(F.gelu(residual))
-        return self.norm_edge_ffn(F.gelu(edge_attr + self._edge_ffn(edge_attr)))
+        edge_attr = _layer_norm(F.gelu(residual), self.norm_edge_attention)
+        return _layer_norm(F.gelu(edge_attr + self._edge_ffn(edge_attr)), self.norm_edge_ffn)
 
     def _edge_ffn(self, edge_attr: Tensor) -> Tensor:
         r""":obj:`self.edge_ffn` with the affine map of its :class:`~torch.nn.LayerNorm` folded into
@@ -359,9 +382,7 @@ class EdgeNodeConv(MessagePassing):
         :math:`\cdot F` weights are.
         """
         lin_hidden, activation, norm, lin_out = self.edge_ffn
-        hidden = F.layer_norm(
-            activation(lin_hidden(edge_attr)), norm.normalized_shape, eps=norm.eps
-        )
+        hidden = _layer_norm(activation(lin_hidden(edge_attr)), norm, affine=False)
         return F.linear(
             hidden,
             lin_out.weight * norm.weight,

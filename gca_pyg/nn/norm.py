@@ -3,6 +3,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed import ProcessGroup
 from torch.nn import BatchNorm1d
 
 from gca_pyg.distributed import all_reduce_sum
@@ -20,18 +21,31 @@ class WeightedBatchNorm1d(BatchNorm1d):
 
     and the running statistics are updated as :class:`~torch.nn.BatchNorm1d` would for that
     expanded batch. An undirected edge store (each off-diagonal pair once, weight 2) thus normalises
-    exactly like the directed graph that holds both directions. Without :obj:`row_weight` it is a
-    plain
-    :class:`~torch.nn.BatchNorm1d`.
+    exactly like the directed graph that holds both directions. Without :obj:`row_weight` and
+    :obj:`process_group` it is a plain :class:`~torch.nn.BatchNorm1d`.
+
+    Args:
+        num_features (int): :math:`F`.
+        process_group (torch.distributed.ProcessGroup, optional): As in
+            :class:`~torch.nn.SyncBatchNorm`: the batch is the rows of all processes of the group
+            (statistics summed over them), as when a graph's edges are split between processes.
+            (default: :obj:`None`)
+        **kwargs (optional): The other arguments of :class:`~torch.nn.BatchNorm1d`.
 
     Shapes:
         - **input:** :math:`(R, F)`, row weights :math:`(R,)` *(optional)*
         - **output:** :math:`(R, F)`
     """
 
-    def forward(self, input: Tensor, row_weight: Optional[Tensor] = None, group=None) -> Tensor:
-        """Normalises `input`; with a process `group`, the batch is the rows of all its processes
-        (statistics summed over them), as when a graph's edges are split between processes."""
+    def __init__(
+        self, num_features: int, *, process_group: Optional[ProcessGroup] = None, **kwargs
+    ):
+        super().__init__(num_features, **kwargs)
+        self.process_group = process_group
+
+    def forward(self, input: Tensor, row_weight: Optional[Tensor] = None) -> Tensor:
+        """Normalises `input` (rows weighted by `row_weight`, over all processes of the group)."""
+        group = self.process_group
         if row_weight is None and group is None:
             return super().forward(input)
         if row_weight is None:

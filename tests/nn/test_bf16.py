@@ -7,11 +7,6 @@ from gca_pyg.nn import CorrelationNet, EdgeNodeConv
 
 CHANNELS = 32
 
-pytestmark = pytest.mark.skipif(
-    not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-    reason="this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo)",
-)
-
 
 def relative_error(value, reference):
     reference = reference.detach()
@@ -40,13 +35,14 @@ class EdgeDtypes(TorchFunctionMode):
         return out
 
 
-def test_edge_update_stays_in_bf16_under_autocast():
-    conv = EdgeNodeConv(CHANNELS, heads=4)
-    z = torch.randn(15, CHANNELS)
-    graph = build_batch_graph(z, torch.arange(5).repeat_interleave(3), undirected=True)
+def test_edge_update_stays_in_bf16_under_autocast(device):
+    conv = EdgeNodeConv(CHANNELS, heads=4).to(device)
+    z = torch.randn(15, CHANNELS, device=device)
+    labels = torch.arange(5, device=device).repeat_interleave(3)
+    graph = build_batch_graph(z, labels, undirected=True)
     num_edges = graph.edge_index.size(1)
     assert graph.edge_attr.dtype == torch.float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         h = conv.update_nodes(
             graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask, undirected=True
         )
@@ -60,10 +56,12 @@ def test_edge_update_stays_in_bf16_under_autocast():
 
 
 @pytest.mark.parametrize("undirected", [False, True])
-def test_edge_node_conv_in_bf16_matches_fp32_within_bf16_tolerance(undirected):
-    conv = EdgeNodeConv(CHANNELS, heads=4, dropout=0.0)
+def test_edge_node_conv_in_bf16_matches_fp32_within_bf16_tolerance(undirected, device):
+    conv = EdgeNodeConv(CHANNELS, heads=4, dropout=0.0).to(device)
     graph = build_batch_graph(
-        torch.randn(15, CHANNELS), torch.arange(5).repeat_interleave(3), undirected=undirected
+        torch.randn(15, CHANNELS, device=device),
+        torch.arange(5, device=device).repeat_interleave(3),
+        undirected=undirected,
     )
     x = graph.x.clone().requires_grad_()
     # Edge features as large as the node features, so that their own rounding counts.
@@ -73,7 +71,7 @@ def test_edge_node_conv_in_bf16_matches_fp32_within_bf16_tolerance(undirected):
     def run(enabled):
         conv.zero_grad()
         x.grad = edge_attr.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
             h, e = conv(x, graph.edge_index, edge_attr, graph.neg_mask, undirected=undirected)
         ((h.float() * node_weight).sum() + (e.float() * edge_weight).sum()).backward()
         parameter_grad = torch.cat([p.grad.flatten() for p in conv.parameters()])
@@ -91,13 +89,14 @@ def test_edge_node_conv_in_bf16_matches_fp32_within_bf16_tolerance(undirected):
 
 
 @pytest.mark.parametrize("undirected", [False, True])
-def test_correlation_net_in_bf16_matches_fp32_within_bf16_tolerance(undirected):
+def test_correlation_net_in_bf16_matches_fp32_within_bf16_tolerance(undirected, device):
     net = CorrelationNet(CHANNELS, num_classes=5, num_layers=2, heads=4, dropout=0.0)
-    z = torch.randn(15, CHANNELS)
-    y = torch.arange(5).repeat_interleave(3)
+    net = net.to(device)
+    z = torch.randn(15, CHANNELS, device=device)
+    y = torch.arange(5, device=device).repeat_interleave(3)
 
     def run(enabled):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
             graph = build_batch_graph(z, y, undirected=undirected)
             return net(
                 graph.x, graph.edge_index, graph.edge_attr, graph.neg_mask, undirected=undirected

@@ -70,9 +70,9 @@ def test_fast_undirected_path_equals_generic_path(training, device):
         assert torch.allclose(dict(fast.named_buffers())[name], buffer, atol=1e-12), name
 
 
-def test_every_parameter_receives_a_gradient():
-    net = CorrelationNet(CHANNELS, 4, num_layers=2, heads=4).train()
-    z, y = class_balanced(dtype=torch.float32)
+def test_every_parameter_receives_a_gradient(device):
+    net = CorrelationNet(CHANNELS, 4, num_layers=2, heads=4).to(device).train()
+    z, y = class_balanced(dtype=torch.float32, device=device)
     data = build_batch_graph(z, y, undirected=True)
     logits, fusion = net(data.x, data.edge_index, data.edge_attr, data.neg_mask, undirected=True)
     (logits.square().sum() + fusion.square().sum()).backward()

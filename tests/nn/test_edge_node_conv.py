@@ -62,7 +62,9 @@ def test_softmax_with_sink_by_hand():
 def test_matches_dense_statement_of_the_spec_on_a_sparse_graph(device):
     conv = make_conv(device)
     num_nodes = 9
-    x, edge_index, edge_attr, attn_mask = random_graph(num_nodes, 30, device)
+    # Drawn on the CPU, whose random stream is the one this graph was chosen from.
+    graph = random_graph(num_nodes, 30)
+    x, edge_index, edge_attr, attn_mask = (tensor.to(device) for tensor in graph)
     # Some nodes have no in-edges at all, and node 8 has only masked in-edges.
     assert (torch.bincount(edge_index[1], minlength=num_nodes) == 0).any()
     attn_mask[edge_index[1] == 8] = False
@@ -91,13 +93,13 @@ def test_matches_dense_statement_with_trained_layer_norms():
     assert torch.allclose(e, e_ref[edge_index[0], edge_index[1]], atol=1e-10)
 
 
-def test_masked_edges_carry_no_attention():
-    conv = make_conv()
+def test_masked_edges_carry_no_attention(device):
+    conv = make_conv(device)
     # 0 -> 2 masked, 1 -> 2 unmasked; node 0 reaches node 2 only through the masked edge.
-    edge_index = torch.tensor([[0, 1, 2], [2, 2, 0]])
-    attn_mask = torch.tensor([False, True, True])
-    x = torch.randn(3, CHANNELS, dtype=torch.float64)
-    edge_attr = torch.randn(3, CHANNELS, dtype=torch.float64)
+    edge_index = torch.tensor([[0, 1, 2], [2, 2, 0]], device=device)
+    attn_mask = torch.tensor([False, True, True], device=device)
+    x = torch.randn(3, CHANNELS, dtype=torch.float64, device=device)
+    edge_attr = torch.randn(3, CHANNELS, dtype=torch.float64, device=device)
     h, _ = conv(x, edge_index, edge_attr, attn_mask)
 
     through_masked = x.clone()
@@ -145,11 +147,11 @@ def test_node_permutation_equivariance():
     assert torch.allclose(e_p, e[edge_perm], atol=1e-10)
 
 
-def test_batch_of_two_graphs_equals_each_graph_alone():
-    conv = make_conv()
+def test_batch_of_two_graphs_equals_each_graph_alone(device):
+    conv = make_conv(device)
     graphs = []
     for num_nodes, num_edges in [(5, 12), (7, 25)]:
-        x, edge_index, edge_attr, attn_mask = random_graph(num_nodes, num_edges)
+        x, edge_index, edge_attr, attn_mask = random_graph(num_nodes, num_edges, device)
         graphs.append(Data(x=x, edge_index=edge_index, edge_attr=edge_attr, attn_mask=attn_mask))
     batch = Batch.from_data_list(graphs)
     h, e = conv(batch.x, batch.edge_index, batch.edge_attr, batch.attn_mask)
@@ -205,9 +207,9 @@ def test_undirected_storage_equals_directed(device):
     assert torch.allclose(e_u, dense[j, i], atol=1e-12)
 
 
-def test_every_parameter_receives_a_gradient():
-    conv = EdgeNodeConv(CHANNELS, heads=4, dropout=0.1).train()
-    x, edge_index, edge_attr, attn_mask = random_graph(8, 40, dtype=torch.float32)
+def test_every_parameter_receives_a_gradient(device):
+    conv = EdgeNodeConv(CHANNELS, heads=4, dropout=0.1).to(device).train()
+    x, edge_index, edge_attr, attn_mask = random_graph(8, 40, device, dtype=torch.float32)
     h, e = conv(x, edge_index, edge_attr, attn_mask)
     (h.square().sum() + e.square().sum()).backward()
     for name, parameter in conv.named_parameters():
@@ -246,11 +248,18 @@ def test_reset_parameters_resets_every_submodule():
         assert not torch.all(parameter == 3.0), name
 
 
-def test_compiles():
-    conv = EdgeNodeConv(CHANNELS, heads=4).eval()
-    x, edge_index, edge_attr, attn_mask = random_graph(6, 20, dtype=torch.float32)
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.cuda)])
+def test_compiles(backend):
+    # Inductor generates and builds kernels (Triton on CUDA): seconds to minutes, so it is timed on
+    # the GPU only, where it is what a user would compile with.
+    device = "cuda" if backend == "inductor" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("inductor is compiled on CUDA only")
+    torch._dynamo.reset()
+    conv = EdgeNodeConv(CHANNELS, heads=4).to(device).eval()
+    x, edge_index, edge_attr, attn_mask = random_graph(6, 20, device, dtype=torch.float32)
     expected = conv(x, edge_index, edge_attr, attn_mask)
-    compiled = torch.compile(conv, backend="aot_eager")
+    compiled = torch.compile(conv, backend=backend)
     actual = compiled(x, edge_index, edge_attr, attn_mask)
     assert torch.allclose(actual[0], expected[0], atol=1e-5)
     assert torch.allclose(actual[1], expected[1], atol=1e-5)
