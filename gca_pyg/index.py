@@ -273,7 +273,9 @@ def embed_pending(
             taken = end
             mine_z = np.concatenate([z for z, _ in parts] or [np.empty((0, embedder.dim))])
             mine_ok = np.concatenate([ok for _, ok in parts] or [np.empty(0, bool)])
-            gathered = all_gather_objects((mine_z.astype(np.float32), mine_ok), context.group)
+            gathered = all_gather_objects(
+                (mine_z.astype(np.float32), mine_ok), context.process_group
+            )
             embeddings = np.concatenate([z for z, _ in gathered])
             readable = np.concatenate([ok for _, ok in gathered])
             for rank, (_, ok) in enumerate(gathered):
@@ -373,7 +375,7 @@ def run(args: argparse.Namespace, checkpoint: RunCheckpoint, context: Context) -
     gallery = find_gallery(args)
     out = Path(args.out).expanduser()
     decided, manifest = plan(args, gallery, embedder, out) if context.is_main else (None, None)
-    decided = all_gather_objects(decided, context.group)[0]
+    decided = all_gather_objects(decided, context.process_group)[0]
     if decided.error is not None:
         raise ERRORS.get(decided.error_type, GcaError)(decided.error)
     progress = Progress(out)
@@ -404,7 +406,7 @@ def run(args: argparse.Namespace, checkpoint: RunCheckpoint, context: Context) -
         if context.world_size > 1:
             counts = " + ".join(str(count) for count in embedded_by)
             print(f"embedded in {context.world_size} processes: {counts} images")
-    all_gather_objects(None, context.group)  # the others wait for rank 0's save
+    all_gather_objects(None, context.process_group)  # the others wait for rank 0's save
     return 0
 
 
