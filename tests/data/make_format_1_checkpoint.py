@@ -26,6 +26,7 @@ from tiny_model import TinyBackbone, batch  # noqa: E402
 def main(folder: Path):
     if gca_pyg.__version__ != "0.1.0" or FORMAT_VERSION != 1:
         sys.exit(f"needs gca_pyg 0.1.0 (checkpoint format 1), found {gca_pyg.__version__}")
+    torch.set_num_threads(2)  # the test computes with 2 threads too: sums split by thread
     torch.manual_seed(0)
     model = GCAHNG(TinyBackbone(), num_classes=6, embedding_size=16, net=NetConfig(1, 2, 0.1))
     trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0, epochs=4), seed=0)
