@@ -127,6 +127,8 @@ def upgrade_format_1(state: dict[str, Any]) -> dict[str, Any]:
     trainer (``steps_in_epoch``). Sums are taken in step order, as the running means take them, so
     a resumed run continues bit for bit.
     """
+    if not isinstance(state.get("model"), dict) or not isinstance(state.get("training"), dict):
+        return {**state, "format_version": FORMAT_VERSION}  # not a training checkpoint: no keys
     model = {
         f"generator.{key}" if key.startswith(("net.", "classifier.")) else key: value
         for key, value in state["model"].items()
