@@ -11,7 +11,9 @@ CHANNELS = 16
 
 
 def make_conv(device="cpu", dtype=torch.float64, **kwargs):
-    conv = EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4, **kwargs).to(device=device, dtype=dtype)
+    conv = EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4, **kwargs).to(
+        device=device, dtype=dtype
+    )
     return conv.eval()
 
 
@@ -208,7 +210,9 @@ def test_undirected_storage_equals_directed(device):
 
 
 def test_every_parameter_receives_a_gradient(device):
-    conv = EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4, dropout=0.1).to(device).train()
+    conv = (
+        EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4, dropout=0.1).to(device).train()
+    )
     x, edge_index, edge_attr, attn_mask = random_graph(8, 40, device, dtype=torch.float32)
     h, e = conv(x, edge_index, edge_attr, attn_mask)
     (h.square().sum() + e.square().sum()).backward()
