@@ -124,23 +124,36 @@ MODELS = {
 
 
 @functools.cache
-def probe_batch() -> Data:
-    return next(iter(DataLoader(dataset(4, seed=0), batch_size=4)))
+def probe_graph() -> Data:
+    """Three nodes and both directions of two edges: enough for every parameter to be used."""
+    edge_index = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
+    return Data(
+        x=torch.randn(3, NODE_CHANNELS),
+        edge_index=edge_index,
+        edge_attr=torch.rand(4, EDGE_CHANNELS),
+    )
 
 
 def num_parameters(model: torch.nn.Module) -> int:
     """The parameters that take part in the output (a gradient reaches them): the edge half of
     the last EdgeNodeConv, unused by a node task, does not count."""
-    batch = probe_batch()
-    model(batch.x, batch.edge_index, batch.edge_attr).square().sum().backward()
+    graph = probe_graph()
+    model(graph.x, graph.edge_index, graph.edge_attr).square().sum().backward()
     return sum(parameter.numel() for parameter in model.parameters() if parameter.grad is not None)
 
 
 def matched_width(build, target: int, step: int = 4) -> int:
     """The hidden width (a multiple of `step`, for the heads) whose model is closest to `target`
-    parameters."""
-    widths = range(step, 32 * step + 1, step)
-    return min(widths, key=lambda width: abs(num_parameters(build(width)) - target))
+    parameters: a bisection, since the count grows with the width."""
+    low, high = 1, 64  # in steps
+    while low < high:
+        middle = (low + high) // 2
+        if num_parameters(build(middle * step)) < target:
+            low = middle + 1
+        else:
+            high = middle
+    candidates = [width * step for width in {max(low - 1, 1), low}]
+    return min(candidates, key=lambda width: abs(num_parameters(build(width)) - target))
 
 
 def accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
