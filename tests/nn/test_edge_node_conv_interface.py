@@ -100,14 +100,16 @@ def test_edge_dim_none_equals_passing_the_correlation_features():
     assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
 
 
-def test_lazy_widths_materialise_on_the_first_call(device):
-    conv = EdgeNodeConv(-1, 12, edge_dim=-1, heads=3).to(device)
-    x, edge_index, edge_attr, attn_mask = graph(7, 20, 10, 5, device, dtype=torch.float32)
+@pytest.mark.parametrize("edge_dim,edge_width", [(-1, 5), (None, 10)])
+def test_lazy_widths_materialise_on_the_first_call(edge_dim, edge_width, device):
+    conv = EdgeNodeConv(-1, 12, edge_dim=edge_dim, heads=3).to(device)
+    x, edge_index, edge_attr, attn_mask = graph(7, 20, 10, edge_dim and 5, device, torch.float32)
     h, e = conv(x, edge_index, edge_attr, attn_mask)
     assert h.shape == (7, 12) and e.shape == (edge_index.size(1), 12)
     assert conv.lin_query.weight.shape == (12, 10)
-    assert conv.lin_edge_query.weight.shape == (12, 5)  # read, never called: materialised too
-    assert conv.lin_edge_skip.weight.shape == (12, 5)
+    # lin_edge_query's weight is read, never called: materialised all the same.
+    assert conv.lin_edge_query.weight.shape == (12, edge_width)
+    assert conv.lin_edge_skip.weight.shape == (12, edge_width)
     conv.eval()
     again = conv(x, edge_index, edge_attr, attn_mask)
     assert torch.equal(again[0], conv(x, edge_index, edge_attr, attn_mask)[0])
