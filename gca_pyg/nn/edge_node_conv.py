@@ -285,7 +285,8 @@ class EdgeNodeConv(MessagePassing):
                 entries are then the edges, in row-major order (as
                 :func:`torch_geometric.utils.to_edge_index` lists them), and if it holds one
                 feature vector per entry (a hybrid tensor of shape
-                :math:`(|\mathcal{V}|, |\mathcal{V}|, F_e)`) those are the edge features.
+                :math:`(|\mathcal{V}|, |\mathcal{V}|, F_e)`) and the layer has an :obj:`edge_dim`,
+                those are the edge features.
             edge_attr (torch.Tensor, optional): Edge features :math:`(|\mathcal{E}|, F_e)`; required
                 with an :obj:`edge_dim`, not accepted without one.
             attn_mask (torch.Tensor, optional): Bool :math:`(|\mathcal{E}|)`, True for the edges
@@ -374,7 +375,8 @@ class EdgeNodeConv(MessagePassing):
         num_nodes = x.size(0)
         edge_index, adjacency_values = self._edge_index_of(edge_index, num_nodes)
         num_edges = edge_index.size(1)
-        if edge_attr is None and adjacency_values is not None and adjacency_values.dim() == 2:
+        hybrid = adjacency_values is not None and adjacency_values.dim() == 2
+        if edge_attr is None and self.edge_dim is not None and hybrid:
             edge_attr = adjacency_values
         if self.edge_dim is None:
             if edge_attr is not None:
