@@ -227,6 +227,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=16, help="EdgeNodeConv's width")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="(default: all)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -239,7 +242,8 @@ def main():
     )
     print(f"| model | width | parameters | test accuracy | s / epoch | {memory_kind} / step |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, build in MODELS.items():
+    for name in args.models:
+        build = MODELS[name]
         width = args.hidden if build is EdgeNodeNet else matched_width(build, target)
         results = [
             run(name, build, width, seed, args.graphs, args.epochs, args.batch_size, device)
