@@ -31,6 +31,7 @@ from torch_geometric.data import Data
 
 from gca_pyg.distributed import all_reduce_sum, broadcast_tensor, rank_and_size
 from gca_pyg.layout import ClassLayout, class_layout
+from gca_pyg.nn.edge_node_conv import correlation_edge_features
 from gca_pyg.utils import gather_rows
 
 __all__ = [
@@ -164,8 +165,6 @@ def build_batch_graph(
             f"y has shape {tuple(y.shape)}"
         )
     num_nodes = z.size(0)
-    centred = z - z.mean(dim=1, keepdim=True)
-    unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(eps)
     if neighbors is not None:
         if edge_index is not None:
             raise ValueError("build_batch_graph takes edge_index or neighbors, not both")
@@ -176,7 +175,7 @@ def build_batch_graph(
     elif edge_index is None:
         edge_index = complete_edge_index(num_nodes, undirected=undirected, device=z.device)
     source, target = edge_index
-    edge_attr = gather_rows(unit, source) * gather_rows(unit, target)
+    edge_attr = correlation_edge_features(z, edge_index, eps)
     neg_mask = y[source] != y[target]
     return Data(
         x=z, edge_index=edge_index, edge_attr=edge_attr, neg_mask=neg_mask, y=y, num_nodes=num_nodes

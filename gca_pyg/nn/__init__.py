@@ -1,7 +1,7 @@
 """Reusable graph layers of GCA-HNG."""
 
 from gca_pyg.nn.correlation_net import CorrelationNet
-from gca_pyg.nn.edge_node_conv import EdgeNodeConv, softmax_with_sink
+from gca_pyg.nn.edge_node_conv import EdgeNodeConv, correlation_edge_features, softmax_with_sink
 from gca_pyg.nn.norm import L2Normalize, WeightedBatchNorm1d
 
 __all__ = [
@@ -10,4 +10,5 @@ __all__ = [
     "WeightedBatchNorm1d",
     "L2Normalize",
     "softmax_with_sink",
+    "correlation_edge_features",
 ]

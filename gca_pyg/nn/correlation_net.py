@@ -70,6 +70,8 @@ class CorrelationNet(torch.nn.Module):
         self.convs = ModuleList(
             EdgeNodeConv(
                 channels,
+                channels,
+                edge_dim=channels,
                 heads=heads,
                 dropout=dropout,
                 ffn_ratio=ffn_ratio,

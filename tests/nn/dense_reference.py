@@ -15,19 +15,24 @@ def linear(layer, x):
     return x @ layer.weight.T + layer.bias
 
 
+def skip(layer, x):
+    """A residual projection without bias, or the identity where the layer has none."""
+    return x if layer is None else x @ layer.weight.T
+
+
 def reference_edge_node_conv(conv, x, edge_dense, adjacency, attention):
     """One layer in eval mode.
 
     Args:
         conv: an EdgeNodeConv (its parameters are used).
-        x: [N, F] node features.
-        edge_dense: [N, N, F], edge_dense[i, j] the features of edge i -> j (source i, target j).
+        x: [N, F_in] node features.
+        edge_dense: [N, N, F_e], edge_dense[i, j] the features of edge i -> j (source i, target j).
         adjacency: [N, N] bool, adjacency[i, j] True where edge i -> j exists.
         attention: [N, N] bool, True where edge i -> j carries attention.
     Returns:
-        (h [N, F], edge_dense_new [N, N, F]); entries of absent edges are meaningless.
+        (h [N, F_out], edge_dense_new [N, N, F_out]); entries of absent edges are meaningless.
     """
-    num_nodes, channels = x.shape
+    num_nodes, channels = x.size(0), conv.out_channels
     heads = conv.heads
     head = channels // heads
     q = linear(conv.lin_query, x).view(num_nodes, heads, head)
@@ -39,7 +44,7 @@ def reference_edge_node_conv(conv, x, edge_dense, adjacency, attention):
     weight = torch.where(allowed, score.exp(), torch.zeros_like(score))
     alpha = weight / (1.0 + weight.sum(dim=-1, keepdim=True))
     message = torch.einsum("hij,jhd->ihd", alpha, v).reshape(num_nodes, channels)
-    h = conv.norm_attention(F.gelu(x + linear(conv.lin_out, message)))
+    h = conv.norm_attention(F.gelu(skip(conv.lin_skip, x) + linear(conv.lin_out, message)))
 
     to_node = F.gelu(edge_dense @ conv.lin_edge_to_node.weight.T + conv.lin_edge_to_node.bias)
     outgoing = (to_node * adjacency.unsqueeze(-1)).sum(dim=1)  # sum over targets j of edges i -> j
@@ -54,6 +59,6 @@ def reference_edge_node_conv(conv, x, edge_dense, adjacency, attention):
     logit_target = (query * key[None, :, :]).sum(-1) / math.sqrt(channels)
     a = torch.softmax(torch.stack([logit_source, logit_target], dim=-1), dim=-1)
     mixed = a[..., :1] * value[:, None, :] + a[..., 1:] * value[None, :, :]
-    e = conv.norm_edge_attention(F.gelu(mixed + edge_dense))
+    e = conv.norm_edge_attention(F.gelu(mixed + skip(conv.lin_edge_skip, edge_dense)))
     e = conv.norm_edge_ffn(F.gelu(e + conv.edge_ffn(e)))
     return h, e

@@ -36,7 +36,7 @@ class EdgeDtypes(TorchFunctionMode):
 
 
 def test_edge_update_stays_in_bf16_under_autocast(device):
-    conv = EdgeNodeConv(CHANNELS, heads=4).to(device)
+    conv = EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4).to(device)
     z = torch.randn(15, CHANNELS, device=device)
     labels = torch.arange(5, device=device).repeat_interleave(3)
     graph = build_batch_graph(z, labels, undirected=True)
@@ -57,7 +57,7 @@ def test_edge_update_stays_in_bf16_under_autocast(device):
 
 @pytest.mark.parametrize("undirected", [False, True])
 def test_edge_node_conv_in_bf16_matches_fp32_within_bf16_tolerance(undirected, device):
-    conv = EdgeNodeConv(CHANNELS, heads=4, dropout=0.0).to(device)
+    conv = EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4, dropout=0.0).to(device)
     graph = build_batch_graph(
         torch.randn(15, CHANNELS, device=device),
         torch.arange(5, device=device).repeat_interleave(3),

@@ -11,7 +11,9 @@ CHANNELS = 16
 
 
 def make_conv(device="cpu", dtype=torch.float64, **kwargs):
-    conv = EdgeNodeConv(CHANNELS, heads=4, **kwargs).to(device=device, dtype=dtype)
+    conv = EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4, **kwargs).to(
+        device=device, dtype=dtype
+    )
     return conv.eval()
 
 
@@ -35,8 +37,8 @@ def densify(num_nodes, edge_index, edge_attr, attn_mask):
 
 
 def test_repr_and_shapes():
-    conv = EdgeNodeConv(CHANNELS, heads=4)
-    assert str(conv) == "EdgeNodeConv(16, heads=4, dropout=0.1, ffn_ratio=4)"
+    conv = EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4)
+    assert str(conv) == "EdgeNodeConv(16, 16, edge_dim=16, heads=4, dropout=0.1, ffn_ratio=4)"
     x, edge_index, edge_attr, attn_mask = random_graph(6, 20, dtype=torch.float32)
     h, e = conv(x, edge_index, edge_attr, attn_mask)
     assert h.shape == x.shape and e.shape == edge_attr.shape
@@ -44,7 +46,7 @@ def test_repr_and_shapes():
 
 def test_heads_must_divide_channels():
     with pytest.raises(ValueError, match="divisible by heads"):
-        EdgeNodeConv(10, heads=4)
+        EdgeNodeConv(10, 10, edge_dim=10, heads=4)
 
 
 def test_softmax_with_sink_by_hand():
@@ -208,7 +210,9 @@ def test_undirected_storage_equals_directed(device):
 
 
 def test_every_parameter_receives_a_gradient(device):
-    conv = EdgeNodeConv(CHANNELS, heads=4, dropout=0.1).to(device).train()
+    conv = (
+        EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4, dropout=0.1).to(device).train()
+    )
     x, edge_index, edge_attr, attn_mask = random_graph(8, 40, device, dtype=torch.float32)
     h, e = conv(x, edge_index, edge_attr, attn_mask)
     (h.square().sum() + e.square().sum()).backward()
@@ -239,7 +243,7 @@ def test_edge_attention_dropout_acts_in_training_only():
 
 
 def test_reset_parameters_resets_every_submodule():
-    conv = EdgeNodeConv(CHANNELS, heads=4)
+    conv = EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4)
     with torch.no_grad():
         for parameter in conv.parameters():
             parameter.fill_(3.0)
@@ -256,7 +260,7 @@ def test_compiles(backend):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("inductor is compiled on CUDA only")
     torch._dynamo.reset()
-    conv = EdgeNodeConv(CHANNELS, heads=4).to(device).eval()
+    conv = EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4).to(device).eval()
     x, edge_index, edge_attr, attn_mask = random_graph(6, 20, device, dtype=torch.float32)
     expected = conv(x, edge_index, edge_attr, attn_mask)
     compiled = torch.compile(conv, backend=backend)
