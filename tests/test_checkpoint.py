@@ -92,7 +92,7 @@ def two_threads():
 
 def test_a_checkpoint_of_format_1_continues_as_gca_pyg_0_1_0_continued_it(two_threads):
     """format_1.pt is a mid-epoch checkpoint written by gca_pyg 0.1.0, format_1_continued.pt what
-    0.1.0 computed from there (tests/data/make_format_1_checkpoint.py wrote both, with 2 threads)."""
+    0.1.0 computed from there (tests/data/make_format_1_checkpoint.py wrote both, 2 threads)."""
     state = load_checkpoint(DATA / "format_1.pt")
     expected = torch.load(DATA / "format_1_continued.pt", weights_only=True)
     assert state["format_version"] == FORMAT_VERSION and expected["version"] == "0.1.0"
