@@ -375,6 +375,17 @@ def _check_values(config: Config, source: str):
             f"node of a sparse batch graph) or null (the complete graph), got "
             f"{neighbors}"
         )
+    if config.graph.memory < 0 or config.graph.memory_start < 0:
+        raise ConfigError(
+            f"'graph.memory' and 'graph.memory_start' in {source} cannot be negative, got "
+            f"{config.graph.memory} and {config.graph.memory_start}"
+        )
+    if config.graph.memory and neighbors is None:
+        raise ConfigError(
+            f"'graph.memory' in {source} needs 'graph.neighbors' (e.g. 16): memory nodes join "
+            "the sparse batch graph, where each node keeps its k nearest; the complete graph "
+            "over batch and memory would grow as (N + M)^2"
+        )
     if not config.eval.ks or min(config.eval.ks) < 1:
         raise ConfigError(f"'eval.ks' in {source} must be a non-empty list of positive ints")
     if config.data.num_workers < 0 or config.optim.warmup_epochs < 0:

@@ -180,7 +180,7 @@ class HardNegativeGenerator(torch.nn.Module):
             detach_fusion: Compute the fusion weights without autograd (see
                 :class:`~gca_pyg.nn.CorrelationNet`).
         """
-        data = graph.data(embeddings)
+        data = graph.data(embeddings)  # memory nodes, if any, after the batch's
         with autocast(self.device, self.amp_dtype):
             node_logits, fusion = self.net(
                 data.x,
@@ -191,7 +191,7 @@ class HardNegativeGenerator(torch.nn.Module):
                 detach_fusion=detach_fusion,
             )
         dtype = self.classifier.weight.dtype  # autocast may have produced bf16
-        return node_logits.to(dtype), fusion.to(dtype)
+        return node_logits[: graph.num_nodes].to(dtype), fusion.to(dtype)
 
     def synthesize(
         self,
@@ -215,19 +215,29 @@ class HardNegativeGenerator(torch.nn.Module):
         layout, shard = graph.layout, graph.shard
         if mix is None:
             mix = draw_mix(layout.samples_per_class, device=embeddings.device)
-        anchor, target_class, edges, mask = (
+        anchor, target_class, edges, mask, members = (
             shard.anchor,
             shard.target_class,
             shard.edges,
             shard.mask,
+            shard.members,
         )
         if not own_class:
             keep = target_class != layout.class_index[anchor]
             anchor, target_class, edges = anchor[keep], target_class[keep], edges[keep]
             mask = None if mask is None else mask[keep]
+            members = None if members is None else members[keep]
         weights = gather_rows(fusion, edges if mask is None else edges[mask])
         synthetic = synthesize_groups(
-            embeddings, layout, anchor, target_class, weights, self.hardness, mix, mask
+            graph.node_embeddings(embeddings),
+            layout,
+            anchor,
+            target_class,
+            weights,
+            self.hardness,
+            mix,
+            mask,
+            members,
         )
         return SyntheticSamples(embeddings=synthetic, anchor=anchor, class_index=target_class)
 

@@ -13,11 +13,18 @@ For large batches the graph can be sparse (``graph.neighbors: k``): :func:`knn_p
 node's :math:`k` most similar samples and all of its classmates, and :func:`sparse_shard` derives
 the (anchor, class) groups of those pairs.
 
+Past embeddings can join the sparse graph as *memory nodes* (``graph.memory: M``, a
+:class:`~gca_pyg.memory.EmbeddingMemory`): :func:`knn_memory_pairs` searches each batch node's
+:math:`k` nearest among the batch and the memory entries of classes the batch does not hold, and
+the memory entries found become extra nodes (:class:`MemoryNodes`), joined to the batch nodes that
+found them. They are never anchors; their classes become groups of synthesis.
+
 :class:`BatchGraph` is what one training step knows of its batch: the labels, their class layout,
 this process's pairs and groups, and the process group. It is built once per step
 (:meth:`BatchGraph.build`) and read by the generator and the losses.
 """
 
+import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Optional
@@ -38,8 +45,10 @@ __all__ = [
     "BatchGraph",
     "EdgeShard",
     "GraphConfig",
+    "MemoryNodes",
     "build_batch_graph",
     "complete_edge_index",
+    "knn_memory_pairs",
     "knn_pairs",
     "pair_index",
     "shard_pairs",
@@ -51,9 +60,13 @@ __all__ = [
 @dataclass
 class GraphConfig:
     """The batch graph: complete (``neighbors: null``), or each node joined to its ``neighbors``
-    most similar samples and to its classmates (:func:`knn_pairs`), for large batches."""
+    most similar samples and to its classmates (:func:`knn_pairs`), for large batches; with
+    ``memory: M`` (needs ``neighbors``) the last :math:`M` training embeddings are searched too and
+    join the graph as memory nodes (:func:`knn_memory_pairs`) from epoch ``memory_start`` on."""
 
     neighbors: Optional[int] = None
+    memory: int = 0  # embeddings kept from past batches; 0: no memory
+    memory_start: int = 0  # the first epoch (0-based) that fills and reads the memory
 
 
 def complete_edge_index(
@@ -205,6 +218,10 @@ class EdgeShard:
             :attr:`mask` is False).
         mask: Bool :math:`(G_r, K)`, True where the anchor and the sample are a stored pair;
             :obj:`None` for the complete graph, where all are.
+        members: The node of each of a group's :math:`K` slots, :math:`(G_r, K)`, on a graph
+            with memory nodes (:func:`knn_memory_pairs`), whose classes have no batch samples;
+            :obj:`None` otherwise, where slot :math:`k` of class :math:`c` is its sample :math:`k`
+            in batch order (``layout.members[c, k]``).
     """
 
     edge_index: Tensor
@@ -212,6 +229,7 @@ class EdgeShard:
     target_class: Tensor
     edges: Tensor
     mask: Optional[Tensor] = None
+    members: Optional[Tensor] = None
 
     @property
     def num_edges(self) -> int:
@@ -373,34 +391,177 @@ def knn_pairs(z: Tensor, y: Tensor, k: int) -> Tensor:
     valid = (found >= 0) & (found != nodes.unsqueeze(1))
     valid &= valid.cumsum(dim=1) <= k
     near_source, near_target = nodes.unsqueeze(1).expand_as(found)[valid], found[valid]
+    _, class_index = torch.unique(y, return_inverse=True)
+    mate_source, mate_target = _classmates(class_index)
+    return _block_ordered(
+        torch.cat([near_source, mate_source]), torch.cat([near_target, mate_target]), class_index
+    )
 
-    # Slots: positions in the batch sorted by class, stable (class a's samples in batch order).
-    _, class_index, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    num_classes = counts.numel()
-    node_of_slot = torch.sort(class_index, stable=True).indices
-    slot = torch.empty_like(node_of_slot)
-    slot[node_of_slot] = nodes
-    class_of_slot = class_index[node_of_slot]
-    # Every pair of classmates, slot s with each slot of its class run.
-    run = counts[class_of_slot]
-    run_start = (torch.cumsum(counts, 0) - counts)[class_of_slot]
-    mate_source = torch.repeat_interleave(nodes, run)
-    offsets = torch.arange(mate_source.numel(), device=device) - torch.repeat_interleave(
+
+def _classmates(class_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Every ordered pair of samples of one class (each sample with itself included)."""
+    device = class_index.device
+    node_of_slot = torch.sort(class_index, stable=True).indices  # each class's run, batch order
+    counts = torch.bincount(class_index)
+    run = counts[class_index[node_of_slot]]  # the length of each slot's class run
+    run_start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    source = torch.repeat_interleave(torch.arange(class_index.numel(), device=device), run)
+    offsets = torch.arange(source.numel(), device=device) - torch.repeat_interleave(
         torch.cumsum(run, 0) - run, run
     )
-    mate_target = torch.repeat_interleave(run_start, run) + offsets
+    target = torch.repeat_interleave(run_start, run) + offsets
+    return node_of_slot[source], node_of_slot[target]
 
-    first = torch.cat([slot[near_source], mate_source])
-    second = torch.cat([slot[near_target], mate_target])
+
+def _block_ordered(first: Tensor, second: Tensor, node_class: Tensor) -> Tensor:
+    """The distinct undirected pairs among ``{first[r], second[r]}`` in the order of
+    :func:`shard_pairs`: by class-pair block (:func:`_pair_block` of the nodes' class rows
+    `node_class`), within a block by (lower, higher) slot, a node's slot being its position in
+    the nodes sorted by class, stably."""
+    num_nodes = node_class.numel()
+    node_of_slot = torch.sort(node_class, stable=True).indices
+    slot = torch.empty_like(node_of_slot)
+    slot[node_of_slot] = torch.arange(num_nodes, device=node_class.device)
+    class_of_slot = node_class[node_of_slot]
+    first, second = slot[first], slot[second]
     code = torch.unique(torch.minimum(first, second) * num_nodes + torch.maximum(first, second))
     low, high = code // num_nodes, code % num_nodes  # sorted by (low, high)
+    num_classes = int(node_class.max()) + 1 if num_nodes else 0
     block = _pair_block(class_of_slot[low], class_of_slot[high], num_classes)
     order = torch.sort(block, stable=True).indices
     return torch.stack([node_of_slot[low[order]], node_of_slot[high[order]]])
 
 
+@dataclass(frozen=True)
+class MemoryNodes:
+    r"""The memory entries that joined one step's batch graph, as nodes :math:`N \dots N + U - 1`
+    after the batch's :math:`N` (:func:`knn_memory_pairs`).
+
+    Attributes:
+        embeddings: Their embeddings, detached, :math:`(U, D)`.
+        labels: Their labels, :math:`(U,)`; none of them is a label of the batch.
+        index: Their rows in the memory, ascending, :math:`(U,)`.
+        classes: Their distinct labels, ascending, :math:`(C_m,)`: the *memory classes*, which
+            follow the batch's :math:`C` classes as class rows :math:`C \dots C + C_m - 1`.
+        class_index: The class row of each, :math:`C + ` its row in :attr:`classes`, :math:`(U,)`.
+    """
+
+    embeddings: Tensor
+    labels: Tensor
+    index: Tensor
+    classes: Tensor
+    class_index: Tensor
+
+    @classmethod
+    def select(
+        cls, memory_embeddings: Tensor, memory_labels: Tensor, index: Tensor, num_batch_classes: int
+    ) -> "MemoryNodes":
+        """The memory rows `index` as nodes of a graph whose batch has `num_batch_classes`."""
+        labels = memory_labels[index]
+        classes, inverse = torch.unique(labels, return_inverse=True)
+        return cls(
+            embeddings=memory_embeddings[index].detach(),
+            labels=labels,
+            index=index,
+            classes=classes,
+            class_index=num_batch_classes + inverse,
+        )
+
+    @property
+    def num_nodes(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def num_classes(self) -> int:
+        return self.classes.numel()
+
+
+def knn_memory_pairs(
+    z: Tensor, y: Tensor, k: int, memory_z: Tensor, memory_y: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""The sparse batch graph of :func:`knn_pairs` with memory nodes: each batch node's :math:`k`
+    most similar among the batch and the memory.
+
+    The candidates are the batch and the memory entries of classes that are *not* in the batch (a
+    batch class is represented by its fresh embeddings, not by drifted copies of them). Batch node
+    :math:`i` is joined to itself, its classmates and its :math:`k` nearest candidates by cosine
+    (exact: a matrix product and top-:math:`k`; no gradient flows through the choice), of which
+    at most :math:`K` (the batch's samples per class) of each memory class, the nearest: a memory
+    class stands beside :math:`i` for as many samples as a batch class. The memory entries chosen
+    by any batch node become memory nodes :math:`N + u`, in memory order, each with its self-loop;
+    memory nodes are joined to the batch nodes that chose them, never to each other. Batch pairs
+    are symmetrised as in :func:`knn_pairs`; pairs come in its block order, memory classes after
+    the batch's (class rows :math:`C \dots`), a batch node first in every pair it has with a memory
+    node. With no candidate chosen from the memory the pairs are those of a batch-only search.
+
+    Args:
+        z (torch.Tensor): The batch's embeddings :math:`(N, D)`.
+        y (torch.Tensor): Its labels :math:`(N,)`, class-balanced.
+        k (int): Neighbours per batch node, at least 1.
+        memory_z (torch.Tensor): The memory's embeddings :math:`(M, D)`.
+        memory_y (torch.Tensor): Its labels :math:`(M,)`.
+
+    Returns:
+        ``(edge_index, memory_index)``: the undirected pairs :math:`(2, |\mathcal{E}|)` over the
+        :math:`N + U` nodes, and the memory row of each memory node :math:`(U,)`.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"knn_memory_pairs needs a positive int number of neighbours k, got {k!r}")
+    if memory_z.dim() != 2 or memory_z.size(1) != z.size(1) or memory_y.shape != memory_z.shape[:1]:
+        raise ValueError(
+            f"knn_memory_pairs expects memory embeddings [M, {z.size(1)}] and labels [M], got "
+            f"{tuple(memory_z.shape)} and {tuple(memory_y.shape)}"
+        )
+    layout = class_layout(y)
+    num_nodes, device = z.size(0), z.device
+    candidates = (~torch.isin(memory_y, y)).nonzero().view(-1)
+    unit = F.normalize(z.detach().float(), dim=1)
+    pool = torch.cat([unit, F.normalize(memory_z[candidates].detach().float(), dim=1)])
+    similarity = unit @ pool.T
+    nodes = torch.arange(num_nodes, device=device)
+    similarity[nodes, nodes] = -math.inf
+    similarity = similarity.nan_to_num(nan=-math.inf)
+    best, found = similarity.topk(min(k, pool.size(0) - 1), dim=1)
+    valid = best > -math.inf
+    source, target = nodes.unsqueeze(1).expand_as(found)[valid], found[valid]  # nearest first
+
+    # At most K memory entries of a class beside each batch node, the nearest.
+    from_memory = target >= num_nodes
+    hit_label = memory_y[candidates[target[from_memory] - num_nodes]]
+    _, key = torch.unique(torch.stack([source[from_memory], hit_label]), dim=1, return_inverse=True)
+    order = torch.sort(key, stable=True).indices  # nearest first within each key
+    sorted_key = key[order]
+    rank = torch.empty_like(key)
+    rank[order] = torch.arange(key.numel(), device=device) - torch.searchsorted(
+        sorted_key, sorted_key
+    )
+    keep = torch.ones_like(from_memory)
+    keep[from_memory] = rank < layout.samples_per_class
+    source, target = source[keep], target[keep]
+
+    chosen = torch.unique(target[target >= num_nodes])  # ascending: memory order
+    memory_index = candidates[chosen - num_nodes]
+    node = torch.cat([nodes, torch.full_like(candidates, -1)])
+    node[chosen] = num_nodes + torch.arange(chosen.numel(), device=device)
+    target = node[target]
+    memory_nodes = num_nodes + torch.arange(chosen.numel(), device=device)
+    memory_class = layout.num_classes + torch.unique(memory_y[memory_index], return_inverse=True)[1]
+    mate_source, mate_target = _classmates(layout.class_index)
+    pairs = _block_ordered(
+        torch.cat([source, mate_source, memory_nodes]),
+        torch.cat([target, mate_target, memory_nodes]),
+        torch.cat([layout.class_index, memory_class]),
+    )
+    return pairs, memory_index
+
+
 def sparse_shard(
-    layout: ClassLayout, edge_index: Tensor, rank: int = 0, world_size: int = 1
+    layout: ClassLayout,
+    edge_index: Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    memory: Optional[MemoryNodes] = None,
 ) -> EdgeShard:
     r"""The (anchor, class) groups of a sparse batch graph, for synthesis on its stored pairs.
 
@@ -411,6 +572,11 @@ def sparse_shard(
     stored. Groups come in the order of :func:`shard_pairs`, so on the complete graph (pairs in
     its order, e.g. from :func:`knn_pairs` with :math:`k \ge N - 1`) every field equals
     ``shard_pairs(layout)``'s and the mask is all True.
+
+    With `memory` (the pairs of :func:`knn_memory_pairs`), memory nodes are members, never
+    anchors: a memory class joined to anchor :math:`i` is a group whose members are the memory
+    nodes joined to :math:`i`, in node order (at most :math:`K`), named in
+    :attr:`EdgeShard.members`.
 
     Several processes split the pairs as :func:`shard_pairs` splits the complete graph: the blocks
     of pairs joining two classes (or one class) are cut into `world_size` contiguous runs of about
@@ -423,14 +589,18 @@ def sparse_shard(
             :func:`knn_pairs` (which gives them so).
         rank: This process's rank. (default: :obj:`0`)
         world_size: The number of processes. (default: :obj:`1`)
+        memory: The graph's memory nodes, :math:`N \dots`, if any. (default: :obj:`None`)
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
     num_classes, samples = layout.num_classes, layout.samples_per_class
+    num_anchors = layout.class_index.numel()
+    node_class = layout.class_index
+    if memory is not None:
+        node_class = torch.cat([node_class, memory.class_index])
+        num_classes += memory.num_classes
     if world_size > 1:
-        block = _pair_block(
-            layout.class_index[edge_index[0]], layout.class_index[edge_index[1]], num_classes
-        )
+        block = _pair_block(node_class[edge_index[0]], node_class[edge_index[1]], num_classes)
         blocks, block_edges = torch.unique_consecutive(block, return_counts=True)
         if blocks.numel() > 1 and not bool((blocks[1:] > blocks[:-1]).all()):
             raise ValueError(
@@ -446,7 +616,10 @@ def sparse_shard(
     anchor = torch.cat([source, target[mirrored]])  # every stored direction anchor -> member
     member = torch.cat([target, source[mirrored]])
     row = torch.cat([rows, rows[mirrored]])
-    anchor_class, member_class = layout.class_index[anchor], layout.class_index[member]
+    if memory is not None:  # a memory node is never an anchor
+        from_batch = anchor < num_anchors
+        anchor, member, row = anchor[from_batch], member[from_batch], row[from_batch]
+    anchor_class, member_class = node_class[anchor], node_class[member]
     low, high = torch.minimum(anchor_class, member_class), torch.maximum(anchor_class, member_class)
     cross_block = low * num_classes - low * (low + 1) // 2 + high - low - 1  # rank of a < b
     num_cross = num_classes * (num_classes - 1) // 2
@@ -464,16 +637,39 @@ def sparse_shard(
     )
     groups, group_of = torch.unique(key, return_inverse=True)
     num_groups = groups.numel()
+    if memory is None:
+        slot = layout.position[member]
+    else:  # a memory member's slot: its rank among the group's memory members, in node order
+        in_memory = member >= num_anchors
+        slot = layout.position[member.clamp_max(num_anchors - 1)]
+        code = group_of[in_memory] * node_class.numel() + member[in_memory]
+        ordered = torch.sort(code).values
+        group_start = torch.searchsorted(ordered, group_of[in_memory] * node_class.numel())
+        slot[in_memory] = torch.searchsorted(ordered, code) - group_start
+        if bool((slot >= samples).any()):
+            raise ValueError(
+                f"sparse_shard takes at most K = {samples} memory members per (anchor, class) "
+                "group, as knn_memory_pairs keeps them"
+            )
     edges = torch.zeros(num_groups, samples, dtype=torch.long, device=edge_index.device)
     mask = torch.zeros(num_groups, samples, dtype=torch.bool, device=edge_index.device)
-    edges[group_of, layout.position[member]] = row
-    mask[group_of, layout.position[member]] = True
+    edges[group_of, slot] = row
+    mask[group_of, slot] = True
     group_anchor = torch.empty(num_groups, dtype=torch.long, device=edge_index.device)
     group_class = torch.empty_like(group_anchor)
     group_anchor[group_of] = anchor
     group_class[group_of] = member_class
+    members = None
+    if memory is not None:
+        members = torch.zeros_like(edges)
+        members[group_of, slot] = member
     return EdgeShard(
-        edge_index=edge_index, anchor=group_anchor, target_class=group_class, edges=edges, mask=mask
+        edge_index=edge_index,
+        anchor=group_anchor,
+        target_class=group_class,
+        edges=edges,
+        mask=mask,
+        members=members,
     )
 
 
@@ -481,7 +677,8 @@ def sparse_shard(
 class BatchGraph:
     r"""What one training step knows of its class-balanced batch: its labels and
     :class:`~gca_pyg.layout.ClassLayout`, the pairs and (anchor, class) groups this process
-    stores (:class:`EdgeShard`), and the process group over which the graph is split.
+    stores (:class:`EdgeShard`), the memory nodes that joined it, and the process group over which
+    the graph is split.
 
     Built once per step by :meth:`build` and read by the generator
     (:class:`~gca_pyg.generator.HardNegativeGenerator`) and the losses (:mod:`gca_pyg.losses`).
@@ -494,12 +691,14 @@ class BatchGraph:
         shard: This process's pairs and groups: the whole complete graph for one process
             (:func:`shard_pairs`), or its share of a sparse graph (:func:`sparse_shard`).
         process_group: The processes that share the graph, or :obj:`None` for one process.
+        memory: The memory nodes :math:`N \dots N + U - 1` (:class:`MemoryNodes`), or :obj:`None`.
     """
 
     labels: Tensor
     layout: ClassLayout
     shard: EdgeShard
     process_group: Optional[ProcessGroup] = None
+    memory: Optional[MemoryNodes] = None
 
     @classmethod
     def build(
@@ -509,59 +708,100 @@ class BatchGraph:
         *,
         neighbors: Optional[int] = None,
         process_group: Optional[ProcessGroup] = None,
+        memory: Optional[tuple[Tensor, Tensor]] = None,
     ) -> "BatchGraph":
         """The batch graph of a class-balanced batch: complete, or with `neighbors` the sparse
         graph of :func:`knn_pairs` on `embeddings` (searched by rank 0 and broadcast, so that every
-        process splits the same pairs).
+        process splits the same pairs), or with `memory` too that of :func:`knn_memory_pairs`.
 
         Args:
             labels: The labels of the whole batch (every process's, in rank order).
             embeddings: The embeddings of the whole batch; needed with `neighbors` only.
             neighbors: ``graph.neighbors``: :obj:`None` for the complete graph.
             process_group: The processes that share the graph.
+            memory: Past embeddings and their labels, ``(M, D)`` and ``(M,)``, the same on every
+                process (:meth:`EmbeddingMemory.contents
+                <gca_pyg.memory.EmbeddingMemory.contents>`); needs `neighbors`.
 
         Raises:
             ValueError: If the batch is not class-balanced, or `neighbors` comes without
-                `embeddings`.
+                `embeddings`, or `memory` without `neighbors`.
         """
         layout = class_layout(labels)
         rank, world_size = rank_and_size(process_group)
         if neighbors is None:
+            if memory is not None:
+                raise ValueError(
+                    "BatchGraph.build takes memory nodes on the sparse graph only: set "
+                    "graph.neighbors (the complete graph over batch and memory would grow as "
+                    "(N + M)^2)"
+                )
             shard = shard_pairs(layout, rank, world_size)
-        elif embeddings is None:
+            return cls(labels=labels, layout=layout, shard=shard, process_group=process_group)
+        if embeddings is None:
             raise ValueError(
                 "BatchGraph.build needs the batch's embeddings to build the sparse graph of "
                 "graph.neighbors"
             )
+        nodes = None
+        empty = torch.empty(2, 0, dtype=torch.long, device=labels.device)
+        if memory is None or memory[1].numel() == 0:
+            pairs = knn_pairs(embeddings, labels, neighbors) if rank == 0 else empty
         else:
-            pairs = (
-                knn_pairs(embeddings, labels, neighbors)
+            memory_embeddings, memory_labels = memory
+            pairs, chosen = (
+                knn_memory_pairs(embeddings, labels, neighbors, memory_embeddings, memory_labels)
                 if rank == 0
-                else torch.empty(2, 0, dtype=torch.long, device=labels.device)
+                else (empty, empty[0])
             )
-            pairs = broadcast_tensor(pairs, process_group)
-            shard = sparse_shard(layout, pairs, rank, world_size)
-        return cls(labels=labels, layout=layout, shard=shard, process_group=process_group)
+            chosen = broadcast_tensor(chosen, process_group)
+            if chosen.numel():
+                nodes = MemoryNodes.select(
+                    memory_embeddings, memory_labels, chosen, layout.num_classes
+                )
+        pairs = broadcast_tensor(pairs, process_group)
+        shard = sparse_shard(layout, pairs, rank, world_size, memory=nodes)
+        return cls(
+            labels=labels, layout=layout, shard=shard, process_group=process_group, memory=nodes
+        )
 
     @property
     def num_nodes(self) -> int:
+        """:math:`N`, the batch's nodes: the anchors (memory nodes not counted)."""
         return self.labels.numel()
 
     @property
     def num_classes(self) -> int:
-        """:math:`C`, the classes of the batch."""
-        return self.layout.num_classes
+        """:math:`C`, the classes of the batch, plus the memory classes if any."""
+        return self.layout.num_classes + (0 if self.memory is None else self.memory.num_classes)
+
+    @property
+    def classes(self) -> Tensor:
+        """The label of each class row: the batch's classes, then the memory classes."""
+        if self.memory is None:
+            return self.layout.classes
+        return torch.cat([self.layout.classes, self.memory.classes])
 
     @property
     def is_sparse(self) -> bool:
         """Whether some (anchor, sample) pairs are missing (``graph.neighbors``)."""
         return self.shard.mask is not None
 
+    def node_embeddings(self, embeddings: Tensor) -> Tensor:
+        """The features of every node: the batch's `embeddings`, then the memory nodes'."""
+        if self.memory is None:
+            return embeddings
+        return torch.cat([embeddings, self.memory.embeddings.to(embeddings.dtype)])
+
     def data(self, embeddings: Tensor) -> Data:
-        """The stored pairs' graph of `embeddings` for :class:`~gca_pyg.nn.CorrelationNet`
-        (:func:`build_batch_graph`, undirected storage)."""
+        """The stored pairs' graph of `embeddings` (and of the memory nodes) for
+        :class:`~gca_pyg.nn.CorrelationNet` (:func:`build_batch_graph`, undirected storage)."""
+        labels = self.labels if self.memory is None else torch.cat([self.labels, self.memory.labels])
         return build_batch_graph(
-            embeddings, self.labels, undirected=True, edge_index=self.shard.edge_index
+            self.node_embeddings(embeddings),
+            labels,
+            undirected=True,
+            edge_index=self.shard.edge_index,
         )
 
     @cached_property

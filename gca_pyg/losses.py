@@ -107,7 +107,7 @@ def synthetic_npair_loss(
         l2_reg: Weight of the embedding-norm penalty.
     """
     layout = graph.layout
-    num_nodes, num_classes = embeddings.size(0), layout.num_classes
+    num_nodes, num_classes = embeddings.size(0), graph.num_classes
     is_other = synthetic.is_negative(layout)
     slot = synthetic.anchor * num_classes + synthetic.class_index
     expected = layout.class_index.unsqueeze(1) != torch.arange(
@@ -238,7 +238,7 @@ def synthetic_proxy_anchor_loss(
         counts = unit.new_zeros(num_proxies).index_add(0, proxy, is_negative.to(unit.dtype))
     else:
         cosine = F.linear(unit, unit_proxies)  # (G, |P|)
-        other_proxy = synthetic.labels(graph.layout).unsqueeze(1) != torch.arange(
+        other_proxy = synthetic.labels(graph.classes).unsqueeze(1) != torch.arange(
             num_proxies, device=unit.device
         )
         negative = is_negative.unsqueeze(1) & other_proxy
@@ -357,7 +357,7 @@ def synthetic_class_loss(
     r""":math:`J_{ce} = s \cdot \mathrm{CE}(W_s \tilde{\mathbf{n}}, c)`: a synthetic sample must
     still be classified as the class it stands for (mean over the rows of all processes)."""
     losses = F.cross_entropy(
-        classifier(synthetic.embeddings), synthetic.labels(graph.layout), reduction="none"
+        classifier(synthetic.embeddings), synthetic.labels(graph.classes), reduction="none"
     )
     return scale * _global_mean(losses, graph.process_group)
 
@@ -394,7 +394,9 @@ def diversity_loss(
     Over the pairs of a sparse graph, :math:`j` and :math:`j'` run over the stored neighbours
     :math:`\mathcal{N}(i)` of :math:`i` (itself included), so the row mean is over
     :math:`|\mathcal{N}(i)|` weights and :math:`N^2` becomes the number of stored directed pairs
-    :math:`\sum_i |\mathcal{N}(i)|`; on the complete graph both are the terms above.
+    :math:`\sum_i |\mathcal{N}(i)|`; on the complete graph both are the terms above. Memory nodes
+    (:attr:`BatchGraph.memory <gca_pyg.graph.BatchGraph.memory>`) are never anchors: :math:`i`
+    runs over the batch, and :math:`\mathcal{N}(i)` includes the memory nodes joined to it.
 
     Args:
         fusion_weights: The weights of the graph's stored undirected pairs, :math:`(E, D)` (each
@@ -404,7 +406,8 @@ def diversity_loss(
         scale: :math:`s`.
         eps: Floor under the square root, so its gradient stays finite.
     """
-    process_group, num_nodes = graph.process_group, graph.num_nodes
+    process_group, num_anchors = graph.process_group, graph.num_nodes
+    num_nodes = num_anchors + (0 if graph.memory is None else graph.memory.num_nodes)
     source, target = graph.shard.edge_index
     mirrored = source != target
     loops = (~mirrored).nonzero().view(-1)  # a self-loop stands once: take it back once
@@ -420,8 +423,8 @@ def diversity_loss(
     mean = all_reduce_sum(sums, process_group) / degree.unsqueeze(1)
     from_source = (fusion_weights - gather_rows(mean, source)).square().sum(dim=-1)
     from_target = (fusion_weights - gather_rows(mean, target)).square().sum(dim=-1)
-    total = all_reduce_sum(
-        (from_source + torch.where(mirrored, from_target, 0.0)).sum(), process_group
-    )
-    num_pairs = int(degree.sum())
+    from_source = torch.where(source < num_anchors, from_source, 0.0)
+    from_target = torch.where(mirrored & (target < num_anchors), from_target, 0.0)
+    total = all_reduce_sum((from_source + from_target).sum(), process_group)
+    num_pairs = int(degree[:num_anchors].sum())
     return scale * (1.0 - (total / num_pairs).clamp_min(eps).sqrt())

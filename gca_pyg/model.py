@@ -162,14 +162,23 @@ class GCAHNG(torch.nn.Module):
         finally:
             self.train(was_training)
 
-    def batch_graph(self, labels: Tensor, embeddings: Optional[Tensor] = None) -> BatchGraph:
+    def batch_graph(
+        self,
+        labels: Tensor,
+        embeddings: Optional[Tensor] = None,
+        *,
+        memory: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> BatchGraph:
         """The :class:`~gca_pyg.graph.BatchGraph` of a batch (labels and embeddings of all
-        processes) under ``graph.neighbors`` and the model's process group."""
+        processes) under ``graph.neighbors`` and the model's process group, with `memory`
+        (past embeddings and labels, see :class:`~gca_pyg.memory.EmbeddingMemory`) as memory
+        nodes."""
         return BatchGraph.build(
             labels,
             embeddings,
             neighbors=self.graph_config.neighbors,
             process_group=self.process_group,
+            memory=memory,
         )
 
     def metric_loss(

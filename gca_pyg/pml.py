@@ -145,7 +145,7 @@ class GCANegativeGenerator(HardNegativeGenerator):
         return SyntheticReferences(
             indices_tuple=triplets,
             ref_emb=torch.cat([embeddings, negatives.embeddings[order]]),
-            ref_labels=torch.cat([labels, negatives.labels(layout)[order]]),
+            ref_labels=torch.cat([labels, negatives.labels(graph.classes)[order]]),
         )
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:

@@ -42,9 +42,10 @@ class SyntheticSamples:
     anchor: Tensor
     class_index: Tensor
 
-    def labels(self, layout: ClassLayout) -> Tensor:
-        """The label of the class each sample stands for."""
-        return layout.classes[self.class_index]
+    def labels(self, classes: Tensor) -> Tensor:
+        """The label of the class each sample stands for, from the label of each class row
+        (:attr:`BatchGraph.classes <gca_pyg.graph.BatchGraph.classes>`)."""
+        return classes[self.class_index]
 
     def is_negative(self, layout: ClassLayout) -> Tensor:
         """Bool :math:`(G,)`: True where the sample stands for another class than its anchor's."""
@@ -104,6 +105,7 @@ def synthesize_groups(
     hardness: Union[float, Tensor],
     mix: Tensor,
     mask: Optional[Tensor] = None,
+    members: Optional[Tensor] = None,
 ) -> Tensor:
     r"""One synthetic sample per (anchor, class) group, merging the class's :math:`K` samples.
 
@@ -140,6 +142,10 @@ def synthesize_groups(
         mask: Bool :math:`(G, K)`, True for the samples joined to the anchor (at least one per
             group); all if omitted. Only the joined samples are moved, so memory grows with
             :math:`M`, not :math:`G K`.
+        members: The node (row of `embeddings`) of each group's :math:`K` slots, :math:`(G, K)`,
+            where a group's class is not the batch's (memory nodes, see
+            :class:`~gca_pyg.graph.EdgeShard`); the class's samples in batch order,
+            ``layout.members[target_class]``, if omitted.
 
     Returns:
         The synthetic samples :math:`(G, D)`.
@@ -155,7 +161,9 @@ def synthesize_groups(
     if mask is None:
         anchors = gather_rows(embeddings, anchor).unsqueeze(1)
         positives = gather_rows(embeddings, layout.positive_index()[anchor]).unsqueeze(1)
-        negatives = gather_rows(embeddings, layout.members[target_class])
+        negatives = gather_rows(
+            embeddings, layout.members[target_class] if members is None else members
+        )
         moved = synthesize_negatives(
             anchors, positives, negatives, weights.view(-1, samples_per_class, dim), hardness
         )
@@ -173,7 +181,12 @@ def synthesize_groups(
     moved_rows = synthesize_negatives(
         gather_rows(embeddings, anchor[group]),
         gather_rows(embeddings, layout.positive_index()[anchor[group]]),
-        gather_rows(embeddings, layout.members[target_class[group], member]),
+        gather_rows(
+            embeddings,
+            layout.members[target_class[group], member]
+            if members is None
+            else members[group, member],
+        ),
         weights,
         hardness,
     )

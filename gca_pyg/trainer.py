@@ -25,6 +25,7 @@ from gca_pyg.distributed import (
 )
 from gca_pyg.errors import NonFiniteLossError
 from gca_pyg.graph import BatchGraph
+from gca_pyg.memory import EmbeddingMemory
 from gca_pyg.model import GCAHNG
 from gca_pyg.synthesis import draw_mix
 
@@ -140,6 +141,11 @@ class AlternatingTrainer:
     (``optim.lr_policy`` on the metric learning rates, :func:`metric_lr_scheduler`; cosine over all
     epochs on the net's).
 
+    With ``graph.memory: M`` the trainer keeps the last :math:`M` training embeddings
+    (:attr:`memory`, a :class:`~gca_pyg.memory.EmbeddingMemory`): from epoch ``graph.memory_start``
+    on, each step's graph takes them as memory nodes and the step's embeddings are enqueued after
+    its updates.
+
     Args:
         model: The networks (and, in :attr:`GCAHNG.process_group
             <gca_pyg.model.GCAHNG.process_group>`, the processes that train them).
@@ -188,6 +194,12 @@ class AlternatingTrainer:
         self._steps_in_epoch = 0
         self._epoch_sums: dict[str, float] = {}
         self.mix_generator = torch.Generator().manual_seed(seed)
+        graph = model.graph_config
+        self.memory = (
+            EmbeddingMemory(graph.memory, model.generator.embedding_size, model.device)
+            if graph.memory
+            else None
+        )
 
     # -- schedules -----------------------------------------------------------------------------
     @property
@@ -214,10 +226,19 @@ class AlternatingTrainer:
         }
 
     # -- one iteration -------------------------------------------------------------------------
+    @property
+    def memory_active(self) -> bool:
+        """Whether this epoch's steps read and fill the memory (``graph.memory_start``)."""
+        return self.memory is not None and self.epoch >= self.model.graph_config.memory_start
+
     def batch_graph(self, labels: Tensor, embeddings: Optional[Tensor] = None) -> BatchGraph:
         """The step's :class:`~gca_pyg.graph.BatchGraph` from this process's `labels` (gathered
-        from every process here) and the batch's `embeddings` (needed with ``graph.neighbors``)."""
-        return self.model.batch_graph(all_gather_rows(labels, self.process_group), embeddings)
+        from every process here) and the batch's `embeddings` (needed with ``graph.neighbors``),
+        with the memory's contents as memory nodes where :attr:`memory_active`."""
+        memory = self.memory.contents() if self.memory_active and len(self.memory) else None
+        return self.model.batch_graph(
+            all_gather_rows(labels, self.process_group), embeddings, memory=memory
+        )
 
     def training_step(self, images: Tensor, labels: Tensor) -> dict[str, float]:
         """One GCA-HNG iteration: metric, classifier and generator updates.
@@ -262,6 +283,8 @@ class AlternatingTrainer:
             losses.update(generator_losses)
         # A backbone's BatchNorm sees only this process's images: keep one set of statistics.
         average_buffers(model.backbone, self.process_group)
+        if self.memory_active:  # the whole batch, the same on every process
+            self.memory.enqueue(embeddings.detach(), graph.labels)
 
         logs = {name: value.item() for name, value in losses.items()}
         model.generator.record(metric_loss=logs["J_m"], generator_loss=logs.get("J_gen"))
@@ -328,6 +351,7 @@ class AlternatingTrainer:
             "mix_generator": self.mix_generator.get_state(),
             "optimizers": {name: getattr(self, name).state_dict() for name in self._OPTIMIZERS},
             "schedulers": {name: getattr(self, name).state_dict() for name in self._SCHEDULERS},
+            "memory": None if self.memory is None else self.memory.state_dict(),
         }
 
     def load_state_dict(self, state: dict):
@@ -339,6 +363,18 @@ class AlternatingTrainer:
             getattr(self, name).load_state_dict(state["optimizers"][name])
         for name in self._SCHEDULERS:
             getattr(self, name).load_state_dict(state["schedulers"][name])
+        saved_memory = state.get("memory")  # absent in checkpoints written before graph.memory
+        if self.memory is not None:
+            if saved_memory is None:
+                self.memory.clear()
+            else:
+                self.memory.load_state_dict(saved_memory)
+        elif saved_memory is not None:
+            raise ValueError(
+                f"the checkpoint's run kept a memory of {saved_memory['size']} embeddings "
+                "(graph.memory) and this one keeps none: resume with the checkpoint's graph "
+                "settings"
+            )
 
     _OPTIMIZERS = ("metric_optimizer", "net_optimizer", "classifier_optimizer")
     _SCHEDULERS = ("metric_scheduler", "net_scheduler")

@@ -145,7 +145,7 @@ def test_the_front_end_gives_the_trainers_negatives_and_losses_on_the_same_tenso
     _, references, reference_labels = front_end(embeddings, labels)
     order = torch.argsort(negatives.anchor * 3 + negatives.class_index)
     assert torch.equal(references[9:], negatives.embeddings[order])
-    assert torch.equal(reference_labels[9:], negatives.labels(graph.layout)[order])
+    assert torch.equal(reference_labels[9:], negatives.labels(graph.classes)[order])
 
     torch.manual_seed(2)
     mix = draw_mix(3)

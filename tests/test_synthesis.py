@@ -13,7 +13,7 @@ from dense_synthesis import synthesize_dense
 def synthesize_batch(z, y, fusion, hardness, mix=None, include_own_class=False):
     """(rows, the labels they stand for, their anchors) of :func:`synthesize_dense`."""
     out = synthesize_dense(z, y, fusion, hardness, mix, include_own_class)
-    return out.embeddings, out.labels(class_layout(y)), out.anchor
+    return out.embeddings, out.labels(class_layout(y).classes), out.anchor
 
 
 def row(*values):
