@@ -1,15 +1,19 @@
-"""Does hard-negative synthesis help? Any recipe, any metric loss, with and without synthesis.
+"""Does a part of GCA-HNG help? Any recipe, any metric loss, two arms of settings over seeds.
 
-Each run is ``python -m gca_pyg.train CONFIG`` in a fresh process, identical but for
-``loss.synthesis`` (off: the same model and net, J_metric = J_m + J_gce, no generator update),
-``loss.metric`` and ``train.seed``. For every metric loss the tables give the final epoch's test
-metrics as mean ± sample standard deviation over seeds, the paired per-seed differences
-on − off (mean ± standard deviation), and on how many seeds synthesis came out ahead. The final
-epoch, not the best: choosing an epoch by its test score would flatter both arms.
+Each run is ``python -m gca_pyg.train CONFIG`` in a fresh process, identical but for its arm's
+settings, ``loss.metric`` and ``train.seed``. The two arms are by default synthesis on and off
+(``loss.synthesis``; off: the same model and net, J_metric = J_m + J_gce, no generator update);
+``--arms A B`` compares any two, each a comma-separated list of ``key=value`` settings (e.g.
+memory nodes, ``graph.memory=4096`` against ``graph.memory=0``). For every metric loss the tables
+give the final epoch's test metrics as mean ± sample standard deviation over seeds, the paired
+per-seed differences A − B (mean ± standard deviation), and on how many seeds A came out ahead.
+The final epoch, not the best: choosing an epoch by its test score would flatter both arms.
 
     python benchmarks/ablate.py demo --seeds 0 1 2 --metric npair proxy_anchor
     python benchmarks/ablate.py cub --data-root ~/data/CUB_200_2011 --seeds 0 1 2
     python benchmarks/ablate.py demo --seeds 0 --set optim.epochs=2          # a quick look
+    python benchmarks/ablate.py demo --set graph.neighbors=16 \
+        --arms graph.memory=4096 graph.memory=0                               # memory nodes
 
 Runs take long; ``--results FILE`` keeps every finished run there (JSON) and a later call with the
 same file reuses them, so an interrupted ablation continues where it stopped.
@@ -31,18 +35,23 @@ from gca_pyg.losses import METRIC_LOSSES
 METRIC_NAMES = {"map@r": "MAP@R", "r_precision": "RP"}
 
 
-def run_key(metric: str, synthesis: bool, seed: int) -> str:
-    return f"{metric}/{'on' if synthesis else 'off'}/{seed}"
+#: The default arms: synthesis on and off.
+SYNTHESIS_ARMS = ("loss.synthesis=true", "loss.synthesis=false")
+#: Their short names in tables and result keys.
+ARM_NAMES = {"loss.synthesis=true": "on", "loss.synthesis=false": "off"}
 
 
-def settings_of(args, metric: str, synthesis: bool, seed: int) -> list[str]:
+def arm_name(arm: str) -> str:
+    return ARM_NAMES.get(arm, arm)
+
+
+def run_key(metric: str, arm: str, seed: int) -> str:
+    return f"{metric}/{arm_name(arm)}/{seed}"
+
+
+def settings_of(args, metric: str, arm: str, seed: int) -> list[str]:
     """The ``--set`` overrides of one run."""
-    return [
-        f"loss.metric={metric}",
-        f"loss.synthesis={str(synthesis).lower()}",
-        f"train.seed={seed}",
-        *args.overrides,
-    ]
+    return [f"loss.metric={metric}", *arm.split(","), f"train.seed={seed}", *args.overrides]
 
 
 def train(args, settings: list[str]) -> dict:
@@ -83,12 +92,13 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def tables(runs: dict, metrics: list[str], seeds: list[int]) -> str:
-    """The summary table (every test metric) and the per-seed table (R@1, MAP@R)."""
+def tables(runs: dict, metrics: list[str], seeds: list[int], arms=SYNTHESIS_ARMS) -> str:
+    """The summary table (every test metric) and the per-seed table (R@1, MAP@R) of arm A
+    against arm B."""
     summary, per_seed = [], []
     for metric in metrics:
-        on = [runs[run_key(metric, True, seed)]["metrics"] for seed in seeds]
-        off = [runs[run_key(metric, False, seed)]["metrics"] for seed in seeds]
+        on = [runs[run_key(metric, arms[0], seed)]["metrics"] for seed in seeds]
+        off = [runs[run_key(metric, arms[1], seed)]["metrics"] for seed in seeds]
         for name in on[0]:
             with_, without = [r[name] for r in on], [r[name] for r in off]
             differences = [a - b for a, b in zip(with_, without)]
@@ -111,8 +121,14 @@ def tables(runs: dict, metrics: list[str], seeds: list[int]) -> str:
                     for value in (a[name], b[name], a[name] - b[name])
                 ]
             )
-    header = ["metric loss", "metric", "synthesis on", "synthesis off", "on − off", "on > off"]
-    seed_header = ["metric loss", "seed", "R@1 on", "R@1 off", "Δ", "MAP@R on", "MAP@R off", "Δ"]
+    a, b = (arm_name(arm) for arm in arms)
+    if tuple(arms) == SYNTHESIS_ARMS:
+        header = ["metric loss", "metric", "synthesis on", "synthesis off", "on − off", "on > off"]
+    else:
+        header = ["metric loss", "metric", f"A: {a}", f"B: {b}", "A − B", "A > B"]
+        a, b = "A", "B"
+    seed_header = ["metric loss", "seed", f"R@1 {a}", f"R@1 {b}", "Δ", f"MAP@R {a}"]
+    seed_header += [f"MAP@R {b}", "Δ"]
     return markdown(header, summary) + "\n\n" + markdown(seed_header, per_seed)
 
 
@@ -134,6 +150,14 @@ def main(argv=None):
         choices=METRIC_LOSSES,
         help="metric losses to ablate (loss.metric)",
     )
+    parser.add_argument(
+        "--arms",
+        nargs=2,
+        default=list(SYNTHESIS_ARMS),
+        metavar=("A", "B"),
+        help="the two arms, each comma-separated key=value settings "
+        "(default: loss.synthesis=true loss.synthesis=false)",
+    )
     add_override_argument(parser, "override one config key of every run (repeatable)")
     parser.add_argument(
         "--results", type=Path, metavar="FILE", help="keep and reuse finished runs here (JSON)"
@@ -143,11 +167,8 @@ def main(argv=None):
     runs = load_results(args.results)
     for metric in args.metric:
         for seed in args.seeds:
-            for synthesis in (True, False):
-                key, settings = (
-                    run_key(metric, synthesis, seed),
-                    settings_of(args, metric, synthesis, seed),
-                )
+            for arm in args.arms:
+                key, settings = run_key(metric, arm, seed), settings_of(args, metric, arm, seed)
                 if key in runs and runs[key]["settings"] == settings:
                     continue
                 runs[key] = train(args, settings)
@@ -159,18 +180,19 @@ def main(argv=None):
                     file=sys.stderr,
                 )
     chosen = [
-        runs[run_key(metric, synthesis, seed)]
+        runs[run_key(metric, arm, seed)]
         for metric in args.metric
         for seed in args.seeds
-        for synthesis in (True, False)
+        for arm in args.arms
     ]
     seconds = statistics.mean(run["seconds"] for run in chosen)
     print(
         f"{args.config}{' ' + ' '.join(args.overrides) if args.overrides else ''}: final epoch "
         f"({chosen[0]['epoch']}), test metrics in %, mean ± sd over seeds "
-        f"{' '.join(map(str, args.seeds))}; on − off paired by seed; {seconds:.0f} s per run\n"
+        f"{' '.join(map(str, args.seeds))}; {' − '.join(map(arm_name, args.arms))} paired by seed; "
+        f"{seconds:.0f} s per run\n"
     )
-    print(tables(runs, args.metric, args.seeds))
+    print(tables(runs, args.metric, args.seeds, args.arms))
 
 
 if __name__ == "__main__":
