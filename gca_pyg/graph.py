@@ -796,7 +796,9 @@ class BatchGraph:
     def data(self, embeddings: Tensor) -> Data:
         """The stored pairs' graph of `embeddings` (and of the memory nodes) for
         :class:`~gca_pyg.nn.CorrelationNet` (:func:`build_batch_graph`, undirected storage)."""
-        labels = self.labels if self.memory is None else torch.cat([self.labels, self.memory.labels])
+        labels = (
+            self.labels if self.memory is None else torch.cat([self.labels, self.memory.labels])
+        )
         return build_batch_graph(
             self.node_embeddings(embeddings),
             labels,

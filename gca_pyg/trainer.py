@@ -196,7 +196,12 @@ class AlternatingTrainer:
         self.mix_generator = torch.Generator().manual_seed(seed)
         graph = model.graph_config
         self.memory = (
-            EmbeddingMemory(graph.memory, model.generator.embedding_size, model.device)
+            EmbeddingMemory(
+                graph.memory,
+                model.generator.embedding_size,
+                model.device,
+                model.generator.classifier.weight.dtype,  # the embeddings' dtype
+            )
             if graph.memory
             else None
         )

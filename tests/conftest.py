@@ -1,7 +1,9 @@
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 # cuBLAS reads its workspace size once, at its first matrix product in the process: fixed here so
 # that the tests which turn deterministic kernels on can do so on CUDA.
@@ -28,6 +30,30 @@ def deterministic():
         yield
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def two_threads():
+    """The thread count the expected values were computed with: CPU kernels split their sums by
+    thread, so the last bits depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """8 classes × 8 small PNGs, one folder per class (the `folder` dataset)."""
+    root = tmp_path_factory.mktemp("images")
+    generator = np.random.default_rng(0)
+    for c in range(8):
+        (root / f"class{c}").mkdir()
+        base = generator.integers(0, 255, size=3)
+        for i in range(8):
+            pixels = np.clip(base + generator.normal(0, 25, size=(32, 32, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
 
 
 @pytest.fixture(autouse=True)

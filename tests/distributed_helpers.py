@@ -23,7 +23,7 @@ class Features(torch.nn.Linear):
         self.out_features = 24
 
 
-def build(context: Context, neighbors=None, metric="npair") -> AlternatingTrainer:
+def build(context: Context, neighbors=None, metric="npair", memory=0) -> AlternatingTrainer:
     torch.manual_seed(0)
     model = GCAHNG(
         Features(),
@@ -31,7 +31,7 @@ def build(context: Context, neighbors=None, metric="npair") -> AlternatingTraine
         16,
         net=NetConfig(num_layers=2, heads=2, dropout=0.0),
         loss=LossConfig(metric=metric),
-        graph=GraphConfig(neighbors=neighbors),
+        graph=GraphConfig(neighbors=neighbors, memory=memory),
         process_group=context.process_group,
     )
     trainer = AlternatingTrainer(
@@ -61,18 +61,24 @@ def global_batch(step: int):
     return inputs.to(torch.get_default_dtype()), labels
 
 
-def train(context: Context, neighbors=None, metric="npair"):
+def train(context: Context, neighbors=None, metric="npair", memory=0):
     """STEPS training steps; this process's share of every batch is its contiguous block of
     classes (uneven: CLASSES is odd). Returns the final parameters/buffers, the losses and the
-    stored edge counts (of the graph of the batch after each step); `neighbors` is
-    ``graph.neighbors``, `metric` ``loss.metric``."""
-    trainer = build(context, neighbors, metric)
+    stored edge counts (of the graph of the batch after each step), the memory nodes of each
+    step's graph and the final memory; `neighbors` is ``graph.neighbors``, `metric`
+    ``loss.metric``, `memory` ``graph.memory``."""
+    trainer = build(context, neighbors, metric, memory)
     first = context.rank * CLASSES // context.world_size
     last = (context.rank + 1) * CLASSES // context.world_size
     rows = slice(first * SAMPLES, last * SAMPLES)
-    losses, edges = [], []
+    losses, edges, memory_nodes = [], [], []
     for step in range(STEPS):
         inputs, labels = global_batch(step)
+        if trainer.memory is not None:
+            with torch.no_grad():
+                embeddings = trainer.model(inputs[rows])
+            graph_memory = trainer.batch_graph(labels[rows], embeddings).memory
+            memory_nodes.append(None if graph_memory is None else graph_memory.index)
         losses.append(trainer.training_step(inputs[rows], labels[rows]))
         with torch.no_grad():
             embeddings = trainer.model(inputs[rows])  # training mode: every process's rows
@@ -82,10 +88,17 @@ def train(context: Context, neighbors=None, metric="npair"):
         for name, value in trainer.model.state_dict().items()
         if isinstance(value, torch.Tensor)
     }
-    return {"state": state, "losses": losses, "edges": edges}
+    final_memory = None if trainer.memory is None else trainer.memory.state_dict()
+    return {
+        "state": state,
+        "losses": losses,
+        "edges": edges,
+        "memory_nodes": memory_nodes,
+        "memory": final_memory,
+    }
 
 
-def worker(rank: int, world_size: int, folder: str, neighbors=None, metric="npair"):
+def worker(rank: int, world_size: int, folder: str, neighbors=None, metric="npair", memory=0):
     """Entry point of a spawned process: gloo group through a file, float64, one thread."""
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -97,7 +110,9 @@ def worker(rank: int, world_size: int, folder: str, neighbors=None, metric="npai
     )
     try:
         context = Context(rank=rank, world_size=world_size, process_group=dist.group.WORLD)
-        torch.save(train(context, neighbors, metric), os.path.join(folder, f"rank{rank}.pt"))
+        torch.save(
+            train(context, neighbors, metric, memory), os.path.join(folder, f"rank{rank}.pt")
+        )
     finally:
         dist.destroy_process_group()
 

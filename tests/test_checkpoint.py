@@ -80,16 +80,6 @@ def test_rng_state_survives_a_checkpoint(tmp_path):
 DATA = Path(__file__).resolve().parent / "data"
 
 
-@pytest.fixture
-def two_threads():
-    """The thread count the expected values were computed with: CPU kernels split their sums by
-    thread, so the last bits depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_a_checkpoint_of_format_1_continues_as_gca_pyg_0_1_0_continued_it(two_threads):
     """format_1.pt is a mid-epoch checkpoint written by gca_pyg 0.1.0, format_1_continued.pt what
     0.1.0 computed from there (tests/data/make_format_1_checkpoint.py wrote both, 2 threads)."""

@@ -10,18 +10,20 @@ import distributed_helpers as helpers
 
 
 @pytest.mark.parametrize(
-    "neighbors, metric",
-    [(None, "npair"), (3, "npair"), (None, "proxy_anchor")],
-    ids=["complete", "sparse", "proxy_anchor"],
+    "neighbors, metric, memory",
+    [(None, "npair", 0), (3, "npair", 0), (None, "proxy_anchor", 0), (3, "npair", 40)],
+    ids=["complete", "sparse", "proxy_anchor", "memory"],
 )
-def test_two_processes_train_like_one_on_the_global_batch(tmp_path, neighbors, metric):
-    mp.spawn(helpers.worker, args=(2, str(tmp_path), neighbors, metric), nprocs=2, join=True)
+def test_two_processes_train_like_one_on_the_global_batch(tmp_path, neighbors, metric, memory):
+    mp.spawn(
+        helpers.worker, args=(2, str(tmp_path), neighbors, metric, memory), nprocs=2, join=True
+    )
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        single = helpers.train(Context(), neighbors, metric)
+        single = helpers.train(Context(), neighbors, metric, memory)
     finally:
         torch.set_default_dtype(default)
 
@@ -46,6 +48,18 @@ def test_two_processes_train_like_one_on_the_global_batch(tmp_path, neighbors, m
             abs(count - single["edges"][step] / 2) <= share * single["edges"][step]
             for count in counts
         )
+    if memory:  # every process holds the batches' memory, and the graphs took the same nodes
+        assert single["memory_nodes"][0] is None and single["memory_nodes"][-1] is not None
+        for rank in ranks:
+            for name, value in single["memory"].items():
+                torch.testing.assert_close(
+                    torch.as_tensor(rank["memory"][name]),
+                    torch.as_tensor(value),
+                    rtol=1e-7,
+                    atol=1e-9,
+                )
+            for expected, actual in zip(single["memory_nodes"], rank["memory_nodes"]):
+                assert (expected is None and actual is None) or torch.equal(expected, actual)
     if neighbors is not None:  # truly sparse: fewer pairs than the complete graph's
         nodes = helpers.CLASSES * helpers.SAMPLES
         assert max(single["edges"]) < nodes * (nodes + 1) // 2

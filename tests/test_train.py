@@ -32,20 +32,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """8 classes × 8 small PNGs, one folder per class (the `folder` dataset)."""
-    root = tmp_path_factory.mktemp("images")
-    generator = np.random.default_rng(0)
-    for c in range(8):
-        (root / f"class{c}").mkdir()
-        base = generator.integers(0, 255, size=3)
-        for i in range(8):
-            pixels = np.clip(base + generator.normal(0, 25, size=(32, 32, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
 def folder_args(root, output, *extra):
     """`folder` recipe shrunk to seconds: 4 train classes × 8 images, batches of 4 × 2."""
     settings = TINY + [

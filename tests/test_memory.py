@@ -1,0 +1,423 @@
+"""Memory nodes (graph.memory): the queue, the batch graph with memory nodes, synthesis and losses
+on it, the trainer that fills and reads the memory, and graph.memory: 0 as before, bit for bit."""
+
+import importlib.util
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import folder_args, only_run_dir
+
+import gca_pyg.trainer
+from gca_pyg import train as train_cli
+from gca_pyg.checkpoint import load_checkpoint
+from gca_pyg.config import load_config
+from gca_pyg.errors import ConfigError
+from gca_pyg.graph import BatchGraph, GraphConfig, knn_memory_pairs, knn_pairs, sparse_shard
+from gca_pyg.memory import EmbeddingMemory
+from gca_pyg.model import GCAHNG, LossConfig, NetConfig
+from gca_pyg.synthesis import synthesize_negatives
+from gca_pyg.trainer import AlternatingTrainer, OptimConfig
+
+from tiny_model import TinyBackbone, batch
+
+DATA = Path(__file__).parent / "data"
+
+
+def _load_steps_script():
+    spec = importlib.util.spec_from_file_location(
+        "make_sparse_steps", DATA / "make_sparse_steps.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+steps = _load_steps_script()
+
+
+# -- the queue ---------------------------------------------------------------------------------
+def rows(first, count, dim=2):
+    return torch.arange(first, first + count).float().unsqueeze(1).repeat(1, dim)
+
+
+def test_the_memory_keeps_the_last_m_embeddings_first_in_first_out():
+    memory = EmbeddingMemory(5, 2)
+    assert len(memory) == 0 and memory.contents()[0].shape == (0, 2)
+    memory.enqueue(rows(0, 3), torch.arange(3))
+    assert torch.equal(memory.contents()[1], torch.arange(3))
+    memory.enqueue(rows(3, 4), torch.arange(3, 7))  # wraps around: 0 and 1 are replaced
+    embeddings, labels = memory.contents()
+    assert len(memory) == 5 and torch.equal(labels, torch.tensor([5, 6, 2, 3, 4]))
+    assert torch.equal(embeddings[:, 0], labels.float())
+    memory.enqueue(rows(10, 7), torch.arange(10, 17))  # more than it holds: the last 5
+    assert sorted(memory.contents()[1].tolist()) == [12, 13, 14, 15, 16]
+
+    embeddings = rows(0, 2).requires_grad_()
+    memory.enqueue(embeddings * 2, torch.arange(2))
+    assert not memory.contents()[0].requires_grad
+
+
+def test_the_memory_state_round_trips_and_a_wrong_size_is_refused():
+    memory = EmbeddingMemory(4, 3)
+    memory.enqueue(torch.randn(6, 3), torch.arange(6))
+    restored = EmbeddingMemory(4, 3)
+    restored.load_state_dict(memory.state_dict())
+    for saved, loaded in zip(memory.contents(), restored.contents()):
+        assert torch.equal(saved, loaded)
+    memory.enqueue(torch.randn(1, 3), torch.tensor([9]))
+    restored.enqueue(memory.contents()[0][2:3], torch.tensor([9]))
+    assert torch.equal(memory.contents()[1], restored.contents()[1])  # same next row
+    with pytest.raises(ValueError, match="saved memory holds 4 embeddings of size 3, this run's 8"):
+        EmbeddingMemory(8, 3).load_state_dict(memory.state_dict())
+
+
+def test_bad_memory_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="positive int size, got 0"):
+        EmbeddingMemory(0, 3)
+    memory = EmbeddingMemory(4, 3)
+    with pytest.raises(ValueError, match=r"embeddings \[\*, 3\], got \(2, 4\)"):
+        memory.enqueue(torch.randn(2, 4), torch.arange(2))
+    with pytest.raises(ValueError, match="one label per embedding"):
+        memory.enqueue(torch.randn(2, 3), torch.arange(3))
+
+
+def test_memory_needs_the_sparse_graph_and_non_negative_settings():
+    with pytest.raises(ConfigError, match=r"'graph.memory' .* needs 'graph.neighbors'"):
+        load_config("demo", ["graph.memory=64"])
+    with pytest.raises(ConfigError, match="cannot be negative"):
+        load_config("demo", ["graph.neighbors=4", "graph.memory_start=-1"])
+    config = load_config("demo", ["graph.neighbors=4", "graph.memory=64", "graph.memory_start=2"])
+    assert (config.graph.memory, config.graph.memory_start) == (64, 2)
+    with pytest.raises(ValueError, match="memory nodes on the sparse graph only"):
+        BatchGraph.build(torch.arange(2).repeat(2), memory=(torch.randn(3, 4), torch.arange(3)))
+
+
+# -- the graph ---------------------------------------------------------------------------------
+def memory_batch(seed=0, dim=6):
+    """A batch of classes 0-3 × 3 in random order, and a memory of 30 entries of classes 0-9."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(4).repeat(3)[torch.randperm(12, generator=generator)]
+    z = torch.randn(12, dim, generator=generator, dtype=torch.float64)
+    memory_y = torch.randint(0, 10, (30,), generator=generator)
+    memory_z = torch.randn(30, dim, generator=generator, dtype=torch.float64)
+    return z, labels, memory_z, memory_y
+
+
+def reference_pairs(z, y, k, memory_z, memory_y):
+    """knn_memory_pairs by its definition, node by node: pairs as frozensets of ('b', i) batch and
+    ('m', r) memory-row nodes."""
+    batch_labels, per_class = set(y.tolist()), int((y == y[0]).sum())
+    pool = [("b", j, z[j]) for j in range(len(y))]
+    pool += [
+        ("m", r, memory_z[r]) for r in range(len(memory_y)) if int(memory_y[r]) not in batch_labels
+    ]
+    pairs, chosen = set(), set()
+    for i in range(len(y)):
+        ranked = sorted(
+            (item for item in pool if item[:2] != ("b", i)),
+            key=lambda item: -float(F.cosine_similarity(z[i], item[2], dim=0)),
+        )[:k]
+        per_memory_class = {}
+        for kind, index, _ in ranked:
+            if kind == "m":
+                label = int(memory_y[index])
+                per_memory_class[label] = per_memory_class.get(label, 0) + 1
+                if per_memory_class[label] > per_class:
+                    continue
+                chosen.add(index)
+            pairs.add(frozenset([("b", i), (kind, index)]))
+        for j in range(len(y)):
+            if y[j] == y[i]:
+                pairs.add(frozenset([("b", i), ("b", j)]))
+    pairs |= {frozenset([("m", r)]) for r in chosen}  # each memory node's self-loop
+    return pairs, sorted(chosen)
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_memory_pairs_are_each_batch_nodes_k_nearest_among_batch_and_other_class_memory(k):
+    z, y, memory_z, memory_y = memory_batch()
+    pairs, memory_index = knn_memory_pairs(z, y, k, memory_z, memory_y)
+    expected, chosen = reference_pairs(z, y, k, memory_z, memory_y)
+    assert memory_index.tolist() == chosen  # memory nodes in memory order
+    assert not bool(torch.isin(memory_y[memory_index], y).any())
+
+    def node(n):
+        return ("b", n) if n < 12 else ("m", int(memory_index[n - 12]))
+
+    found = [frozenset([node(a), node(b)]) for a, b in pairs.T.tolist()]
+    assert len(found) == len(set(found)) and set(found) == expected
+    source, target = pairs
+    # A batch node first in every pair but a memory node's self-loop; no memory-memory pairs.
+    assert bool(((source < 12) | (source == target)).all())
+    if k == 9:  # a memory class beside a node for at most K = 3 entries: the cap binds here
+        per_group = {}
+        for a, b in pairs.T.tolist():
+            if b >= 12 and a < 12:
+                key = (a, int(memory_y[memory_index[b - 12]]))
+                per_group[key] = per_group.get(key, 0) + 1
+        assert max(per_group.values()) == 3
+
+
+def test_memory_of_batch_classes_only_gives_the_batch_graph():
+    z, y, _, _ = memory_batch()
+    memory_z, memory_y = torch.randn(5, 6, dtype=torch.float64), y[:5]
+    pairs, memory_index = knn_memory_pairs(z, y, 3, memory_z, memory_y)
+    assert memory_index.numel() == 0 and torch.equal(pairs, knn_pairs(z, y, 3))
+    graph = BatchGraph.build(y, z, neighbors=3, memory=(memory_z, memory_y))
+    assert graph.memory is None and torch.equal(graph.shard.edge_index, pairs)
+
+
+def memory_graph(k=4):
+    z, y, memory_z, memory_y = memory_batch()
+    return z, BatchGraph.build(y, z, neighbors=k, memory=(memory_z, memory_y))
+
+
+def test_memory_classes_are_groups_of_their_joined_memory_nodes_and_never_anchors():
+    z, graph = memory_graph()
+    layout, shard, memory = graph.layout, graph.shard, graph.memory
+    assert memory is not None and graph.num_classes == 4 + memory.num_classes
+    assert torch.equal(graph.classes[4:], memory.classes)
+    assert bool((shard.anchor < 12).all())
+    joined = {}  # (anchor, class row) -> joined nodes, from the pairs
+    for row, (a, b) in enumerate(shard.edge_index.T.tolist()):
+        for anchor, other in {(a, b), (b, a)}:
+            if anchor < 12:
+                node_class = layout.class_index if other < 12 else None
+                c = int(node_class[other]) if other < 12 else int(memory.class_index[other - 12])
+                joined.setdefault((anchor, c), []).append((other, row))
+    assert shard.num_groups == len(joined)
+    for g in range(shard.num_groups):
+        anchor, c = int(shard.anchor[g]), int(shard.target_class[g])
+        members = sorted(joined[(anchor, c)])
+        if c < 4:  # a batch class: its K samples by position, as without memory
+            slots = [int(layout.position[n]) for n, _ in members]
+            assert all(n == int(layout.members[c, s]) for (n, _), s in zip(members, slots))
+        else:  # a memory class: its joined memory nodes in node order
+            slots = list(range(len(members)))
+            assert [int(shard.members[g, s]) for s in slots] == [n for n, _ in members]
+        assert shard.mask[g].nonzero().view(-1).tolist() == sorted(slots)
+        assert [int(shard.edges[g, s]) for s in slots] == [row for _, row in members]
+    assert int(graph.connected[:, 4:].sum()) == sum(c >= 4 for _, c in joined)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_processes_split_a_graph_with_memory_into_whole_groups(world_size):
+    z, graph = memory_graph()
+    whole = graph.shard
+    shards = [
+        sparse_shard(graph.layout, whole.edge_index, rank, world_size, memory=graph.memory)
+        for rank in range(world_size)
+    ]
+    assert sum(shard.num_edges for shard in shards) == whole.num_edges
+    groups = {}
+    for shard in shards:
+        for g in range(shard.num_groups):
+            nodes = shard.members[g][shard.mask[g]]
+            rows = shard.edge_index[:, shard.edges[g][shard.mask[g]]]
+            groups[(int(shard.anchor[g]), int(shard.target_class[g]))] = (nodes, rows)
+    assert len(groups) == whole.num_groups
+    for g in range(whole.num_groups):
+        nodes, rows = groups[(int(whole.anchor[g]), int(whole.target_class[g]))]
+        assert torch.equal(rows, whole.edge_index[:, whole.edges[g][whole.mask[g]]])
+        assert torch.equal(nodes, whole.members[g][whole.mask[g]])
+
+
+# -- synthesis and losses on a graph with memory nodes ----------------------------------------
+def memory_model(metric="npair", synthetic_proxies="anchor"):
+    torch.manual_seed(0)
+    return GCAHNG(
+        TinyBackbone(),
+        num_classes=10,
+        embedding_size=16,
+        net=NetConfig(num_layers=2, heads=4, dropout=0.1),
+        loss=LossConfig(metric=metric, synthetic_proxies=synthetic_proxies),
+        graph=GraphConfig(neighbors=4, memory=30),
+    ).double()
+
+
+def log_softmax_at(logits, index):
+    return float(torch.log_softmax(torch.tensor(logits, dtype=torch.float64), 0)[index])
+
+
+@pytest.mark.parametrize("metric", ["npair", "proxy_others"])
+def test_synthesis_and_every_loss_by_hand_on_a_graph_with_memory_nodes(metric):
+    """Memory classes are groups like the batch's: merged from their joined memory nodes, scored
+    by J_ce as their class, by J_sim and J_syn as negatives; J_div runs over the batch anchors."""
+    model = memory_model(*(("proxy_anchor", "others") if metric == "proxy_others" else ()))
+    images, labels = batch()  # classes 0-3 × 3
+    model.train()
+    embeddings = model(images.double()).detach()
+    generator = torch.Generator().manual_seed(4)
+    memory_y = torch.randint(0, 10, (30,), generator=generator)
+    memory_z = embeddings[torch.randint(0, 12, (30,), generator=generator)] + torch.randn(
+        30, 16, generator=generator, dtype=torch.float64
+    )
+    graph = model.batch_graph(labels, embeddings, memory=(memory_z, memory_y))
+    layout, shard, memory = graph.layout, graph.shard, graph.memory
+    assert memory is not None and bool((shard.target_class >= 4).any())
+    nodes = torch.cat([embeddings, memory.embeddings])
+    mix, hardness = torch.rand(3, 2, dtype=torch.float64), 0.6
+    model.generator.mean_metric_loss = 5.0 / math.log(1 / hardness)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        node_logits, fusion = model.generator.correlate(embeddings, graph)
+    assert node_logits.shape == (12, 10)  # the batch's nodes only: memory nodes are no anchors
+    torch.manual_seed(3)
+    losses = model.generator_loss(embeddings, graph, mix)
+
+    positive = layout.positive_index()
+    synthetic, ce, sim = [], 0.0, 0.0
+    for g in range(shard.num_groups):
+        i, c = int(shard.anchor[g]), int(shard.target_class[g])
+        result = None
+        for k in range(3):
+            if shard.mask[g, k]:
+                member = int(shard.members[g, k])
+                assert member >= 12 if c >= 4 else member == int(layout.members[c, k])
+                n = synthesize_negatives(
+                    nodes[i], nodes[positive[i]], nodes[member], fusion[shard.edges[g, k]], hardness
+                )
+                u = mix[layout.position[i], k - 1]
+                result = n if result is None else n + u * (result - n)
+        synthetic.append(result)
+        classifier = model.generator.classifier
+        logits = F.linear(result, classifier.weight.detach(), classifier.bias.detach())
+        ce -= float(F.log_softmax(logits, dim=0)[graph.classes[c]])
+        if c != layout.class_index[i]:
+            sim += 1 - float(F.cosine_similarity(embeddings[i], result, dim=0))
+    assert losses["J_ce"].item() == pytest.approx(20 * ce / shard.num_groups, rel=1e-10)
+    assert losses["J_sim"].item() == pytest.approx(sim / shard.num_groups, rel=1e-10)
+    neighbours = {i: [] for i in range(12)}  # the anchors' stored neighbours, memory included
+    for row, (i, j) in enumerate(shard.edge_index.T.tolist()):
+        for anchor in {i, j}:
+            if anchor < 12:
+                neighbours[anchor].append(fusion[row])
+    spread = sum(
+        float((w - torch.stack(ws).mean(0)).square().sum())
+        for ws in neighbours.values()
+        for w in ws
+    )
+    directed_pairs = sum(len(ws) for ws in neighbours.values())
+    expected_div = 0.01 * (1 - math.sqrt(spread / directed_pairs))
+    assert losses["J_div"].item() == pytest.approx(expected_div, rel=1e-10)
+
+    torch.manual_seed(3)
+    j_syn = model.metric_loss(embeddings, graph, mix)["J_syn"].item()
+    other = [
+        g
+        for g in range(shard.num_groups)
+        if shard.target_class[g] != layout.class_index[shard.anchor[g]]
+    ]
+    if metric == "npair":
+        total, norms = 0.0, []
+        for i in range(12):
+            candidates = [embeddings[positive[i]]]
+            candidates += [synthetic[g] for g in other if shard.anchor[g] == i]
+            total -= log_softmax_at([float(embeddings[i] @ c) for c in candidates], 0)
+            norms += [float(c.square().sum()) for c in candidates]
+        l2 = embeddings.square().sum(1).mean().item() + sum(norms) / len(norms)
+        assert j_syn == pytest.approx(total / 12 + 0.25 * 3e-3 * l2, rel=1e-10)
+    else:  # each synthetic sample pushes every proxy but its class's, memory classes included
+        proxies = model.criterion.proxies.detach()
+        pushes = []
+        for p in range(10):
+            terms = [
+                math.exp(32 * (float(F.cosine_similarity(synthetic[g], proxies[p], dim=0)) + 0.1))
+                for g in other
+                if int(graph.classes[shard.target_class[g]]) != p
+            ]
+            if terms:
+                pushes.append(math.log(1 + sum(terms)))
+        assert j_syn == pytest.approx(sum(pushes) / len(pushes), rel=1e-9)
+
+
+# -- training with memory ----------------------------------------------------------------------
+@pytest.mark.parametrize("metric", ["npair", "proxy_anchor"])
+def test_without_memory_training_is_bit_for_bit_what_it_was(metric, two_threads):
+    """data/sparse_steps.pt holds what the code before memory nodes computed
+    (data/make_sparse_steps.py); graph.memory 0, or a memory not started yet, gives the same."""
+    expected = torch.load(DATA / "sparse_steps.pt", weights_only=False)[metric]
+    for graph in (GraphConfig(neighbors=2), GraphConfig(neighbors=2, memory=16, memory_start=1)):
+        actual = steps.run(metric, graph)
+        assert actual["losses"] == expected["losses"]
+        for name, value in expected["state"].items():
+            assert torch.equal(actual["state"][name], value), name
+    # A started memory, full of classes the later batches miss, changes every later step.
+    active = steps.run(metric, GraphConfig(neighbors=2, memory=16))
+    assert active["losses"][0] == expected["losses"][0]
+    assert all(a != b for a, b in zip(active["losses"][1:], expected["losses"][1:]))
+
+
+def test_the_trainer_fills_the_memory_from_memory_start_with_each_steps_batch():
+    model = GCAHNG(
+        steps.Features(),
+        steps.CLASSES,
+        16,
+        graph=GraphConfig(neighbors=2, memory=40, memory_start=1),
+    ).double()
+    trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0))
+    batches = list(steps.batches())
+    trainer.training_step(*batches[0])
+    assert (
+        len(trainer.memory) == 0
+        and trainer.batch_graph(batches[1][1], model(batches[1][0])).memory is None
+    )
+    trainer.end_epoch()  # epoch 1: memory_start
+    for images, labels in batches[1:]:
+        model.train()
+        with torch.no_grad():
+            before = model(images)  # what the step embeds: its parameters before the update
+        filled = len(trainer.memory)
+        trainer.training_step(images, labels)
+        stored, stored_labels = trainer.memory.contents()
+        assert len(trainer.memory) == filled + 12
+        assert torch.equal(stored_labels[filled:], labels)
+        torch.testing.assert_close(stored[filled:], before, rtol=0, atol=1e-12)
+    graph = trainer.batch_graph(labels, before)
+    assert graph.memory is not None
+    assert not bool(torch.isin(graph.memory.labels, labels).any())
+    assert bool(torch.isin(graph.memory.labels, stored_labels).all())
+    state = trainer.state_dict()["memory"]
+    assert torch.equal(state["labels"], stored_labels) and not stored.requires_grad
+
+
+def test_an_interrupted_run_with_memory_resumes_exactly(image_folder, tmp_path, monkeypatch):
+    """Ctrl-C in the first epoch, resume: the memory comes back from the checkpoint, and the run
+    ends where the uninterrupted one does (4 train classes, 2 a batch: memory classes each step)."""
+    extra = ["data.classes_per_batch=2", "graph.neighbors=2", "graph.memory=12"]
+    straight = tmp_path / "straight"
+    assert train_cli.main(folder_args(image_folder, straight, *extra)) == 0
+    expected = load_checkpoint(only_run_dir(straight) / "last.pt")
+    assert expected["training"]["memory"]["labels"].numel() == 12
+
+    original_step = gca_pyg.trainer.AlternatingTrainer.training_step
+    calls = []
+
+    def interrupted_step(trainer, images, labels):
+        logs = original_step(trainer, images, labels)
+        calls.append(len(trainer.memory))
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return logs
+
+    monkeypatch.setattr(gca_pyg.trainer.AlternatingTrainer, "training_step", interrupted_step)
+    interrupted = tmp_path / "interrupted"
+    assert train_cli.main(folder_args(image_folder, interrupted, *extra)) == train_cli.INTERRUPTED
+    run_dir = only_run_dir(interrupted)
+    saved = load_checkpoint(run_dir)
+    assert calls == [4, 8, 12] and saved["training"]["memory"]["labels"].numel() == 12
+    monkeypatch.undo()
+
+    assert train_cli.main(["--resume", str(run_dir)]) == 0
+    resumed = load_checkpoint(run_dir / "last.pt")
+    for name, value in expected["model"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(resumed["model"][name], value), name
+    for name, value in expected["training"]["memory"].items():
+        assert torch.equal(
+            torch.as_tensor(resumed["training"]["memory"][name]), torch.as_tensor(value)
+        )
