@@ -85,13 +85,13 @@ def build(config):
         backbone = PooledFeatures(features_width)
     num_nodes, per_class = config["num_nodes"], config.get("per_class", 3)
     num_classes = num_nodes // per_class
-    train_classes = max(TRAIN_CLASSES, num_classes)
+    train_classes = max(config.get("train_classes", TRAIN_CLASSES), num_classes)
     model = GCAHNG(
         backbone,
         train_classes,
         config["dim"],
         amp_dtype=amp,
-        graph=GraphConfig(neighbors=config.get("neighbors")),
+        graph=GraphConfig(neighbors=config.get("neighbors"), memory=config.get("memory", 0)),
         channels_last=channels_last,
     ).to(device)
     trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0))

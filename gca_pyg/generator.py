@@ -238,6 +238,7 @@ class HardNegativeGenerator(torch.nn.Module):
             mix,
             mask,
             members,
+            at_anchor_norm=None if members is None else members >= graph.num_nodes,
         )
         return SyntheticSamples(embeddings=synthetic, anchor=anchor, class_index=target_class)
 

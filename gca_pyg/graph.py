@@ -788,10 +788,20 @@ class BatchGraph:
         return self.shard.mask is not None
 
     def node_embeddings(self, embeddings: Tensor) -> Tensor:
-        """The features of every node: the batch's `embeddings`, then the memory nodes'."""
+        r"""The features of every node: the batch's `embeddings`, then the memory nodes', each
+        at the batch's mean norm: :math:`\hat{\mathbf{m}}\,\mathrm{mean}_i
+        \lVert\mathbf{z}_i\rVert` (a constant of the step, without gradient).
+
+        A stored embedding keeps the norm it had when it was stored, while the losses compare raw
+        inner products: a fixed norm would let the metric loss fall by growing every embedding
+        (:math:`\mathbf{a}^\top\mathbf{p}` grows with the square of the scale,
+        :math:`\mathbf{a}^\top\mathbf{m}` only linearly). Its direction is what the memory
+        keeps."""
         if self.memory is None:
             return embeddings
-        return torch.cat([embeddings, self.memory.embeddings.to(embeddings.dtype)])
+        scale = torch.linalg.vector_norm(embeddings.detach(), dim=1).mean()
+        memory = F.normalize(self.memory.embeddings.to(embeddings.dtype), dim=1) * scale
+        return torch.cat([embeddings, memory])
 
     def data(self, embeddings: Tensor) -> Data:
         """The stored pairs' graph of `embeddings` (and of the memory nodes) for

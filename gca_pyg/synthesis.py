@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gca_pyg.layout import ClassLayout
@@ -106,6 +107,7 @@ def synthesize_groups(
     mix: Tensor,
     mask: Optional[Tensor] = None,
     members: Optional[Tensor] = None,
+    at_anchor_norm: Optional[Tensor] = None,
 ) -> Tensor:
     r"""One synthetic sample per (anchor, class) group, merging the class's :math:`K` samples.
 
@@ -146,6 +148,12 @@ def synthesize_groups(
             where a group's class is not the batch's (memory nodes, see
             :class:`~gca_pyg.graph.EdgeShard`); the class's samples in batch order,
             ``layout.members[target_class]``, if omitted.
+        at_anchor_norm: Bool :math:`(G, K)`, with `mask` only: True for the members whose
+            direction alone counts, put at their anchor's norm,
+            :math:`\hat{\mathbf{n}} \lVert\mathbf{a}\rVert`, before they are moved (memory
+            nodes: a stored norm is stale, and a fixed one would let the metric loss fall by
+            growing every embedding). With gradient through :math:`\lVert\mathbf{a}\rVert`, so the
+            result scales with the anchor as a batch sample's does.
 
     Returns:
         The synthetic samples :math:`(G, D)`.
@@ -156,6 +164,8 @@ def synthesize_groups(
             f"mix must have shape (K, K - 1) = ({samples_per_class}, "
             f"{samples_per_class - 1}), got {tuple(mix.shape)}"
         )
+    if at_anchor_norm is not None and mask is None:
+        raise ValueError("synthesize_groups takes at_anchor_norm with a mask only")
     dim = embeddings.size(1)
     coefficients = mix.to(embeddings.dtype)[layout.position[anchor]]  # (G, K - 1)
     if mask is None:
@@ -178,15 +188,21 @@ def synthesize_groups(
     group, member = mask.nonzero(as_tuple=True)
     if isinstance(hardness, Tensor) and hardness.dim() == 1:
         hardness = hardness[group]
+    anchors = gather_rows(embeddings, anchor[group])
+    negatives = gather_rows(
+        embeddings,
+        layout.members[target_class[group], member] if members is None else members[group, member],
+    )
+    if at_anchor_norm is not None:
+        negatives = torch.where(
+            at_anchor_norm[group, member].unsqueeze(1),
+            F.normalize(negatives, dim=1) * torch.linalg.vector_norm(anchors, dim=1, keepdim=True),
+            negatives,
+        )
     moved_rows = synthesize_negatives(
-        gather_rows(embeddings, anchor[group]),
+        anchors,
         gather_rows(embeddings, layout.positive_index()[anchor[group]]),
-        gather_rows(
-            embeddings,
-            layout.members[target_class[group], member]
-            if members is None
-            else members[group, member],
-        ),
+        negatives,
         weights,
         hardness,
     )

@@ -259,7 +259,9 @@ def test_synthesis_and_every_loss_by_hand_on_a_graph_with_memory_nodes(metric):
     graph = model.batch_graph(labels, embeddings, memory=(memory_z, memory_y))
     layout, shard, memory = graph.layout, graph.shard, graph.memory
     assert memory is not None and bool((shard.target_class >= 4).any())
-    nodes = torch.cat([embeddings, memory.embeddings])
+    # Memory nodes at the batch's mean norm: a stored norm is stale, its direction is kept.
+    scale = embeddings.norm(dim=1).mean()
+    nodes = torch.cat([embeddings, F.normalize(memory.embeddings, dim=1) * scale])
     mix, hardness = torch.rand(3, 2, dtype=torch.float64), 0.6
     model.generator.mean_metric_loss = 5.0 / math.log(1 / hardness)
     torch.manual_seed(3)
@@ -278,8 +280,11 @@ def test_synthesis_and_every_loss_by_hand_on_a_graph_with_memory_nodes(metric):
             if shard.mask[g, k]:
                 member = int(shard.members[g, k])
                 assert member >= 12 if c >= 4 else member == int(layout.members[c, k])
+                negative = nodes[member]
+                if member >= 12:  # a memory entry's direction at the anchor's norm
+                    negative = negative / negative.norm() * embeddings[i].norm()
                 n = synthesize_negatives(
-                    nodes[i], nodes[positive[i]], nodes[member], fusion[shard.edges[g, k]], hardness
+                    nodes[i], nodes[positive[i]], negative, fusion[shard.edges[g, k]], hardness
                 )
                 u = mix[layout.position[i], k - 1]
                 result = n if result is None else n + u * (result - n)
