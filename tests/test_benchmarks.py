@@ -81,3 +81,64 @@ def test_the_index_benchmark_prints_one_row_per_size_and_kind():
     assert [row[1].split()[0] for row in rows[-3:]] == ["exact", "IVF", "HNSW"]
     recalls = [float(row[-1]) for row in rows[-3:]]
     assert recalls[0] == 1.0 and all(0.9 <= recall <= 1.0 for recall in recalls[1:])
+
+
+def test_the_memory_benchmark_compares_each_memory_size_with_none():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_memory.py"),
+            "--sizes",
+            "12",
+            "--dim",
+            "16",
+            "--neighbors",
+            "4",
+            "--memory",
+            "0",
+            "64",
+            "--repeats",
+            "1",
+        ],  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [
+        [cell.strip() for cell in line.split("|")]
+        for line in done.stdout.splitlines()
+        if line.startswith("12 ")
+    ]
+    assert [row[1] for row in rows] == ["0", "64"]
+    assert rows[0][2] == "0" and 0 < int(rows[1][2]) <= 12 * 4  # memory nodes: k per batch node
+    assert int(rows[1][3]) > int(rows[0][3]) and rows[0][5] == "1.00x"
+
+
+def test_ablate_pairs_two_arms_of_settings_by_seed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ablate
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    arms = ("graph.memory=4096", "graph.memory=0")
+    args = type("Args", (), {"overrides": ["graph.neighbors=16"]})()
+    assert ablate.settings_of(args, "npair", arms[0], 1) == [
+        "loss.metric=npair",
+        "graph.memory=4096",
+        "train.seed=1",
+        "graph.neighbors=16",
+    ]
+    runs = {
+        ablate.run_key("npair", arm, seed): {"metrics": {"recall@1": r1, "map@r": r1 / 2}}
+        for arm, values in zip(arms, ([0.70, 0.60], [0.65, 0.62]))
+        for seed, r1 in enumerate(values)
+    }
+    summary, per_seed = ablate.tables(runs, ["npair"], [0, 1], arms).split("\n\n")
+    assert "A: graph.memory=4096" in summary and "B: graph.memory=0" in summary
+    r1 = next(line for line in summary.splitlines() if "| R@1 |" in line)
+    # A − B per seed: +5 and −2 points: mean +1.50, sd 4.95; A ahead on 1 of 2 seeds.
+    assert "+1.50 ± 4.95" in r1 and "1/2" in r1
+    assert ablate.run_key("npair", "loss.synthesis=true", 0) == "npair/on/0"
