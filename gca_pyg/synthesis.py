@@ -188,7 +188,10 @@ def synthesize_groups(
     group, member = mask.nonzero(as_tuple=True)
     if isinstance(hardness, Tensor) and hardness.dim() == 1:
         hardness = hardness[group]
+    # Gathered in this order (anchor, positive, member): the order in which the backward pass
+    # adds their gradients, kept so that results stay bit for bit what they were.
     anchors = gather_rows(embeddings, anchor[group])
+    positives = gather_rows(embeddings, layout.positive_index()[anchor[group]])
     negatives = gather_rows(
         embeddings,
         layout.members[target_class[group], member] if members is None else members[group, member],
@@ -199,13 +202,7 @@ def synthesize_groups(
             F.normalize(negatives, dim=1) * torch.linalg.vector_norm(anchors, dim=1, keepdim=True),
             negatives,
         )
-    moved_rows = synthesize_negatives(
-        anchors,
-        gather_rows(embeddings, layout.positive_index()[anchor[group]]),
-        negatives,
-        weights,
-        hardness,
-    )
+    moved_rows = synthesize_negatives(anchors, positives, negatives, weights, hardness)
     row = torch.zeros_like(mask, dtype=torch.long)
     row[group, member] = torch.arange(group.numel(), device=mask.device)
     synthetic = gather_rows(moved_rows, row[:, 0])

@@ -3,6 +3,7 @@ and the training step on it (equal to the dense step on the complete graph)."""
 
 import math
 
+import by_hand
 import pytest
 import torch
 import torch.nn.functional as F
@@ -311,7 +312,6 @@ def test_the_model_synthesises_and_scores_a_sparse_graph_group_by_group():
     model.train()
     embeddings = model(images.double()).detach()
     graph = trainer.batch_graph(labels, embeddings)
-    layout, shard = graph.layout, graph.shard
     mix, hardness = torch.rand(3, 2, dtype=torch.float64), 0.6
     model.generator.mean_metric_loss = 5.0 / math.log(1 / hardness)
     torch.manual_seed(3)
@@ -320,57 +320,17 @@ def test_the_model_synthesises_and_scores_a_sparse_graph_group_by_group():
     torch.manual_seed(3)
     losses = model.generator_loss(embeddings, graph, mix)
 
-    positive = layout.positive_index()
-    synthetic, ce, sim = [], 0.0, 0.0
-    for g in range(shard.num_groups):  # every group from its joined members, by the formula
-        i, c = int(shard.anchor[g]), int(shard.target_class[g])
-        result = None
-        for k in range(3):
-            if shard.mask[g, k]:
-                n = synthesize_negatives(
-                    embeddings[i],
-                    embeddings[positive[i]],
-                    embeddings[layout.members[c, k]],
-                    fusion[shard.edges[g, k]],
-                    hardness,
-                )
-                u = mix[layout.position[i], k - 1]
-                result = n if result is None else n + u * (result - n)
-        synthetic.append(result)
-        classifier = model.generator.classifier
-        logits = F.linear(result, classifier.weight.detach(), classifier.bias.detach())
-        ce -= float(F.log_softmax(logits, dim=0)[layout.classes[c]])
-        if c != layout.class_index[i]:
-            sim += 1 - float(F.cosine_similarity(embeddings[i], result, dim=0))
-    assert losses["J_ce"].item() == pytest.approx(20 * ce / shard.num_groups, rel=1e-10)
-    assert losses["J_sim"].item() == pytest.approx(sim / shard.num_groups, rel=1e-10)
-    # J_div by hand: each node's stored neighbours (a pair stands for both directions).
-    neighbours = {i: [] for i in range(12)}
-    for row, (i, j) in enumerate(shard.edge_index.T.tolist()):
-        neighbours[i].append(fusion[row])
-        if i != j:
-            neighbours[j].append(fusion[row])
-    spread = sum(
-        float((w - torch.stack(ws).mean(0)).square().sum())
-        for ws in neighbours.values()
-        for w in ws
+    synthetic = by_hand.synthetic_samples(graph, embeddings, fusion, mix, hardness)
+    j_ce, j_sim, j_div = by_hand.generator_losses(
+        graph, embeddings, synthetic, fusion, model.generator.classifier
     )
-    directed_pairs = sum(len(ws) for ws in neighbours.values())
-    expected_div = 0.01 * (1 - math.sqrt(spread / directed_pairs))
-    assert losses["J_div"].item() == pytest.approx(expected_div, rel=1e-10)
-
+    assert losses["J_ce"].item() == pytest.approx(j_ce, rel=1e-10)
+    assert losses["J_sim"].item() == pytest.approx(j_sim, rel=1e-10)
+    assert losses["J_div"].item() == pytest.approx(j_div, rel=1e-10)
     torch.manual_seed(3)  # the same dropout, so the same fusion weights
     metric = model.metric_loss(embeddings, graph, mix)
-    other = shard.target_class != layout.class_index[shard.anchor]
-    total, norms = 0.0, []
-    for i in range(12):
-        candidates = [embeddings[positive[i]]] + [
-            synthetic[g] for g in range(shard.num_groups) if other[g] and shard.anchor[g] == i
-        ]
-        total -= log_softmax_at([float(embeddings[i] @ c) for c in candidates], 0)
-        norms += [float(c.square().sum()) for c in candidates]
-    l2 = embeddings.square().sum(1).mean().item() + sum(norms) / len(norms)
-    assert metric["J_syn"].item() == pytest.approx(total / 12 + 0.25 * 3e-3 * l2, rel=1e-10)
+    expected = by_hand.synthetic_npair_loss(graph, embeddings, synthetic)
+    assert metric["J_syn"].item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_training_on_a_sparse_graph_stays_finite_and_lowers_the_metric_loss(device):

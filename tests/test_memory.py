@@ -6,6 +6,7 @@ import math
 import signal
 from pathlib import Path
 
+import by_hand
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,6 @@ from gca_pyg.errors import ConfigError
 from gca_pyg.graph import BatchGraph, GraphConfig, knn_memory_pairs, knn_pairs, sparse_shard
 from gca_pyg.memory import EmbeddingMemory
 from gca_pyg.model import GCAHNG, LossConfig, NetConfig
-from gca_pyg.synthesis import synthesize_negatives
 from gca_pyg.trainer import AlternatingTrainer, OptimConfig
 
 from tiny_model import TinyBackbone, batch
@@ -97,25 +97,26 @@ def test_memory_needs_the_sparse_graph_and_non_negative_settings():
 
 
 # -- the graph ---------------------------------------------------------------------------------
-def memory_batch(seed=0, dim=6):
-    """A batch of classes 0-3 × 3 in random order, and a memory of 30 entries of classes 0-9."""
+def memory_batch(seed=0, dim=6, memory_classes=10):
+    """A batch of classes 0-3 × 3 in random order, and a memory of 30 entries of classes
+    0..memory_classes - 1."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(4).repeat(3)[torch.randperm(12, generator=generator)]
     z = torch.randn(12, dim, generator=generator, dtype=torch.float64)
-    memory_y = torch.randint(0, 10, (30,), generator=generator)
+    memory_y = torch.randint(0, memory_classes, (30,), generator=generator)
     memory_z = torch.randn(30, dim, generator=generator, dtype=torch.float64)
     return z, labels, memory_z, memory_y
 
 
 def reference_pairs(z, y, k, memory_z, memory_y):
     """knn_memory_pairs by its definition, node by node: pairs as frozensets of ('b', i) batch and
-    ('m', r) memory-row nodes."""
+    ('m', r) memory-row nodes, the memory rows chosen, and how many were over the cap of K."""
     batch_labels, per_class = set(y.tolist()), int((y == y[0]).sum())
     pool = [("b", j, z[j]) for j in range(len(y))]
     pool += [
         ("m", r, memory_z[r]) for r in range(len(memory_y)) if int(memory_y[r]) not in batch_labels
     ]
-    pairs, chosen = set(), set()
+    pairs, chosen, capped = set(), set(), 0
     for i in range(len(y)):
         ranked = sorted(
             (item for item in pool if item[:2] != ("b", i)),
@@ -127,6 +128,7 @@ def reference_pairs(z, y, k, memory_z, memory_y):
                 label = int(memory_y[index])
                 per_memory_class[label] = per_memory_class.get(label, 0) + 1
                 if per_memory_class[label] > per_class:
+                    capped += 1
                     continue
                 chosen.add(index)
             pairs.add(frozenset([("b", i), (kind, index)]))
@@ -134,14 +136,16 @@ def reference_pairs(z, y, k, memory_z, memory_y):
             if y[j] == y[i]:
                 pairs.add(frozenset([("b", i), ("b", j)]))
     pairs |= {frozenset([("m", r)]) for r in chosen}  # each memory node's self-loop
-    return pairs, sorted(chosen)
+    return pairs, sorted(chosen), capped
 
 
-@pytest.mark.parametrize("k", [1, 4, 9])
-def test_memory_pairs_are_each_batch_nodes_k_nearest_among_batch_and_other_class_memory(k):
-    z, y, memory_z, memory_y = memory_batch()
+@pytest.mark.parametrize("k, memory_classes", [(1, 10), (4, 10), (9, 6)])
+def test_memory_pairs_are_each_batch_nodes_k_nearest_among_batch_and_other_class_memory(
+    k, memory_classes
+):
+    z, y, memory_z, memory_y = memory_batch(memory_classes=memory_classes)
     pairs, memory_index = knn_memory_pairs(z, y, k, memory_z, memory_y)
-    expected, chosen = reference_pairs(z, y, k, memory_z, memory_y)
+    expected, chosen, capped = reference_pairs(z, y, k, memory_z, memory_y)
     assert memory_index.tolist() == chosen  # memory nodes in memory order
     assert not bool(torch.isin(memory_y[memory_index], y).any())
 
@@ -154,6 +158,7 @@ def test_memory_pairs_are_each_batch_nodes_k_nearest_among_batch_and_other_class
     # A batch node first in every pair but a memory node's self-loop; no memory-memory pairs.
     assert bool(((source < 12) | (source == target)).all())
     if k == 9:  # a memory class beside a node for at most K = 3 entries: the cap binds here
+        assert capped > 0
         per_group = {}
         for a, b in pairs.T.tolist():
             if b >= 12 and a < 12:
@@ -257,11 +262,13 @@ def test_synthesis_and_every_loss_by_hand_on_a_graph_with_memory_nodes(metric):
         30, 16, generator=generator, dtype=torch.float64
     )
     graph = model.batch_graph(labels, embeddings, memory=(memory_z, memory_y))
-    layout, shard, memory = graph.layout, graph.shard, graph.memory
+    shard, memory = graph.shard, graph.memory
     assert memory is not None and bool((shard.target_class >= 4).any())
     # Memory nodes at the batch's mean norm: a stored norm is stale, its direction is kept.
     scale = embeddings.norm(dim=1).mean()
     nodes = torch.cat([embeddings, F.normalize(memory.embeddings, dim=1) * scale])
+    torch.testing.assert_close(graph.node_embeddings(embeddings), nodes, rtol=1e-12, atol=0)
+    torch.testing.assert_close(graph.data(embeddings).x, nodes, rtol=1e-12, atol=0)
     mix, hardness = torch.rand(3, 2, dtype=torch.float64), 0.6
     model.generator.mean_metric_loss = 5.0 / math.log(1 / hardness)
     torch.manual_seed(3)
@@ -271,61 +278,23 @@ def test_synthesis_and_every_loss_by_hand_on_a_graph_with_memory_nodes(metric):
     torch.manual_seed(3)
     losses = model.generator_loss(embeddings, graph, mix)
 
-    positive = layout.positive_index()
-    synthetic, ce, sim = [], 0.0, 0.0
-    for g in range(shard.num_groups):
-        i, c = int(shard.anchor[g]), int(shard.target_class[g])
-        result = None
-        for k in range(3):
-            if shard.mask[g, k]:
-                member = int(shard.members[g, k])
-                assert member >= 12 if c >= 4 else member == int(layout.members[c, k])
-                negative = nodes[member]
-                if member >= 12:  # a memory entry's direction at the anchor's norm
-                    negative = negative / negative.norm() * embeddings[i].norm()
-                n = synthesize_negatives(
-                    nodes[i], nodes[positive[i]], negative, fusion[shard.edges[g, k]], hardness
-                )
-                u = mix[layout.position[i], k - 1]
-                result = n if result is None else n + u * (result - n)
-        synthetic.append(result)
-        classifier = model.generator.classifier
-        logits = F.linear(result, classifier.weight.detach(), classifier.bias.detach())
-        ce -= float(F.log_softmax(logits, dim=0)[graph.classes[c]])
-        if c != layout.class_index[i]:
-            sim += 1 - float(F.cosine_similarity(embeddings[i], result, dim=0))
-    assert losses["J_ce"].item() == pytest.approx(20 * ce / shard.num_groups, rel=1e-10)
-    assert losses["J_sim"].item() == pytest.approx(sim / shard.num_groups, rel=1e-10)
-    neighbours = {i: [] for i in range(12)}  # the anchors' stored neighbours, memory included
-    for row, (i, j) in enumerate(shard.edge_index.T.tolist()):
-        for anchor in {i, j}:
-            if anchor < 12:
-                neighbours[anchor].append(fusion[row])
-    spread = sum(
-        float((w - torch.stack(ws).mean(0)).square().sum())
-        for ws in neighbours.values()
-        for w in ws
+    synthetic = by_hand.synthetic_samples(graph, nodes, fusion, mix, hardness)
+    for g in range(shard.num_groups):  # memory classes merge memory nodes only
+        members = shard.members[g][shard.mask[g]]
+        assert bool((members >= 12).all() if shard.target_class[g] >= 4 else (members < 12).all())
+    j_ce, j_sim, j_div = by_hand.generator_losses(
+        graph, embeddings, synthetic, fusion, model.generator.classifier
     )
-    directed_pairs = sum(len(ws) for ws in neighbours.values())
-    expected_div = 0.01 * (1 - math.sqrt(spread / directed_pairs))
-    assert losses["J_div"].item() == pytest.approx(expected_div, rel=1e-10)
+    assert losses["J_ce"].item() == pytest.approx(j_ce, rel=1e-10)
+    assert losses["J_sim"].item() == pytest.approx(j_sim, rel=1e-10)
+    assert losses["J_div"].item() == pytest.approx(j_div, rel=1e-10)
 
     torch.manual_seed(3)
     j_syn = model.metric_loss(embeddings, graph, mix)["J_syn"].item()
-    other = [
-        g
-        for g in range(shard.num_groups)
-        if shard.target_class[g] != layout.class_index[shard.anchor[g]]
-    ]
+    other = [g for g in range(shard.num_groups) if by_hand.is_other(graph, g)]
     if metric == "npair":
-        total, norms = 0.0, []
-        for i in range(12):
-            candidates = [embeddings[positive[i]]]
-            candidates += [synthetic[g] for g in other if shard.anchor[g] == i]
-            total -= log_softmax_at([float(embeddings[i] @ c) for c in candidates], 0)
-            norms += [float(c.square().sum()) for c in candidates]
-        l2 = embeddings.square().sum(1).mean().item() + sum(norms) / len(norms)
-        assert j_syn == pytest.approx(total / 12 + 0.25 * 3e-3 * l2, rel=1e-10)
+        expected = by_hand.synthetic_npair_loss(graph, embeddings, synthetic)
+        assert j_syn == pytest.approx(expected, rel=1e-10)
     else:  # each synthetic sample pushes every proxy but its class's, memory classes included
         proxies = model.criterion.proxies.detach()
         pushes = []
