@@ -62,11 +62,11 @@ class GraphConfig:
     """The batch graph: complete (``neighbors: null``), or each node joined to its ``neighbors``
     most similar samples and to its classmates (:func:`knn_pairs`), for large batches; with
     ``memory: M`` (needs ``neighbors``) the last :math:`M` training embeddings are searched too and
-    join the graph as memory nodes (:func:`knn_memory_pairs`) from epoch ``memory_start`` on."""
+    join the graph as memory nodes (:func:`knn_memory_pairs`) after ``memory_start`` epochs."""
 
     neighbors: Optional[int] = None
     memory: int = 0  # embeddings kept from past batches; 0: no memory
-    memory_start: int = 0  # the first epoch (0-based) that fills and reads the memory
+    memory_start: int = 0  # epochs before the memory is filled and read
 
 
 def complete_edge_index(

@@ -142,9 +142,9 @@ class AlternatingTrainer:
     epochs on the net's).
 
     With ``graph.memory: M`` the trainer keeps the last :math:`M` training embeddings
-    (:attr:`memory`, a :class:`~gca_pyg.memory.EmbeddingMemory`): from epoch ``graph.memory_start``
-    on, each step's graph takes them as memory nodes and the step's embeddings are enqueued after
-    its updates.
+    (:attr:`memory`, a :class:`~gca_pyg.memory.EmbeddingMemory`): after ``graph.memory_start``
+    epochs, each step's graph takes them as memory nodes and the step's embeddings are enqueued
+    after its updates; the step's logs count the memory nodes (``memory_nodes``).
 
     Args:
         model: The networks (and, in :attr:`GCAHNG.process_group
@@ -253,7 +253,8 @@ class AlternatingTrainer:
             labels: Its labels.
 
         Returns:
-            The losses of the iteration (of the whole batch) as floats.
+            The losses of the iteration (of the whole batch) as floats, and with ``graph.memory``
+            the number of memory nodes of its graph.
 
         Raises:
             NonFiniteLossError: Before any update that would apply a NaN or infinite loss.
@@ -292,6 +293,8 @@ class AlternatingTrainer:
             self.memory.enqueue(embeddings.detach(), graph.labels)
 
         logs = {name: value.item() for name, value in losses.items()}
+        if self.memory is not None:  # how many memory entries the step's graph took
+            logs["memory_nodes"] = float(0 if graph.memory is None else graph.memory.num_nodes)
         model.generator.record(metric_loss=logs["J_m"], generator_loss=logs.get("J_gen"))
         self._steps_in_epoch += 1
         for name, value in logs.items():
