@@ -380,6 +380,13 @@ def _check_values(config: Config, source: str):
             f"'graph.memory' and 'graph.memory_start' in {source} cannot be negative, got "
             f"{config.graph.memory} and {config.graph.memory_start}"
         )
+    memory_neighbors = config.graph.memory_neighbors
+    if memory_neighbors is not None and (memory_neighbors < 1 or not config.graph.memory):
+        raise ConfigError(
+            f"'graph.memory_neighbors' in {source} must be a positive int (neighbours searched in "
+            "the memory apart from the batch's graph.neighbors) with 'graph.memory' set, or null; "
+            f"got {memory_neighbors} with graph.memory {config.graph.memory}"
+        )
     if config.graph.memory and neighbors is None:
         raise ConfigError(
             f"'graph.memory' in {source} needs 'graph.neighbors' (e.g. 16): memory nodes join "

@@ -67,6 +67,9 @@ class GraphConfig:
     neighbors: Optional[int] = None
     memory: int = 0  # embeddings kept from past batches; 0: no memory
     memory_start: int = 0  # epochs before the memory is filled and read
+    # neighbours of a batch node searched in the memory apart from its `neighbors` in the batch;
+    # null: one search of `neighbors` over batch and memory together
+    memory_neighbors: Optional[int] = None
 
 
 def complete_edge_index(
@@ -477,7 +480,12 @@ class MemoryNodes:
 
 
 def knn_memory_pairs(
-    z: Tensor, y: Tensor, k: int, memory_z: Tensor, memory_y: Tensor
+    z: Tensor,
+    y: Tensor,
+    k: int,
+    memory_z: Tensor,
+    memory_y: Tensor,
+    memory_k: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The sparse batch graph of :func:`knn_pairs` with memory nodes: each batch node's :math:`k`
     most similar among the batch and the memory.
@@ -494,19 +502,29 @@ def knn_memory_pairs(
     the batch's (class rows :math:`C \dots`), a batch node first in every pair it has with a memory
     node. With no candidate chosen from the memory the pairs are those of a batch-only search.
 
+    With `memory_k` the two are searched apart: each batch node's :math:`k` nearest in the batch
+    (the pairs of :func:`knn_pairs`, which memory then leaves as they are) and its `memory_k`
+    nearest among the memory's candidates (still at most :math:`K` of a class).
+
     Args:
         z (torch.Tensor): The batch's embeddings :math:`(N, D)`.
         y (torch.Tensor): Its labels :math:`(N,)`, class-balanced.
         k (int): Neighbours per batch node, at least 1.
         memory_z (torch.Tensor): The memory's embeddings :math:`(M, D)`.
         memory_y (torch.Tensor): Its labels :math:`(M,)`.
+        memory_k (int, optional): Neighbours per batch node searched in the memory apart from
+            the batch's :math:`k`; :obj:`None` for one search of :math:`k` over both.
+            (default: :obj:`None`)
 
     Returns:
         ``(edge_index, memory_index)``: the undirected pairs :math:`(2, |\mathcal{E}|)` over the
         :math:`N + U` nodes, and the memory row of each memory node :math:`(U,)`.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"knn_memory_pairs needs a positive int number of neighbours k, got {k!r}")
+    for name, value in (("k", k), ("memory_k", k if memory_k is None else memory_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"knn_memory_pairs needs a positive int number of neighbours {name}, got {value!r}"
+            )
     if memory_z.dim() != 2 or memory_z.size(1) != z.size(1) or memory_y.shape != memory_z.shape[:1]:
         raise ValueError(
             f"knn_memory_pairs expects memory embeddings [M, {z.size(1)}] and labels [M], got "
@@ -521,7 +539,13 @@ def knn_memory_pairs(
     nodes = torch.arange(num_nodes, device=device)
     similarity[nodes, nodes] = -math.inf
     similarity = similarity.nan_to_num(nan=-math.inf)
-    best, found = similarity.topk(min(k, pool.size(0) - 1), dim=1)
+    if memory_k is None:
+        best, found = similarity.topk(min(k, pool.size(0) - 1), dim=1)
+    else:
+        in_batch = similarity[:, :num_nodes].topk(min(k, num_nodes - 1), dim=1)
+        in_memory = similarity[:, num_nodes:].topk(min(memory_k, candidates.numel()), dim=1)
+        best = torch.cat([in_batch.values, in_memory.values], dim=1)
+        found = torch.cat([in_batch.indices, num_nodes + in_memory.indices], dim=1)
     valid = best > -math.inf
     source, target = nodes.unsqueeze(1).expand_as(found)[valid], found[valid]  # nearest first
 
@@ -709,6 +733,7 @@ class BatchGraph:
         neighbors: Optional[int] = None,
         process_group: Optional[ProcessGroup] = None,
         memory: Optional[tuple[Tensor, Tensor]] = None,
+        memory_neighbors: Optional[int] = None,
     ) -> "BatchGraph":
         """The batch graph of a class-balanced batch: complete, or with `neighbors` the sparse
         graph of :func:`knn_pairs` on `embeddings` (searched by rank 0 and broadcast, so that every
@@ -722,6 +747,8 @@ class BatchGraph:
             memory: Past embeddings and their labels, ``(M, D)`` and ``(M,)``, the same on every
                 process (:meth:`EmbeddingMemory.contents
                 <gca_pyg.memory.EmbeddingMemory.contents>`); needs `neighbors`.
+            memory_neighbors: ``graph.memory_neighbors``: ``memory_k`` of
+                :func:`knn_memory_pairs`.
 
         Raises:
             ValueError: If the batch is not class-balanced, or `neighbors` comes without
@@ -750,7 +777,14 @@ class BatchGraph:
         else:
             memory_embeddings, memory_labels = memory
             pairs, chosen = (
-                knn_memory_pairs(embeddings, labels, neighbors, memory_embeddings, memory_labels)
+                knn_memory_pairs(
+                    embeddings,
+                    labels,
+                    neighbors,
+                    memory_embeddings,
+                    memory_labels,
+                    memory_neighbors,
+                )
                 if rank == 0
                 else (empty, empty[0])
             )

@@ -179,6 +179,7 @@ class GCAHNG(torch.nn.Module):
             neighbors=self.graph_config.neighbors,
             process_group=self.process_group,
             memory=memory,
+            memory_neighbors=self.graph_config.memory_neighbors,
         )
 
     def metric_loss(

@@ -92,6 +92,10 @@ def test_memory_needs_the_sparse_graph_and_non_negative_settings():
         load_config("demo", ["graph.neighbors=4", "graph.memory_start=-1"])
     config = load_config("demo", ["graph.neighbors=4", "graph.memory=64", "graph.memory_start=2"])
     assert (config.graph.memory, config.graph.memory_start) == (64, 2)
+    with pytest.raises(ConfigError, match="'graph.memory_neighbors' .* got 8 with graph.memory 0"):
+        load_config("demo", ["graph.neighbors=4", "graph.memory_neighbors=8"])
+    with pytest.raises(ConfigError, match="'graph.memory_neighbors' .* got 0"):
+        load_config("demo", ["graph.neighbors=4", "graph.memory=64", "graph.memory_neighbors=0"])
     with pytest.raises(ValueError, match="memory nodes on the sparse graph only"):
         BatchGraph.build(torch.arange(2).repeat(2), memory=(torch.randn(3, 4), torch.arange(3)))
 
@@ -108,7 +112,7 @@ def memory_batch(seed=0, dim=6, memory_classes=10):
     return z, labels, memory_z, memory_y
 
 
-def reference_pairs(z, y, k, memory_z, memory_y):
+def reference_pairs(z, y, k, memory_z, memory_y, memory_k=None):
     """knn_memory_pairs by its definition, node by node: pairs as frozensets of ('b', i) batch and
     ('m', r) memory-row nodes, the memory rows chosen, and how many were over the cap of K."""
     batch_labels, per_class = set(y.tolist()), int((y == y[0]).sum())
@@ -121,7 +125,12 @@ def reference_pairs(z, y, k, memory_z, memory_y):
         ranked = sorted(
             (item for item in pool if item[:2] != ("b", i)),
             key=lambda item: -float(F.cosine_similarity(z[i], item[2], dim=0)),
-        )[:k]
+        )
+        if memory_k is None:  # one search over both
+            ranked = ranked[:k]
+        else:  # k in the batch, memory_k in the memory
+            in_batch = [item for item in ranked if item[0] == "b"]
+            ranked = in_batch[:k] + [item for item in ranked if item[0] == "m"][:memory_k]
         per_memory_class = {}
         for kind, index, _ in ranked:
             if kind == "m":
@@ -146,6 +155,20 @@ def test_memory_pairs_are_each_batch_nodes_k_nearest_among_batch_and_other_class
     z, y, memory_z, memory_y = memory_batch(memory_classes=memory_classes)
     pairs, memory_index = knn_memory_pairs(z, y, k, memory_z, memory_y)
     expected, chosen, capped = reference_pairs(z, y, k, memory_z, memory_y)
+    separate = reference_pairs(z, y, k, memory_z, memory_y, memory_k=k + 1)
+    pairs_apart, index_apart = knn_memory_pairs(z, y, k, memory_z, memory_y, k + 1)
+    assert index_apart.tolist() == separate[1]
+
+    def node_apart(n):
+        return ("b", n) if n < 12 else ("m", int(index_apart[n - 12]))
+
+    assert {frozenset([node_apart(a), node_apart(b)]) for a, b in pairs_apart.T.tolist()} == (
+        separate[0]
+    )
+    batch_only = (pairs_apart < 12).all(
+        dim=0
+    )  # searched apart, the batch's pairs stay as they were
+    assert torch.equal(pairs_apart[:, batch_only], knn_pairs(z, y, k))
     assert memory_index.tolist() == chosen  # memory nodes in memory order
     assert not bool(torch.isin(memory_y[memory_index], y).any())
 
@@ -232,7 +255,7 @@ def test_processes_split_a_graph_with_memory_into_whole_groups(world_size):
 
 
 # -- synthesis and losses on a graph with memory nodes ----------------------------------------
-def memory_model(metric="npair", synthetic_proxies="anchor"):
+def memory_model(metric="npair", synthetic_proxies="anchor", memory_neighbors=None):
     torch.manual_seed(0)
     return GCAHNG(
         TinyBackbone(),
@@ -240,19 +263,21 @@ def memory_model(metric="npair", synthetic_proxies="anchor"):
         embedding_size=16,
         net=NetConfig(num_layers=2, heads=4, dropout=0.1),
         loss=LossConfig(metric=metric, synthetic_proxies=synthetic_proxies),
-        graph=GraphConfig(neighbors=4, memory=30),
+        graph=GraphConfig(neighbors=4, memory=30, memory_neighbors=memory_neighbors),
     ).double()
 
 
-def log_softmax_at(logits, index):
-    return float(torch.log_softmax(torch.tensor(logits, dtype=torch.float64), 0)[index])
-
-
-@pytest.mark.parametrize("metric", ["npair", "proxy_others"])
+@pytest.mark.parametrize("metric", ["npair", "proxy_others", "npair_memory_apart"])
 def test_synthesis_and_every_loss_by_hand_on_a_graph_with_memory_nodes(metric):
     """Memory classes are groups like the batch's: merged from their joined memory nodes, scored
     by J_ce as their class, by J_sim and J_syn as negatives; J_div runs over the batch anchors."""
-    model = memory_model(*(("proxy_anchor", "others") if metric == "proxy_others" else ()))
+    model = memory_model(
+        **{
+            "npair": {},
+            "proxy_others": {"metric": "proxy_anchor", "synthetic_proxies": "others"},
+            "npair_memory_apart": {"memory_neighbors": 5},
+        }[metric]
+    )
     images, labels = batch()  # classes 0-3 × 3
     model.train()
     embeddings = model(images.double()).detach()
@@ -263,6 +288,10 @@ def test_synthesis_and_every_loss_by_hand_on_a_graph_with_memory_nodes(metric):
     )
     graph = model.batch_graph(labels, embeddings, memory=(memory_z, memory_y))
     shard, memory = graph.shard, graph.memory
+    pairs, _ = knn_memory_pairs(
+        embeddings, labels, 4, memory_z, memory_y, model.graph_config.memory_neighbors
+    )
+    assert torch.equal(shard.edge_index, pairs)
     assert memory is not None and bool((shard.target_class >= 4).any())
     # Memory nodes at the batch's mean norm: a stored norm is stale, its direction is kept.
     scale = embeddings.norm(dim=1).mean()
@@ -292,7 +321,7 @@ def test_synthesis_and_every_loss_by_hand_on_a_graph_with_memory_nodes(metric):
     torch.manual_seed(3)
     j_syn = model.metric_loss(embeddings, graph, mix)["J_syn"].item()
     other = [g for g in range(shard.num_groups) if by_hand.is_other(graph, g)]
-    if metric == "npair":
+    if metric.startswith("npair"):
         expected = by_hand.synthetic_npair_loss(graph, embeddings, synthetic)
         assert j_syn == pytest.approx(expected, rel=1e-10)
     else:  # each synthetic sample pushes every proxy but its class's, memory classes included
