@@ -400,7 +400,7 @@ def test_the_trainer_fills_the_memory_from_memory_start_with_each_steps_batch():
 def test_an_interrupted_run_with_memory_resumes_exactly(image_folder, tmp_path, monkeypatch):
     """Ctrl-C in the first epoch, resume: the memory comes back from the checkpoint, and the run
     ends where the uninterrupted one does (4 train classes, 2 a batch: memory classes each step)."""
-    extra = ["data.classes_per_batch=2", "graph.neighbors=2", "graph.memory=12"]
+    extra = ["data.classes_per_batch=2", "graph.neighbors=2", "graph.memory=12", "optim.epochs=1"]
     straight = tmp_path / "straight"
     assert train_cli.main(folder_args(image_folder, straight, *extra)) == 0
     expected = load_checkpoint(only_run_dir(straight) / "last.pt")
