@@ -147,9 +147,13 @@ def test_a_nan_stops_every_process_with_a_clear_error(tmp_path, env):
     assert not (run_dir / "last.pt").exists()  # nothing was saved after the NaN
 
 
-def test_two_processes_train_on_a_sparse_batch_graph(tmp_path, env):
+def test_two_processes_train_on_a_sparse_batch_graph_with_memory_nodes(tmp_path, env):
     result = torchrun(
-        ["demo", *settings(f"train.output_dir={tmp_path}", "graph.neighbors=16")], env
+        [
+            "demo",
+            *settings(f"train.output_dir={tmp_path}", "graph.neighbors=16", "graph.memory=256"),
+        ],
+        env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
@@ -158,3 +162,6 @@ def test_two_processes_train_on_a_sparse_batch_graph(tmp_path, env):
     losses = {name: value for name, value in record.items() if name.startswith("J_")}
     assert {"J_syn", "J_gen", "J_div"} <= losses.keys()
     assert all(value == value and abs(value) < 1e6 for value in losses.values()), losses
+    assert record["memory_nodes"] > 0  # the steps after the first took memory nodes
+    saved = load_checkpoint(run_dir / "last.pt")["training"]["memory"]
+    assert saved["labels"].numel() == 256  # ten steps of the whole batch, the last 256 kept
