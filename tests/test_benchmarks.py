@@ -9,9 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench_step(*args):
+def run_benchmark(script, *args):
+    """Runs benchmarks/`script` with `args`; its printed output."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), *args],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         cwd=ROOT,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
         capture_output=True,
@@ -20,6 +21,10 @@ def bench_step(*args):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+def bench_step(*args):
+    return run_benchmark("bench_step.py", *args)
 
 
 def test_the_table_reports_time_inside_matmuls():
@@ -58,58 +63,24 @@ def test_the_profile_splits_the_step_into_phases_and_operators():
 
 
 def test_the_index_benchmark_prints_one_row_per_size_and_kind():
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_index.py"),
-            "--sizes",
-            "3000",
-            "--dim",
-            "16",
-            "--queries",
-            "100",
-            "--single",
-            "20",
-        ],  # fmt: skip
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = run_benchmark(
+        "bench_index.py", "--sizes", "3000", "--dim", "16", "--queries", "100", "--single", "20"
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("3,000 ")]
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("3,000 ")]
     assert [row[1].split()[0] for row in rows[-3:]] == ["exact", "IVF", "HNSW"]
     recalls = [float(row[-1]) for row in rows[-3:]]
     assert recalls[0] == 1.0 and all(0.9 <= recall <= 1.0 for recall in recalls[1:])
 
 
 def test_the_memory_benchmark_compares_each_memory_size_with_none():
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_memory.py"),
-            "--sizes",
-            "12",
-            "--dim",
-            "16",
-            "--neighbors",
-            "4",
-            "--memory",
-            "0",
-            "64",
-            "--repeats",
-            "1",
-        ],  # fmt: skip
-        cwd=ROOT,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = run_benchmark(
+        "bench_memory.py",
+        *("--sizes", "12", "--dim", "16", "--neighbors", "4", "--memory", "0", "64"),
+        *("--repeats", "1"),
     )
-    assert done.returncode == 0, done.stderr[-2000:]
     rows = [
         [cell.strip() for cell in line.split("|")]
-        for line in done.stdout.splitlines()
+        for line in out.splitlines()
         if line.startswith("12 ")
     ]
     assert [row[1] for row in rows] == ["0", "64"]
