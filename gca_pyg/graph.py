@@ -569,12 +569,12 @@ def knn_memory_pairs(
     node[chosen] = num_nodes + torch.arange(chosen.numel(), device=device)
     target = node[target]
     memory_nodes = num_nodes + torch.arange(chosen.numel(), device=device)
-    memory_class = layout.num_classes + torch.unique(memory_y[memory_index], return_inverse=True)[1]
+    selected = MemoryNodes.select(memory_z, memory_y, memory_index, layout.num_classes)
     mate_source, mate_target = _classmates(layout.class_index)
     pairs = _block_ordered(
         torch.cat([source, mate_source, memory_nodes]),
         torch.cat([target, mate_target, memory_nodes]),
-        torch.cat([layout.class_index, memory_class]),
+        torch.cat([layout.class_index, selected.class_index]),
     )
     return pairs, memory_index
 
