@@ -3,17 +3,22 @@
 Each run is ``python -m gca_pyg.train CONFIG`` in a fresh process, identical but for its arm's
 settings, ``loss.metric`` and ``train.seed``. The two arms are by default synthesis on and off
 (``loss.synthesis``; off: the same model and net, J_metric = J_m + J_gce, no generator update);
-``--arms A B`` compares any two, each a comma-separated list of ``key=value`` settings (e.g.
-memory nodes, ``graph.memory=4096`` against ``graph.memory=0``). For every metric loss the tables
-give the final epoch's test metrics as mean ± sample standard deviation over seeds, the paired
-per-seed differences A − B (mean ± standard deviation), and on how many seeds A came out ahead.
-The final epoch, not the best: choosing an epoch by its test score would flatter both arms.
+``--arms A [A2 ...] B`` compares any arms with the last one, each a comma-separated list of
+``key=value`` settings (e.g. memory nodes, ``graph.memory=4096`` against ``graph.memory=0``, or
+several ``loss.synthetic_proxies`` values against ``loss.synthesis=false``). For every metric loss
+the tables give the final epoch's test metrics as mean ± sample standard deviation over seeds, the
+paired per-seed differences A − B (mean ± standard deviation), and on how many seeds A came out
+ahead. The final epoch, not the best: choosing an epoch by its test score would flatter both arms.
+``--jobs J`` runs J trainings at once, each on ``--threads`` threads (default: one per job, so
+that J runs share J cores without slowing each other down).
 
     python benchmarks/ablate.py demo --seeds 0 1 2 --metric npair proxy_anchor
     python benchmarks/ablate.py cub --data-root ~/data/CUB_200_2011 --seeds 0 1 2
     python benchmarks/ablate.py demo --seeds 0 --set optim.epochs=2          # a quick look
     python benchmarks/ablate.py demo --set graph.neighbors=16 \
         --arms graph.memory=4096 graph.memory=0                               # memory nodes
+    python benchmarks/ablate.py demo --metric proxy_anchor --jobs 2 --arms \
+        loss.synthetic_proxies=relative loss.synthetic_proxies=anchor loss.synthesis=false
 
 Runs take long; ``--results FILE`` keeps every finished run there (JSON) and a later call with the
 same file reuses them, so an interrupted ablation continues where it stopped.
@@ -21,11 +26,13 @@ same file reuses them, so an interrupted ablation continues where it stopped.
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -55,7 +62,7 @@ def settings_of(args, metric: str, arm: str, seed: int) -> list[str]:
 
 
 def train(args, settings: list[str]) -> dict:
-    """One training run; its final epoch's test metrics and its wall time."""
+    """One training run (``--threads`` threads); its final epoch's test metrics and wall time."""
     with tempfile.TemporaryDirectory() as output:
         command = [sys.executable, "-m", "gca_pyg.train", args.config]
         if args.data_root:
@@ -63,7 +70,9 @@ def train(args, settings: list[str]) -> dict:
         for setting in [*settings, f"train.output_dir={output}"]:
             command += ["--set", setting]
         started = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True)
+        threads = str(args.threads)
+        environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        result = subprocess.run(command, capture_output=True, text=True, env=environment)
         if result.returncode != 0:
             sys.exit(f"run failed ({' '.join(command)}):\n{result.stderr[-2000:]}")
         (run_dir,) = [path for path in Path(output).iterdir() if path.is_dir()]
@@ -93,43 +102,54 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def tables(runs: dict, metrics: list[str], seeds: list[int], arms=SYNTHESIS_ARMS) -> str:
-    """The summary table (every test metric) and the per-seed table (R@1, MAP@R) of arm A
-    against arm B."""
+    """The summary table (every test metric) and the per-seed table (R@1, MAP@R) of each arm A
+    against the last arm B; with more than two arms, a column names each row's arm A."""
     summary, per_seed = [], []
+    several = len(arms) > 2
+    baseline = arms[-1]
     for metric in metrics:
-        on = [runs[run_key(metric, arms[0], seed)]["metrics"] for seed in seeds]
-        off = [runs[run_key(metric, arms[1], seed)]["metrics"] for seed in seeds]
-        for name in on[0]:
-            with_, without = [r[name] for r in on], [r[name] for r in off]
-            differences = [a - b for a, b in zip(with_, without)]
-            summary.append(
-                [
-                    metric,
-                    label(name),
-                    mean_sd(with_),
-                    mean_sd(without),
-                    mean_sd(differences, signed=True),
-                    f"{sum(d > 0 for d in differences)}/{len(differences)}",
-                ]
-            )
-        for seed, a, b in zip(seeds, on, off):
-            per_seed.append(
-                [metric, str(seed)]
-                + [
-                    f"{100 * value:.2f}"
-                    for name in ("recall@1", "map@r")
-                    for value in (a[name], b[name], a[name] - b[name])
-                ]
-            )
-    a, b = (arm_name(arm) for arm in arms)
+        off = [runs[run_key(metric, baseline, seed)]["metrics"] for seed in seeds]
+        for arm in arms[:-1]:
+            on = [runs[run_key(metric, arm, seed)]["metrics"] for seed in seeds]
+            first = [metric, arm_name(arm)] if several else [metric]
+            for name in on[0]:
+                with_, without = [r[name] for r in on], [r[name] for r in off]
+                differences = [a - b for a, b in zip(with_, without)]
+                summary.append(
+                    first
+                    + [
+                        label(name),
+                        mean_sd(with_),
+                        mean_sd(without),
+                        mean_sd(differences, signed=True),
+                        f"{sum(d > 0 for d in differences)}/{len(differences)}",
+                    ]
+                )
+            for seed, a, b in zip(seeds, on, off):
+                per_seed.append(
+                    first
+                    + [str(seed)]
+                    + [
+                        f"{100 * value:.2f}"
+                        for name in ("recall@1", "map@r")
+                        for value in (a[name], b[name], a[name] - b[name])
+                    ]
+                )
+    a, b = arm_name(arms[0]), arm_name(baseline)
+    first = ["metric loss", "A"] if several else ["metric loss"]
     if tuple(arms) == SYNTHESIS_ARMS:
-        header = ["metric loss", "metric", "synthesis on", "synthesis off", "on − off", "on > off"]
+        header = first + ["metric", "synthesis on", "synthesis off", "on − off", "on > off"]
     else:
-        header = ["metric loss", "metric", f"A: {a}", f"B: {b}", "A − B", "A > B"]
+        header = first + ["metric", "A" if several else f"A: {a}", f"B: {b}", "A − B", "A > B"]
         a, b = "A", "B"
-    seed_header = ["metric loss", "seed", f"R@1 {a}", f"R@1 {b}", "Δ", f"MAP@R {a}"]
+    seed_header = first + ["seed", f"R@1 {a}", f"R@1 {b}", "Δ", f"MAP@R {a}"]
     seed_header += [f"MAP@R {b}", "Δ"]
     return markdown(header, summary) + "\n\n" + markdown(seed_header, per_seed)
+
+
+def torch_threads() -> int:
+    """The thread count a training would take by itself (torch's default: the cores)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
 def load_results(path: Optional[Path]) -> dict:
@@ -152,33 +172,50 @@ def main(argv=None):
     )
     parser.add_argument(
         "--arms",
-        nargs=2,
+        nargs="+",
         default=list(SYNTHESIS_ARMS),
-        metavar=("A", "B"),
-        help="the two arms, each comma-separated key=value settings "
-        "(default: loss.synthesis=true loss.synthesis=false)",
+        metavar="ARM",
+        help="two or more arms, each comma-separated key=value settings; every arm is compared "
+        "with the last (default: loss.synthesis=true loss.synthesis=false)",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (default: 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads per training (default: 1 with --jobs above 1, else torch's default)",
     )
     add_override_argument(parser, "override one config key of every run (repeatable)")
     parser.add_argument(
         "--results", type=Path, metavar="FILE", help="keep and reuse finished runs here (JSON)"
     )
     args = parser.parse_args(argv)
+    if len(args.arms) < 2:
+        parser.error("--arms needs at least two arms (each compared with the last)")
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--jobs and --threads must be at least 1")
+    if args.threads is None:
+        args.threads = 1 if args.jobs > 1 else torch_threads()
 
     runs = load_results(args.results)
+    todo = {}
     for metric in args.metric:
         for seed in args.seeds:
             for arm in args.arms:
                 key, settings = run_key(metric, arm, seed), settings_of(args, metric, arm, seed)
-                if key in runs and runs[key]["settings"] == settings:
-                    continue
-                runs[key] = train(args, settings)
-                if args.results is not None:
-                    args.results.write_text(json.dumps(runs, indent=1))
-                print(
-                    f"  {key}: R@1 {100 * runs[key]['metrics']['recall@1']:.2f} "
-                    f"in {runs[key]['seconds']:.0f} s",
-                    file=sys.stderr,
-                )
+                if not (key in runs and runs[key]["settings"] == settings):
+                    todo[key] = settings
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {key: pool.submit(train, args, settings) for key, settings in todo.items()}
+        for key, future in futures.items():
+            runs[key] = future.result()
+            if args.results is not None:  # in submission order, each as soon as it is known
+                args.results.write_text(json.dumps(runs, indent=1))
+            print(
+                f"  {key}: R@1 {100 * runs[key]['metrics']['recall@1']:.2f} "
+                f"in {runs[key]['seconds']:.0f} s",
+                file=sys.stderr,
+            )
     chosen = [
         runs[run_key(metric, arm, seed)]
         for metric in args.metric

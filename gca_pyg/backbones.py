@@ -17,6 +17,7 @@ pools them (:func:`timm.create_model` with ``num_classes=0``): ``dino_vits16`` i
 import contextlib
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
@@ -36,6 +37,8 @@ TIMM_ALIASES = {
 TIMM_PREFIX = "timm:"
 BACKBONE_NAMES = CNN_BACKBONES + tuple(TIMM_ALIASES)
 PRETRAINED_CHOICES = ("imagenet", "none")
+#: ``model.pretrained`` may also name a file of backbone weights with one of these suffixes.
+WEIGHTS_SUFFIXES = (".pt", ".pth")
 #: ``auto``: the backbone's own pooling (ResNet-50 and the small CNN avg+max, GoogLeNet avg, a timm
 #: model timm's); ``avgmax`` or ``avg`` for the three CNNs.
 POOLING_CHOICES = ("auto", "avgmax", "avg")
@@ -153,8 +156,10 @@ def build_backbone(
         pretrained (str, optional): ``"imagenet"`` for the published weights (torchvision's
             ImageNet weights; timm's weights of the model's tag, e.g. DINO's self-supervised
             ImageNet training for ``dino_vits16``), downloaded into the torch hub cache when
-            missing; ``"none"`` for random initialisation. The small CNN has no pretrained
-            weights. (default: ``"imagenet"``)
+            missing; ``"none"`` for random initialisation; or the path of a ``.pt``/``.pth`` file
+            holding the ``state_dict()`` of a backbone built by this function (by name, without
+            pretrained weights), e.g. one pretrained on your own images. The small CNN has no
+            ImageNet weights. (default: ``"imagenet"``)
         frozen_bn (bool, optional): Keep the running statistics of every BatchNorm2d frozen (eval
             mode); their affine parameters still train. The CUB and Cars recipes set it.
             (default: ``False``)
@@ -178,10 +183,18 @@ def build_backbone(
         WeightsUnavailableError: If pretrained weights are neither cached nor downloadable.
     """
     check_backbone_name(name)
+    if is_weights_file(pretrained):
+        backbone = build_backbone(
+            name, "none", frozen_bn, pooling=pooling, image_size=image_size, load_weights=False
+        )
+        if load_weights:
+            load_backbone_weights(backbone, pretrained, name)
+        return backbone
     if pretrained not in PRETRAINED_CHOICES:
         raise ConfigError(
             f"unknown pretrained={pretrained!r} for backbone {name}; choose one of "
-            f"{', '.join(PRETRAINED_CHOICES)} (model.pretrained)"
+            f"{', '.join(PRETRAINED_CHOICES)} or a {'/'.join(WEIGHTS_SUFFIXES)} file of backbone "
+            "weights (model.pretrained)"
         )
     if pooling not in POOLING_CHOICES:
         raise ConfigError(
@@ -234,6 +247,50 @@ def build_backbone(
         trunk.avgpool = GlobalAvgMaxPool2d()
     trunk.fc = nn.Identity()
     return Backbone(trunk, out_features=out_features, frozen_bn=frozen_bn)
+
+
+def is_weights_file(pretrained: str) -> bool:
+    """Whether ``model.pretrained`` names a file of backbone weights (by its suffix)."""
+    return str(pretrained).lower().endswith(WEIGHTS_SUFFIXES)
+
+
+def load_backbone_weights(backbone: nn.Module, path, name: str):
+    """Loads a backbone ``state_dict()`` saved in `path` into `backbone` (built as `name`).
+
+    Raises:
+        WeightsUnavailableError: If the file is missing or unreadable.
+        ConfigError: If its tensors are not those of `backbone`.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"model.pretrained names {path}, which does not exist: give the path of a saved "
+            f"backbone state_dict, or imagenet / none"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which
+        raise WeightsUnavailableError(
+            f"model.pretrained {path} could not be read ({str(error).splitlines()[0]}): save it "
+            "with torch.save(backbone.state_dict(), path)"
+        ) from error
+    if not isinstance(state, dict):
+        raise ConfigError(
+            f"model.pretrained {path} holds a {type(state).__name__}, not a state_dict: save it "
+            "with torch.save(backbone.state_dict(), path)"
+        )
+    expected = backbone.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise ConfigError(
+            f"model.pretrained {path} is not a {name} backbone of this config "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} misshapen "
+            f"tensors, e.g. {first}): use weights saved from build_backbone({name!r}, ...)"
+        )
+    backbone.load_state_dict(state)
 
 
 def _small_cnn(pooling="auto"):

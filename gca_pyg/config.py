@@ -22,10 +22,12 @@ from gca_pyg.backbones import (
     PRETRAINED_CHOICES,
     TIMM_PREFIX,
     is_backbone_name,
+    is_weights_file,
     timm_model_name,
 )
 from gca_pyg.data import CLASS_SAMPLING, DATASETS
 from gca_pyg.errors import ConfigError
+from gca_pyg.generator import HARDNESS_SCALES
 from gca_pyg.graph import GraphConfig
 from gca_pyg.losses import METRIC_LOSSES, SYNTHETIC_PROXIES
 from gca_pyg.model import LossConfig, NetConfig
@@ -68,7 +70,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"
-    pretrained: str = "imagenet"  # imagenet | none
+    pretrained: str = "imagenet"  # imagenet | none | a .pt/.pth file of backbone weights
     frozen_bn: bool = True  # BatchNorm2d running statistics frozen, gamma/beta train (CUB/Cars)
     embedding_size: int = 512
     # auto (ResNet-50 avg+max, GoogLeNet avg, timm models timm's) | avgmax | avg (the CNNs)
@@ -295,7 +297,12 @@ def _check_values(config: Config, source: str):
     choices = {
         "data.dataset": (config.data.dataset, tuple(DATASETS)),
         "data.class_sampling": (config.data.class_sampling, CLASS_SAMPLING),
-        "model.pretrained": (config.model.pretrained, PRETRAINED_CHOICES),
+        "model.pretrained": (
+            config.model.pretrained,
+            (config.model.pretrained,)
+            if is_weights_file(config.model.pretrained)
+            else PRETRAINED_CHOICES,
+        ),
         "model.pooling": (config.model.pooling, POOLING_CHOICES),
         "model.head_init": (config.model.head_init, HEAD_INITS),
         "optim.lr_policy": (config.optim.lr_policy, LR_POLICIES),
@@ -307,6 +314,7 @@ def _check_values(config: Config, source: str):
         "train.dist_backend": (config.train.dist_backend, ("auto", "gloo", "nccl")),
         "loss.metric": (config.loss.metric, METRIC_LOSSES),
         "loss.synthetic_proxies": (config.loss.synthetic_proxies, SYNTHETIC_PROXIES),
+        "loss.hardness_scale": (config.loss.hardness_scale, HARDNESS_SCALES),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:

@@ -30,6 +30,8 @@ __all__ = ["HardNegativeGenerator", "INITIAL_MEAN_LOSS"]
 INITIAL_MEAN_LOSS = 1e6
 #: Each step's loss is floored here before it enters a running mean, so a mean is never 0.
 MIN_STEP_LOSS = 1e-6
+#: The scales :math:`\bar{J}_m` is read on by the hardness schedule (``loss.hardness_scale``).
+HARDNESS_SCALES = ("absolute", "relative")
 
 
 class HardNegativeGenerator(torch.nn.Module):
@@ -67,8 +69,16 @@ class HardNegativeGenerator(torch.nn.Module):
         num_layers (int, optional): :class:`~gca_pyg.nn.EdgeNodeConv` layers. (default: :obj:`2`)
         heads (int, optional): Attention heads per layer. (default: :obj:`4`)
         dropout (float, optional): Dropout of the edge attention. (default: :obj:`0.1`)
-        alpha (float, optional): :math:`\alpha` of the hardness, on the scale of the metric loss
-            (:math:`h = e^{-1}` when :math:`\bar{J}_m = \alpha`). (default: :obj:`5.0`)
+        alpha (float, optional): :math:`\alpha` of the hardness, on the scale of
+            `hardness_scale` (:math:`h = e^{-1}` when :math:`\bar{J}_m = \alpha`, or with
+            ``"relative"`` when :math:`\bar{J}_m / \bar{J}_m^{(1)} = \alpha`). (default:
+            :obj:`5.0`)
+        hardness_scale (str, optional): ``"absolute"``: :math:`h = \exp(-\alpha / \bar{J}_m)`,
+            the paper's schedule, on the metric loss's own scale; ``"relative"``: :math:`h =
+            \exp(-\alpha\, \bar{J}_m^{(1)} / \bar{J}_m)` with :math:`\bar{J}_m^{(1)}` the
+            first epoch's mean, so the schedule depends on how far the loss has fallen, not on its
+            units (a metric loss whose values sit elsewhere than N-pair's gets the same
+            schedule). (default: :obj:`"absolute"`)
         beta (float, optional): :math:`\beta` of the synthetic weight. (default: :obj:`20.0`)
         w_sim (float, optional): :math:`w_{sim}`. (default: :obj:`20.0`)
         w_div (float, optional): :math:`w_{div}`. (default: :obj:`60.0`)
@@ -89,6 +99,7 @@ class HardNegativeGenerator(torch.nn.Module):
         dropout: float = 0.1,
         *,
         alpha: float = 5.0,
+        hardness_scale: str = "absolute",
         beta: float = 20.0,
         w_sim: float = 20.0,
         w_div: float = 60.0,
@@ -98,8 +109,14 @@ class HardNegativeGenerator(torch.nn.Module):
         process_group: Optional[ProcessGroup] = None,
     ):
         super().__init__()
+        if hardness_scale not in HARDNESS_SCALES:
+            raise ValueError(
+                f"hardness_scale must be one of {', '.join(HARDNESS_SCALES)}, got "
+                f"{hardness_scale!r}"
+            )
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.alpha, self.beta = alpha, beta
+        self.hardness_scale = hardness_scale
         self.w_sim, self.w_div = w_sim, w_div
         self.generator_ce_scale, self.classifier_scale = generator_ce_scale, classifier_scale
         self.amp_dtype = amp_dtype
@@ -114,6 +131,7 @@ class HardNegativeGenerator(torch.nn.Module):
         )
         self.classifier = torch.nn.Linear(embedding_size, num_classes)
         self.mean_metric_loss = INITIAL_MEAN_LOSS
+        self.first_mean_metric_loss: Optional[float] = None  # J̄_m of the first epoch
         self.mean_generator_loss = INITIAL_MEAN_LOSS
         self._sums = {"metric": 0.0, "generator": 0.0}
         self._counts = {"metric": 0, "generator": 0}
@@ -125,8 +143,13 @@ class HardNegativeGenerator(torch.nn.Module):
     # -- schedules -----------------------------------------------------------------------------
     @property
     def hardness(self) -> float:
-        r"""The hardness :math:`h = \exp(-\alpha / \bar{J}_m)` of synthesis."""
-        return hardness_from_loss(self.alpha, self.mean_metric_loss)
+        r"""The hardness :math:`h = \exp(-\alpha / \bar{J}_m)` of synthesis (with
+        :attr:`hardness_scale` ``"relative"``, :math:`\bar{J}_m` divided by the first epoch's;
+        :math:`h \approx 1` until an epoch has ended)."""
+        loss = self.mean_metric_loss
+        if self.hardness_scale == "relative" and self.first_mean_metric_loss is not None:
+            loss = loss / self.first_mean_metric_loss
+        return hardness_from_loss(self.alpha, loss)
 
     @property
     def synthetic_weight(self) -> float:
@@ -150,6 +173,8 @@ class HardNegativeGenerator(torch.nn.Module):
             self.mean_metric_loss = float(mean_metric_loss)
         elif self._counts["metric"]:
             self.mean_metric_loss = self._sums["metric"] / self._counts["metric"]
+        if self.first_mean_metric_loss is None and self.mean_metric_loss != INITIAL_MEAN_LOSS:
+            self.first_mean_metric_loss = self.mean_metric_loss
         if self._counts["generator"]:
             self.mean_generator_loss = self._sums["generator"] / self._counts["generator"]
         self._sums = {"metric": 0.0, "generator": 0.0}
@@ -158,6 +183,7 @@ class HardNegativeGenerator(torch.nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "mean_metric_loss": self.mean_metric_loss,
+            "first_mean_metric_loss": self.first_mean_metric_loss,
             "mean_generator_loss": self.mean_generator_loss,
             "sums": dict(self._sums),
             "counts": dict(self._counts),
@@ -165,6 +191,8 @@ class HardNegativeGenerator(torch.nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]):
         self.mean_metric_loss = float(state["mean_metric_loss"])
+        first = state.get("first_mean_metric_loss")  # absent before loss.hardness_scale
+        self.first_mean_metric_loss = None if first is None else float(first)
         self.mean_generator_loss = float(state["mean_generator_loss"])
         self._sums = {name: float(value) for name, value in state["sums"].items()}
         self._counts = {name: int(value) for name, value in state["counts"].items()}
@@ -311,5 +339,5 @@ class HardNegativeGenerator(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.embedding_size}, num_classes={self.num_classes}, alpha={self.alpha}, "
-            f"beta={self.beta}"
+            f"hardness_scale={self.hardness_scale!r}, beta={self.beta}"
         )

@@ -43,8 +43,9 @@ __all__ = [
 
 #: The metric losses of ``loss.metric``.
 METRIC_LOSSES = ("npair", "proxy_anchor")
-#: Which proxies a synthetic negative is a negative of in :func:`synthetic_proxy_anchor_loss`.
-SYNTHETIC_PROXIES = ("anchor", "others")
+#: The roles of a synthetic negative in Proxy-Anchor's :math:`J_{syn}`
+#: (:func:`synthetic_proxy_anchor_loss`).
+SYNTHETIC_PROXIES = ("anchor", "others", "relative", "class")
 
 
 def _l2_term(l2_reg: float, *rows: Tensor) -> Tensor:
@@ -190,6 +191,18 @@ def proxy_anchor_loss(
     return pull.sum() / positive.any(dim=0).sum() + push.sum() / proxies.size(0)
 
 
+def _log_one_plus(sums: Tensor, bound: float) -> Tensor:
+    r""":math:`\log(1 + \sum_r e^{x_r})` from :math:`\sum_r e^{x_r - b}` (each :math:`x_r \le b`,
+    so the sums cannot overflow at any scale)."""
+    return torch.log(sums + math.exp(-bound)) + bound
+
+
+def _mean_over_present(values: Tensor, counts: Tensor, process_group) -> Tensor:
+    """The mean of `values` over the entries whose (all-reduced) `counts` are positive."""
+    present = all_reduce_sum(counts, process_group) > 0
+    return values[present].sum() / present.sum().clamp_min(1)
+
+
 def synthetic_proxy_anchor_loss(
     synthetic: SyntheticSamples,
     graph: BatchGraph,
@@ -198,56 +211,87 @@ def synthetic_proxy_anchor_loss(
     alpha: float = 32.0,
     *,
     negative_of: str = "anchor",
+    embeddings: Optional[Tensor] = None,
 ) -> Tensor:
-    r"""Proxy-Anchor's push term over synthetic negatives: :math:`J_{syn}` of its track.
+    r""":math:`J_{syn}` of the Proxy-Anchor track: the synthetic negatives in one of four roles.
 
     A synthetic negative :math:`\tilde{\mathbf{n}}_{i,c}` is built to lie near anchor :math:`i`
-    while reading as another class :math:`c`. With `negative_of` ``"anchor"`` it is a negative of
-    the proxy of the anchor's class, :math:`S_p = \{\tilde{\mathbf{n}}_{i,c} : y_i = p\}`; with
-    ``"others"``, of every proxy but :math:`c`'s, :math:`S_p = \{\tilde{\mathbf{n}}_{i,c} :
-    c \ne p\}`. Then
+    (of class :math:`y_i`) while reading as another class :math:`c`. With :math:`s` the cosine
+    similarity, :math:`\delta` the margin, :math:`\alpha` the scale, :math:`\mathbf{p}_c` the proxy
+    of class :math:`c` and :math:`\operatorname{lse}^+(X) = \log(1 + \sum_{x \in X} e^x)`:
 
-    .. math::
-        J_{syn} = \frac{1}{|P_s|} \sum_{p \in P_s} \log\Big(1 + \sum_{\tilde{\mathbf{n}} \in S_p}
-            e^{\alpha (s(\tilde{\mathbf{n}}, p) + \delta)}\Big)
+    * ``"anchor"``: a negative of its anchor's proxy, :math:`S_p = \{\tilde{\mathbf{n}}_{i,c} :
+      y_i = p\}`, :math:`J_{syn} = \operatorname{mean}_{p \in P_s} \operatorname{lse}^+
+      \{\alpha (s(\tilde{\mathbf{n}}, \mathbf{p}_p) + \delta) : \tilde{\mathbf{n}} \in S_p\}`.
+    * ``"others"``: the same push, a negative of every proxy but its own class's,
+      :math:`S_p = \{\tilde{\mathbf{n}}_{i,c} : c \ne p\}`.
+    * ``"relative"``: the anchor's proxy must prefer the anchor to each of its synthetic
+      negatives, as N-pair's :math:`J_{syn}` prefers the positive:
+      :math:`J_{syn} = \operatorname{mean}_i \operatorname{lse}^+ \{\alpha
+      (s(\tilde{\mathbf{n}}_{i,c}, \mathbf{p}_{y_i}) - s(\mathbf{a}_i, \mathbf{p}_{y_i}) + \delta)
+      : c\}`. Moving the anchor
+      and its negative together changes nothing; only what tells them apart is learned.
+    * ``"class"``: a sample of the class it stands for, in the Proxy-Anchor loss itself: the push
+      of ``"others"`` plus the pull :math:`\operatorname{mean}_{c \in P_s^+} \operatorname{lse}^+
+      \{-\alpha (s(\tilde{\mathbf{n}}_{i,c}, \mathbf{p}_c) - \delta) : i\}`.
 
-    over the proxies :math:`P_s` whose :math:`S_p` is not empty. Rows of the anchor's own class are
-    ignored; the sums run over the rows of all processes of the graph.
+    Means run over the proxies (anchors) with at least one term, :math:`P_s` (:math:`P_s^+`); rows
+    of the anchor's own class are ignored; the sums run over the rows of all processes.
 
     Args:
         synthetic: This process's synthetic samples.
         graph: The step's :class:`~gca_pyg.graph.BatchGraph`.
         proxies, margin, alpha: As in :func:`proxy_anchor_loss`.
-        negative_of: ``"anchor"`` or ``"others"``, see above. (default: :obj:`"anchor"`)
+        negative_of: ``"anchor"``, ``"others"``, ``"relative"`` or ``"class"``, see above.
+            (default: :obj:`"anchor"`)
+        embeddings: The real batch :math:`(N, D)`; needed by ``"relative"``.
     """
     if negative_of not in SYNTHETIC_PROXIES:
         raise ValueError(
             f"negative_of must be one of {', '.join(SYNTHETIC_PROXIES)}, got {negative_of!r}"
         )
+    group = graph.process_group
     num_proxies = proxies.size(0)
     is_negative = synthetic.is_negative(graph.layout)
     unit = F.normalize(synthetic.embeddings, dim=-1)
     unit_proxies = F.normalize(proxies, dim=-1)
-    # exp(alpha (s + margin) - bound) <= 1 since s <= 1: the sums cannot overflow, at any alpha.
+    # Every exponent below is at most its bound (cosines lie in [-1, 1]): no overflow at any alpha.
     bound = alpha * (1.0 + margin)
-    if negative_of == "anchor":
+    if negative_of in ("anchor", "relative"):
         proxy = graph.labels[synthetic.anchor]
         cosine = (unit * gather_rows(unit_proxies, proxy)).sum(dim=-1)
-        terms = torch.where(is_negative, torch.exp(alpha * (cosine + margin) - bound), 0.0)
-        sums = unit.new_zeros(num_proxies).index_add(0, proxy, terms)
-        counts = unit.new_zeros(num_proxies).index_add(0, proxy, is_negative.to(unit.dtype))
-    else:
-        cosine = F.linear(unit, unit_proxies)  # (G, |P|)
-        other_proxy = synthetic.labels(graph.classes).unsqueeze(1) != torch.arange(
-            num_proxies, device=unit.device
-        )
-        negative = is_negative.unsqueeze(1) & other_proxy
-        terms = torch.where(negative, torch.exp(alpha * (cosine + margin) - bound), 0.0)
-        sums, counts = terms.sum(dim=0), negative.sum(dim=0).to(unit.dtype)
-    sums = all_reduce_sum(sums, graph.process_group)
-    present = all_reduce_sum(counts, graph.process_group) > 0
-    push = torch.log(sums + math.exp(-bound)) + bound  # log(1 + sum of exp(alpha (s + margin)))
-    return push[present].sum() / present.sum().clamp_min(1)
+        if negative_of == "relative":
+            if embeddings is None:
+                raise ValueError(
+                    "synthetic_proxy_anchor_loss(negative_of='relative') needs the "
+                    "embeddings of the batch"
+                )
+            anchor_cosine = F.linear(F.normalize(embeddings, dim=-1), unit_proxies)
+            own = anchor_cosine.gather(1, graph.labels.unsqueeze(1)).squeeze(1)
+            exponent = alpha * (cosine - gather_rows(own, synthetic.anchor) + margin)
+            bound = alpha * (2.0 + margin)
+            slots, num_slots = synthetic.anchor, embeddings.size(0)
+        else:
+            exponent = alpha * (cosine + margin)
+            slots, num_slots = proxy, num_proxies
+        terms = torch.where(is_negative, torch.exp(exponent - bound), 0.0)
+        sums = all_reduce_sum(unit.new_zeros(num_slots).index_add(0, slots, terms), group)
+        counts = unit.new_zeros(num_slots).index_add(0, slots, is_negative.to(unit.dtype))
+        return _mean_over_present(_log_one_plus(sums, bound), counts, group)
+    cosine = F.linear(unit, unit_proxies)  # (G, |P|)
+    own_class = F.one_hot(synthetic.labels(graph.classes), num_proxies).bool()
+    negative = is_negative.unsqueeze(1) & ~own_class
+    terms = torch.where(negative, torch.exp(alpha * (cosine + margin) - bound), 0.0)
+    sums = all_reduce_sum(terms.sum(dim=0), group)
+    push = _mean_over_present(_log_one_plus(sums, bound), negative.sum(dim=0).to(unit.dtype), group)
+    if negative_of == "others":
+        return push
+    positive = is_negative.unsqueeze(1) & own_class
+    pull_bound = alpha * (1.0 + margin)
+    terms = torch.where(positive, torch.exp(-alpha * (cosine - margin) - pull_bound), 0.0)
+    sums = all_reduce_sum(terms.sum(dim=0), group)
+    counts = positive.sum(dim=0).to(unit.dtype)
+    return push + _mean_over_present(_log_one_plus(sums, pull_bound), counts, group)
 
 
 class NPairLoss(torch.nn.Module):
@@ -325,7 +369,7 @@ class ProxyAnchorLoss(torch.nn.Module):
     def synthetic(
         self, embeddings: Tensor, synthetic: SyntheticSamples, graph: BatchGraph
     ) -> Tensor:
-        """:math:`J_{syn}`: Proxy-Anchor's push term over the synthetic negatives."""
+        """:math:`J_{syn}`: the synthetic negatives in the role ``synthetic_proxies``."""
         return synthetic_proxy_anchor_loss(
             synthetic,
             graph,
@@ -333,6 +377,7 @@ class ProxyAnchorLoss(torch.nn.Module):
             self.margin,
             self.alpha,
             negative_of=self.synthetic_proxies,
+            embeddings=embeddings,
         )
 
     def extra_repr(self) -> str:

@@ -32,6 +32,8 @@ class LossConfig:
     """Loss weights (ResNet-50 CUB values as defaults; docs/method.md, "Losses")."""
 
     alpha: float = 5.0  # hardness h = exp(-alpha / J̄_m)
+    # absolute: J̄_m as it is; relative: J̄_m divided by its first epoch's mean
+    hardness_scale: str = "absolute"
     beta: float = 20.0  # J_syn weight 1 - exp(-beta / J̄_gen)
     w_sim: float = 20.0
     w_div: float = 60.0
@@ -42,8 +44,9 @@ class LossConfig:
     metric: str = "npair"  # npair | proxy_anchor: the metric loss of J_m and J_syn
     proxy_margin: float = 0.1  # Proxy-Anchor's margin delta
     proxy_alpha: float = 32.0  # Proxy-Anchor's scale alpha
-    # Proxy-Anchor: a synthetic negative is a negative of its anchor's class proxy (anchor) or
-    # of every proxy but its own class's (others)
+    # Proxy-Anchor: the role of a synthetic negative in J_syn: a negative of its anchor's class
+    # proxy (anchor), of every proxy but its own class's (others), compared with its anchor by the
+    # anchor's proxy (relative), or a sample of its class (class); docs/method.md
     synthetic_proxies: str = "anchor"
 
 
@@ -116,6 +119,7 @@ class GCAHNG(torch.nn.Module):
             heads=self.net_config.heads,
             dropout=self.net_config.dropout,
             alpha=cfg.alpha,
+            hardness_scale=cfg.hardness_scale,
             beta=cfg.beta,
             w_sim=cfg.w_sim,
             w_div=cfg.w_div,

@@ -139,11 +139,11 @@ def test_the_proxy_anchor_module_uses_its_margin_scale_and_proxies():
     assert module(z, y).item() == pytest.approx(expected, rel=1e-10)
     graph = BatchGraph.build(y)
     synthetic = synthetic_for(y, [0, 3, 6], [1, 2, 3], dim=6)
-    for negative_of in ("anchor", "others"):
+    for negative_of in ("anchor", "others", "relative", "class"):
         module = ProxyAnchorLoss(5, 6, margin=0.3, alpha=8.0, synthetic_proxies=negative_of)
         module = module.double()
         expected = synthetic_proxy_anchor_loss(
-            synthetic, graph, module.proxies, 0.3, 8.0, negative_of=negative_of
+            synthetic, graph, module.proxies, 0.3, 8.0, negative_of=negative_of, embeddings=z
         )
         assert torch.equal(module.synthetic(z, synthetic, graph), expected)
 
@@ -213,37 +213,70 @@ def synthetic_for(y, anchor, class_index, dim=5, seed=0):
     return SyntheticSamples(rows, torch.tensor(anchor), torch.tensor(class_index))
 
 
-@pytest.mark.parametrize("negative_of", ["anchor", "others"])
+def lse_plus(exponents):
+    """log(1 + sum of exp), written out."""
+    return math.log(1 + sum(math.exp(x) for x in exponents))
+
+
+@pytest.mark.parametrize("negative_of", ["anchor", "others", "relative", "class"])
 def test_synthetic_proxy_anchor_loss_by_hand(negative_of):
     y = torch.tensor([4, 4, 1, 1, 6, 6])  # layout rows: class 1 -> 0, 4 -> 1, 6 -> 2
     graph = BatchGraph.build(y)
     # Anchors 0 (class 4) and 2 (class 1): a row per other class, one own-class row (ignored).
     synthetic = synthetic_for(y, [0, 0, 0, 2, 2], [0, 2, 1, 1, 2])
+    embeddings = torch.randn(6, 5, dtype=torch.float64)
     proxies = torch.randn(8, 5, dtype=torch.float64)
     margin, alpha = 0.2, 10.0
-    unit = F.normalize(synthetic.embeddings, dim=1)
-    unit_proxies = F.normalize(proxies, dim=1)
+
+    def cos(u, v):
+        return float(u @ v / (u.norm() * v.norm()))
+
     stands_for = [1, 6, 4, 4, 6]
+    anchor = [0, 0, 0, 2, 2]
     anchor_class = [4, 4, 4, 1, 1]
-    negatives = {}  # proxy -> cosines of its synthetic negatives
-    for r in range(5):
-        if stands_for[r] == anchor_class[r]:
+    rows = [r for r in range(5) if stands_for[r] != anchor_class[r]]
+    pushed, pulled, per_anchor = {}, {}, {}  # proxy (anchor) -> its exponents
+    for r in rows:
+        n = synthetic.embeddings[r]
+        if negative_of == "relative":
+            a = embeddings[anchor[r]]
+            p = proxies[anchor_class[r]]
+            per_anchor.setdefault(anchor[r], []).append(alpha * (cos(n, p) - cos(a, p) + margin))
             continue
-        proxies_of = (
-            [anchor_class[r]]
-            if negative_of == "anchor"
-            else [p for p in range(8) if p != stands_for[r]]
+        for p in [anchor_class[r]] if negative_of == "anchor" else range(8):
+            if p != stands_for[r]:
+                pushed.setdefault(p, []).append(alpha * (cos(n, proxies[p]) + margin))
+        pulled.setdefault(stands_for[r], []).append(
+            -alpha * (cos(n, proxies[stands_for[r]]) - margin)
         )
-        for p in proxies_of:
-            negatives.setdefault(p, []).append(float(unit[r] @ unit_proxies[p]))
-    expected = sum(
-        math.log(1 + sum(math.exp(alpha * (s + margin)) for s in cosines))
-        for cosines in negatives.values()
-    ) / len(negatives)
+    if negative_of == "relative":
+        expected = sum(map(lse_plus, per_anchor.values())) / len(per_anchor)
+    else:
+        expected = sum(map(lse_plus, pushed.values())) / len(pushed)
+        if negative_of == "class":
+            expected += sum(map(lse_plus, pulled.values())) / len(pulled)
     actual = synthetic_proxy_anchor_loss(
-        synthetic, graph, proxies, margin, alpha, negative_of=negative_of
+        synthetic, graph, proxies, margin, alpha, negative_of=negative_of, embeddings=embeddings
     )
     assert actual.item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_the_relative_form_ignores_what_anchor_and_negative_share():
+    """The relative J_syn reads only the difference of the two cosines: negatives on their
+    anchor's ray give log(1 + (C - 1) e^{alpha margin}) whatever the anchors and proxies."""
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    graph = BatchGraph.build(y)
+    embeddings = torch.randn(6, 4, dtype=torch.float64)
+    anchor, class_index = [0, 0, 2, 2, 4, 4], [1, 2, 0, 2, 0, 1]
+    rows = embeddings[anchor] * 3.0  # on the anchor's ray: the same cosine to every proxy
+    synthetic = SyntheticSamples(rows, torch.tensor(anchor), torch.tensor(class_index))
+    proxies = torch.randn(3, 4, dtype=torch.float64)
+    loss = synthetic_proxy_anchor_loss(
+        synthetic, graph, proxies, 0.1, 32.0, negative_of="relative", embeddings=embeddings
+    )
+    assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(3.2)), rel=1e-12)
+    with pytest.raises(ValueError, match="needs the embeddings"):
+        synthetic_proxy_anchor_loss(synthetic, graph, proxies, negative_of="relative")
 
 
 def test_synthetic_proxy_anchor_loss_stays_finite_at_large_scales():
