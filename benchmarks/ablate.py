@@ -10,7 +10,11 @@ the tables give the final epoch's test metrics as mean ± sample standard deviat
 paired per-seed differences A − B (mean ± standard deviation), and on how many seeds A came out
 ahead. The final epoch, not the best: choosing an epoch by its test score would flatter both arms.
 ``--jobs J`` runs J trainings at once, each on ``--threads`` threads (default: one per job, so
-that J runs share J cores without slowing each other down).
+that J runs share J cores without slowing each other down). ``--diagnostics`` trains with
+``train.diagnostics`` (which changes no update, so finished runs are reused) and prints, per arm,
+how J_syn met J_m at a few epochs: the loss ratio, the gradient-norm ratios on the embeddings and
+the proxies, the cosines of synthetic negatives to class centres, hardness and synthetic weight
+(means over seeds).
 
     python benchmarks/ablate.py demo --seeds 0 1 2 --metric npair proxy_anchor
     python benchmarks/ablate.py cub --data-root ~/data/CUB_200_2011 --seeds 0 1 2
@@ -67,7 +71,8 @@ def train(args, settings: list[str]) -> dict:
         command = [sys.executable, "-m", "gca_pyg.train", args.config]
         if args.data_root:
             command += ["--data-root", args.data_root]
-        for setting in [*settings, f"train.output_dir={output}"]:
+        diagnostics = ["train.diagnostics=true"] if args.diagnostics else []
+        for setting in [*settings, *diagnostics, f"train.output_dir={output}"]:
             command += ["--set", setting]
         started = time.perf_counter()
         threads = str(args.threads)
@@ -76,13 +81,58 @@ def train(args, settings: list[str]) -> dict:
         if result.returncode != 0:
             sys.exit(f"run failed ({' '.join(command)}):\n{result.stderr[-2000:]}")
         (run_dir,) = [path for path in Path(output).iterdir() if path.is_dir()]
-        last = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
+        epochs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    last = epochs[-1]
     return {
         "seconds": time.perf_counter() - started,
         "epoch": last["epoch"],
         "settings": settings,
         "metrics": {key[5:]: value for key, value in last.items() if key.startswith("test/")},
+        "epochs": [
+            {k: v for k, v in epoch.items() if not k.startswith("test/")} for epoch in epochs
+        ],
     }
+
+
+#: The columns of the diagnostics table: (header, function of one epoch's log record).
+DIAGNOSTICS = (
+    ("J_m", lambda r: r["J_m"]),
+    ("J_syn", lambda r: r["J_syn"]),
+    ("w·J_syn / J_m", lambda r: r["synthetic_weight"] * r["J_syn"] / r["J_m"]),
+    ("‖∇z‖ syn / m", lambda r: r["diag_grad_z_J_syn"] / r["diag_grad_z_J_m"]),
+    ("‖∇P‖ syn / m", lambda r: r["diag_grad_proxies_J_syn"] / r["diag_grad_proxies_J_m"]),
+    ("cos(a, p_a)", lambda r: r["diag_cos_anchor_proxy"]),
+    ("cos(ñ, p_a)", lambda r: r["diag_cos_syn_anchor_proxy"]),
+    ("cos(ñ, p_c)", lambda r: r["diag_cos_syn_own_proxy"]),
+    ("cos(ñ, a)", lambda r: r["diag_cos_syn_anchor"]),
+    ("h", lambda r: r["hardness"]),
+    ("w", lambda r: r["synthetic_weight"]),
+)
+
+
+def diagnostics_table(runs: dict, metrics: list[str], seeds: list[int], arms) -> str:
+    """Per metric loss, arm and a few epochs (the first, a quarter, half, the last): the
+    diagnostics of ``train.diagnostics``, each a mean over seeds; "–" where a run did not log
+    them (synthesis off, or a run trained without diagnostics)."""
+    rows = []
+    for metric in metrics:
+        for arm in arms:
+            logs = [runs[run_key(metric, arm, seed)].get("epochs", []) for seed in seeds]
+            if not all(logs):
+                continue
+            last = min(len(log) for log in logs)
+            for epoch in sorted({1, max(1, last // 4), max(1, last // 2), last}):
+                row = [metric, arm_name(arm), str(epoch)]
+                for _, value in DIAGNOSTICS:
+                    try:
+                        values = [value(log[epoch - 1]) for log in logs]
+                    except (KeyError, ZeroDivisionError):
+                        row.append("–")
+                        continue
+                    row.append(f"{statistics.mean(values):.3g}")
+                rows.append(row)
+    header = ["metric loss", "arm", "epoch"] + [name for name, _ in DIAGNOSTICS]
+    return markdown(header, rows)
 
 
 def label(name: str) -> str:
@@ -180,6 +230,11 @@ def main(argv=None):
     )
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (default: 1)")
     parser.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="train with train.diagnostics and print how J_syn met J_m per epoch",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -230,6 +285,8 @@ def main(argv=None):
         f"{seconds:.0f} s per run\n"
     )
     print(tables(runs, args.metric, args.seeds, args.arms))
+    if args.diagnostics:
+        print("\n" + diagnostics_table(runs, args.metric, args.seeds, args.arms))
 
 
 if __name__ == "__main__":

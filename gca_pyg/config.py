@@ -92,6 +92,9 @@ class TrainConfig:
     # resumes on CUDA too, where sums by atomic adds otherwise vary in their last bits
     deterministic: bool = False
     eval_every: int = 5  # epochs; the last epoch is always evaluated
+    # Log how J_syn meets J_m with each step's losses (gradient norms, cosines to class centres;
+    # docs/method.md): one more backward pass through the losses a step
+    diagnostics: bool = False
     output_dir: str = "runs"
     # Under torchrun: auto (NCCL on CUDA, gloo on the CPU) | gloo | nccl
     dist_backend: str = "auto"

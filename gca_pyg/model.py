@@ -6,15 +6,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.nn import BatchNorm1d, Linear, Sequential
 
-from gca_pyg.distributed import all_gather_rows
+from gca_pyg.distributed import all_gather_rows, all_reduce_sum
 from gca_pyg.generator import HardNegativeGenerator
 from gca_pyg.graph import BatchGraph, GraphConfig
 from gca_pyg.losses import NPairLoss, ProxyAnchorLoss
 from gca_pyg.nn import L2Normalize
+from gca_pyg.synthesis import SyntheticSamples
 from gca_pyg.utils import autocast
 
 
@@ -187,7 +189,12 @@ class GCAHNG(torch.nn.Module):
         )
 
     def metric_loss(
-        self, embeddings: Tensor, graph: BatchGraph, mix: Optional[Tensor] = None
+        self,
+        embeddings: Tensor,
+        graph: BatchGraph,
+        mix: Optional[Tensor] = None,
+        *,
+        diagnostics: bool = False,
     ) -> dict[str, Tensor]:
         """:math:`J_{metric} = J_m + w J_{syn} + J_{gce}` (fusion weights detached), for the
         backbone, the embedding head, the correlation net (through :math:`J_{gce}`) and the metric
@@ -196,7 +203,8 @@ class GCAHNG(torch.nn.Module):
         name.
 
         On a sparse graph each anchor's synthetic negatives cover the classes it is joined to
-        (see :mod:`gca_pyg.losses`)."""
+        (see :mod:`gca_pyg.losses`). With `diagnostics` (and synthesis on) the dict also holds
+        the detached measures of :meth:`synthesis_diagnostics`."""
         j_m = self.criterion(embeddings, graph.labels, layout=graph.layout)
         synthesis = self.loss_config.synthesis
         negatives, j_gce = self.generator(embeddings, graph, mix, synthesize=synthesis)
@@ -206,8 +214,65 @@ class GCAHNG(torch.nn.Module):
             j_syn = self.criterion.synthetic(embeddings, negatives, graph)
             j_metric = j_metric + self.generator.synthetic_weight * j_syn
             losses["J_syn"] = j_syn
+            if diagnostics:
+                losses.update(self.synthesis_diagnostics(embeddings, graph, j_m, j_syn, negatives))
         losses["J_metric"] = j_metric
         return losses
+
+    def synthesis_diagnostics(
+        self,
+        embeddings: Tensor,
+        graph: BatchGraph,
+        j_m: Tensor,
+        j_syn: Tensor,
+        negatives: SyntheticSamples,
+    ) -> dict[str, Tensor]:
+        r"""How the synthetic term meets the metric loss, as detached scalars (``diag_*``):
+
+        * ``diag_grad_z_J_m``, ``diag_grad_z_J_syn``: the norms of the gradients of :math:`J_m`
+          and of :math:`w J_{syn}` (as the update weighs it) with respect to the embeddings;
+        * ``diag_grad_proxies_J_m``, ``diag_grad_proxies_J_syn``: the same for the metric
+          loss's proxies, where it has any;
+        * ``diag_cos_anchor_proxy``: mean cosine of each anchor to its class centre;
+          ``diag_cos_syn_anchor_proxy``, ``diag_cos_syn_own_proxy``: of each synthetic
+          negative to its anchor's class centre and to the centre of the class it stands for;
+          ``diag_cos_syn_anchor``: of each synthetic negative to its anchor. A class centre is
+          the proxy where the metric loss has proxies, else the generator's softmax classifier
+          weight of the class.
+
+        The gradients are this process's (its synthetic negatives); the cosines are means over
+        every process's rows. Computing them costs one extra backward pass through the losses
+        (not the backbone)."""
+        proxies = getattr(self.criterion, "proxies", None)
+        inputs = [embeddings] + ([proxies] if proxies is not None else [])
+        weighted = self.generator.synthetic_weight * j_syn
+        measures = {}
+        for name, loss in (("J_m", j_m), ("J_syn", weighted)):
+            grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+            for what, grad in zip(("z", "proxies"), grads):
+                norm = torch.zeros(()) if grad is None else grad.detach().norm()
+                measures[f"diag_grad_{what}_{name}"] = norm
+        with torch.no_grad():
+            centres = F.normalize(
+                proxies if proxies is not None else self.generator.classifier.weight, dim=-1
+            )
+            unit = F.normalize(embeddings, dim=-1)
+            synthetic = F.normalize(negatives.embeddings, dim=-1)
+            anchor_label = graph.labels[negatives.anchor]
+            is_negative = negatives.is_negative(graph.layout).to(unit.dtype)
+            rows = {
+                "diag_cos_syn_anchor_proxy": (synthetic * centres[anchor_label]).sum(-1),
+                "diag_cos_syn_own_proxy": (
+                    synthetic * centres[negatives.labels(graph.classes)]
+                ).sum(-1),
+                "diag_cos_syn_anchor": (synthetic * unit[negatives.anchor]).sum(-1),
+            }
+            for name, values in rows.items():
+                total = all_reduce_sum((values * is_negative).sum(), self.process_group)
+                count = all_reduce_sum(is_negative.sum(), self.process_group)
+                measures[name] = total / count.clamp_min(1)
+            measures["diag_cos_anchor_proxy"] = (unit * centres[graph.labels]).sum(-1).mean()
+        return measures
 
     def classifier_loss(self, embeddings: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """:math:`J_{cls}` (see :meth:`HardNegativeGenerator.classifier_loss

@@ -108,7 +108,12 @@ class TrainingRun:
             load_weights=resume_state is None,
             process_group=self.context.process_group,
         )
-        self.trainer = AlternatingTrainer(self.model, config.optim, seed=config.train.seed)
+        self.trainer = AlternatingTrainer(
+            self.model,
+            config.optim,
+            seed=config.train.seed,
+            diagnostics=config.train.diagnostics,
+        )
         self.memory_limit = FreedMemoryLimit()
         self.batch_in_epoch = 0
         self.best = {"recall@1": -1.0, "epoch": 0}

@@ -151,10 +151,21 @@ class AlternatingTrainer:
             <gca_pyg.model.GCAHNG.process_group>`, the processes that train them).
         config: :class:`OptimConfig`.
         seed: Seed of the merge coefficients of synthesis (the same on every process).
+        diagnostics: Log :meth:`GCAHNG.synthesis_diagnostics
+            <gca_pyg.model.GCAHNG.synthesis_diagnostics>` with every step's losses
+            (``train.diagnostics``).
     """
 
-    def __init__(self, model: GCAHNG, config: Optional[OptimConfig] = None, *, seed: int = 0):
+    def __init__(
+        self,
+        model: GCAHNG,
+        config: Optional[OptimConfig] = None,
+        *,
+        seed: int = 0,
+        diagnostics: bool = False,
+    ):
         self.model = model
+        self.diagnostics = diagnostics
         self.config = config or OptimConfig()
         self.process_group = model.process_group
         sync_batch_norm(model, rank_and_size(self.process_group)[1], model.device)
@@ -271,7 +282,7 @@ class AlternatingTrainer:
             for _ in range(2)
         )
 
-        losses = model.metric_loss(embeddings, graph, metric_mix)
+        losses = model.metric_loss(embeddings, graph, metric_mix, diagnostics=self.diagnostics)
         self._update(
             losses["J_metric"],
             "J_metric",
