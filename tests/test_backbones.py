@@ -120,7 +120,7 @@ def test_small_cnn_trains_on_a_demo_batch():
             r"unknown backbone 'resnet18' \(model.backbone\); choose one of resnet50, googlenet, "
             "small_cnn, dino_vits16, dinov2_vits14, or timm:<model name>",
         ),
-        ({"name": "resnet50", "pretrained": "imagenet21k"}, "choose one of imagenet, none"),
+        ({"name": "resnet50", "pretrained": "imagenet21k"}, "choose one of imagenet, none or a"),
         ({"name": "resnet50", "pretrained": True}, "choose one of imagenet, none"),
         ({"name": "small_cnn", "pretrained": "imagenet"}, "small_cnn has no ImageNet weights"),
     ],
@@ -177,3 +177,31 @@ def test_weights_are_downloaded_once_into_the_hub_cache_then_read_from_it(empty_
     for backbone in (first, second):
         assert torch.equal(backbone.trunk.conv1.conv.weight, published["conv1.conv.weight"])
         assert backbone.trunk.aux1 is None and backbone.out_features == 1024
+
+
+def test_a_file_of_backbone_weights_is_loaded_as_pretrained_weights(tmp_path):
+    torch.manual_seed(0)
+    trained = build_backbone("small_cnn", "none")
+    for parameter in trained.parameters():
+        parameter.data.normal_()
+    path = tmp_path / "backbone.pt"
+    torch.save(trained.state_dict(), path)
+    loaded = build_backbone("small_cnn", str(path))
+    for name, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    skipped = build_backbone("small_cnn", str(path), load_weights=False)  # a checkpoint follows
+    assert not torch.equal(skipped.state_dict()["trunk.0.weight"], trained.trunk[0].weight)
+
+
+def test_a_bad_file_of_backbone_weights_is_one_clear_error(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        build_backbone("small_cnn", str(tmp_path / "missing.pt"))
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match="could not be read"):
+        build_backbone("small_cnn", str(tmp_path / "broken.pt"))
+    torch.save({"trunk.0.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="is not a small_cnn backbone of this config"):
+        build_backbone("small_cnn", str(tmp_path / "other.pt"))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ConfigError, match="not a state_dict"):
+        build_backbone("small_cnn", str(tmp_path / "tensor.pt"))

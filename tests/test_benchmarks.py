@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -113,3 +115,60 @@ def test_ablate_pairs_two_arms_of_settings_by_seed():
     # A − B per seed: +5 and −2 points: mean +1.50, sd 4.95; A ahead on 1 of 2 seeds.
     assert "+1.50 ± 4.95" in r1 and "1/2" in r1
     assert ablate.run_key("npair", "loss.synthesis=true", 0) == "npair/on/0"
+
+
+def test_ablate_compares_several_arms_with_the_last():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ablate
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    arms = (
+        "loss.synthetic_proxies=relative",
+        "loss.synthetic_proxies=anchor",
+        "loss.synthesis=false",
+    )
+    values = {arms[0]: [0.80, 0.70], arms[1]: [0.60, 0.50], arms[2]: [0.65, 0.62]}
+    log = [{"J_m": 2.0, "J_syn": 1.0, "synthetic_weight": 0.5, "hardness": 0.25}]
+    runs = {
+        ablate.run_key("proxy_anchor", arm, seed): {
+            "metrics": {"recall@1": r1, "map@r": r1 / 2},
+            "epochs": log if arm != arms[2] else [],
+        }
+        for arm, r1s in values.items()
+        for seed, r1 in enumerate(r1s)
+    }
+    summary, per_seed = ablate.tables(runs, ["proxy_anchor"], [0, 1], arms).split("\n\n")
+    r1_rows = [line for line in summary.splitlines() if "| R@1 |" in line]
+    assert len(r1_rows) == 2  # one per arm against the baseline
+    assert "relative" in r1_rows[0] and "+11.50 ± 4.95" in r1_rows[0] and "2/2" in r1_rows[0]
+    assert "anchor" in r1_rows[1] and "-8.50 ± 4.95" in r1_rows[1] and "0/2" in r1_rows[1]
+    assert (
+        len([line for line in per_seed.splitlines() if "synthetic_proxies=relative |" in line]) == 2
+    )
+    table = ablate.diagnostics_table(runs, ["proxy_anchor"], [0, 1], arms)
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    assert [row[1].strip() for row in rows] == list(arms[:2])  # the baseline logged none
+    assert rows[0][4].strip() == "1" and rows[0][5].strip() == "0.25"  # J_syn; w·J_syn / J_m
+    assert rows[0][6].strip() == "–"  # gradient norms not logged
+
+
+def test_the_real_image_sets_are_written_with_disjoint_classes(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    out = run_benchmark("real_images.py", "digits", str(tmp_path / "digits"))
+    assert "901 training images of digits 0-4, 896 test images of digits 5-9" in out
+    train = {p.name for p in (tmp_path / "digits" / "train").iterdir()}
+    test = {p.name for p in (tmp_path / "digits" / "test").iterdir()}
+    assert train == {"0", "1", "2", "3", "4"} and test == {"5", "6", "7", "8", "9"}
+    out = run_benchmark("real_images.py", "glyphs", str(tmp_path / "glyphs"), "--classes", "6")
+    train = {p.name for p in (tmp_path / "glyphs" / "train").iterdir()}
+    test = {p.name for p in (tmp_path / "glyphs" / "test").iterdir()}
+    assert len(train) == len(test) == 3 and not train & test
+    images = sorted((tmp_path / "glyphs" / "train").glob("*/*.png"))
+    assert len(images) == 3 * 32  # 16 faces, 2 renders each
+    assert f"{len(list((tmp_path / 'glyphs').glob('*/*/*.png')))} images of 6 characters" in out
+    from PIL import Image
+
+    pixels = Image.open(images[0])
+    assert pixels.size == (32, 32) and pixels.getextrema()[1] > 128  # a visible glyph

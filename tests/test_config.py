@@ -104,7 +104,12 @@ def test_a_yaml_file_by_path(tmp_path):
             "loss.metric=triplet",
             r"'loss.metric' .* is 'triplet'; valid values: npair, proxy_anchor",
         ),
-        ("loss.synthetic_proxies=all", r"'loss.synthetic_proxies' .* valid values: anchor, others"),
+        (
+            "loss.synthetic_proxies=all",
+            r"'loss.synthetic_proxies' .* valid values: anchor, others, relative, class",
+        ),
+        ("loss.hardness_scale=log", r"'loss.hardness_scale' .* valid values: absolute, relative"),
+        ("model.pretrained=imagenet21k", r"'model.pretrained' .* valid values: imagenet, none"),
         ("optim.proxy_lr_ratio=0", r"'optim.proxy_lr_ratio' .* must be positive"),
         (
             "data.class_sampling=random",
@@ -152,3 +157,8 @@ def test_explicit_precision_and_memory_format_are_honoured(monkeypatch, capsys):
     assert runtime.autocast_dtype("bf16", cpu) == torch.bfloat16  # it runs, and says so:
     assert "no native bf16 matmul" in capsys.readouterr().err
     assert not runtime.use_channels_last("contiguous", "bf16", cpu)
+
+
+def test_model_pretrained_takes_a_file_of_backbone_weights():
+    config = load_config("demo", ["model.pretrained=weights/backbone.pt"])
+    assert config.model.pretrained == "weights/backbone.pt"

@@ -64,3 +64,39 @@ def test_the_schedule_keeps_double_precision_whatever_the_module_dtype():
     generator.end_epoch()
     generator.to(torch.bfloat16)  # parameters in bf16; the running means are not tensors
     assert generator.mean_metric_loss == 1 / 3
+
+
+def test_the_relative_hardness_reads_the_metric_loss_against_its_first_epoch():
+    absolute, relative = make(alpha=1.5), make(alpha=1.5, hardness_scale="relative")
+    assert relative.hardness == absolute.hardness  # ~1 until an epoch has ended
+    for mean in (12.0, 6.0, 3.0):
+        for generator in (absolute, relative):
+            generator.record(metric_loss=mean)
+            generator.end_epoch()
+        assert relative.first_mean_metric_loss == 12.0
+        assert absolute.hardness == pytest.approx(math.exp(-1.5 / mean))
+        assert relative.hardness == pytest.approx(math.exp(-1.5 * 12.0 / mean))
+    # The same fall on another scale gives the same schedule.
+    scaled = make(alpha=1.5, hardness_scale="relative")
+    for mean in (1.2, 0.6, 0.3):
+        scaled.record(metric_loss=mean)
+        scaled.end_epoch()
+    assert scaled.hardness == pytest.approx(relative.hardness)
+    restored = make(alpha=1.5, hardness_scale="relative")
+    restored.load_state_dict(copy.deepcopy(relative.state_dict()))
+    assert restored.hardness == relative.hardness
+    with pytest.raises(ValueError, match="hardness_scale"):
+        make(hardness_scale="log")
+
+
+def test_a_schedule_state_from_before_the_relative_hardness_loads():
+    generator = make(hardness_scale="relative")
+    state = generator.state_dict()
+    extra = dict(state["_extra_state"])
+    del extra["first_mean_metric_loss"]
+    extra["mean_metric_loss"] = 4.0
+    state["_extra_state"] = extra
+    generator.load_state_dict(state)
+    assert generator.first_mean_metric_loss is None
+    generator.end_epoch()  # the first mean known from now on is the reference
+    assert generator.first_mean_metric_loss == 4.0

@@ -398,3 +398,50 @@ def test_after_warmup_batchnorm_affine_parameters_train_while_statistics_stay_fr
     trainer.training_step(images, labels)
     assert not torch.equal(norm.weight, weight)  # gamma trains after warm-up
     assert torch.equal(norm.running_mean, statistics)  # the statistics stay frozen
+
+
+@pytest.mark.parametrize("metric", ["npair", "proxy_anchor"])
+def test_diagnostics_measure_without_changing_any_update(metric):
+    images, labels = batch()
+    plain, measured = make_trainer(metric=metric), make_trainer(metric=metric)
+    measured.diagnostics = True
+    final_logs = []
+    for trainer in (plain, measured):
+        torch.manual_seed(5)  # the net's dropout
+        for _ in range(2):
+            logs = trainer.training_step(images, labels)
+        final_logs.append(logs)
+    plain_logs, logs = final_logs
+    for name, value in plain.model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(measured.model.state_dict()[name], value), name
+    assert {k: v for k, v in logs.items() if not k.startswith("diag_")} == plain_logs
+    assert not any(name.startswith("diag_") for name in plain_logs)
+    assert logs["diag_grad_z_J_m"] > 0 and logs["diag_grad_z_J_syn"] > 0
+    if metric == "proxy_anchor":
+        assert logs["diag_grad_proxies_J_m"] > 0 and logs["diag_grad_proxies_J_syn"] > 0
+    else:
+        assert "diag_grad_proxies_J_m" not in logs
+    for name in ("anchor_proxy", "syn_anchor_proxy", "syn_own_proxy", "syn_anchor"):
+        assert -1 <= logs[f"diag_cos_{name}"] <= 1
+
+
+def test_the_diagnostics_are_the_gradients_and_cosines_they_name():
+    trainer = make_trainer(metric="proxy_anchor")
+    model = trainer.model
+    images, labels = batch()
+    model.generator.mean_generator_loss = 10.0  # a synthetic weight well above 0
+    embeddings = model(images)
+    graph = model.batch_graph(labels)
+    mix = torch.full((3, 2), 0.5)
+    losses = model.metric_loss(embeddings, graph, mix, diagnostics=True)
+    proxies = model.criterion.proxies
+    w = model.generator.synthetic_weight
+    (grad,) = torch.autograd.grad(w * losses["J_syn"], [proxies], retain_graph=True)
+    assert losses["diag_grad_proxies_J_syn"].item() == pytest.approx(grad.norm().item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(losses["J_m"], [embeddings], retain_graph=True)
+    assert losses["diag_grad_z_J_m"].item() == pytest.approx(grad.norm().item(), rel=1e-6)
+    unit = torch.nn.functional.normalize(embeddings.detach(), dim=-1)
+    centres = torch.nn.functional.normalize(proxies.detach(), dim=-1)
+    expected = sum(float(unit[i] @ centres[labels[i]]) for i in range(len(labels))) / len(labels)
+    assert losses["diag_cos_anchor_proxy"].item() == pytest.approx(expected, rel=1e-5)
