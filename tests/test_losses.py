@@ -222,8 +222,9 @@ def lse_plus(exponents):
 def test_synthetic_proxy_anchor_loss_by_hand(negative_of):
     y = torch.tensor([4, 4, 1, 1, 6, 6])  # layout rows: class 1 -> 0, 4 -> 1, 6 -> 2
     graph = BatchGraph.build(y)
-    # Anchors 0 (class 4) and 2 (class 1): a row per other class, one own-class row (ignored).
-    synthetic = synthetic_for(y, [0, 0, 0, 2, 2], [0, 2, 1, 1, 2])
+    # Anchors 0 and 1 (class 4) and 2 (class 1): a row per other class, one own-class row
+    # (ignored); two anchors share a proxy, so per-anchor and per-proxy sums differ.
+    synthetic = synthetic_for(y, [0, 0, 0, 2, 2, 1, 1], [0, 2, 1, 1, 2, 0, 2])
     embeddings = torch.randn(6, 5, dtype=torch.float64)
     proxies = torch.randn(8, 5, dtype=torch.float64)
     margin, alpha = 0.2, 10.0
@@ -231,10 +232,10 @@ def test_synthetic_proxy_anchor_loss_by_hand(negative_of):
     def cos(u, v):
         return float(u @ v / (u.norm() * v.norm()))
 
-    stands_for = [1, 6, 4, 4, 6]
-    anchor = [0, 0, 0, 2, 2]
-    anchor_class = [4, 4, 4, 1, 1]
-    rows = [r for r in range(5) if stands_for[r] != anchor_class[r]]
+    stands_for = [1, 6, 4, 4, 6, 1, 6]
+    anchor = [0, 0, 0, 2, 2, 1, 1]
+    anchor_class = [4, 4, 4, 1, 1, 4, 4]
+    rows = [r for r in range(7) if stands_for[r] != anchor_class[r]]
     pushed, pulled, per_anchor = {}, {}, {}  # proxy (anchor) -> its exponents
     for r in rows:
         n = synthetic.embeddings[r]
