@@ -45,7 +45,7 @@ __all__ = [
 METRIC_LOSSES = ("npair", "proxy_anchor")
 #: The roles of a synthetic negative in Proxy-Anchor's :math:`J_{syn}`
 #: (:func:`synthetic_proxy_anchor_loss`).
-SYNTHETIC_PROXIES = ("anchor", "others", "relative", "class")
+SYNTHETIC_PROXIES = ("anchor", "others", "relative", "proxy_positive", "class")
 
 
 def _l2_term(l2_reg: float, *rows: Tensor) -> Tensor:
@@ -213,7 +213,7 @@ def synthetic_proxy_anchor_loss(
     negative_of: str = "anchor",
     embeddings: Optional[Tensor] = None,
 ) -> Tensor:
-    r""":math:`J_{syn}` of the Proxy-Anchor track: the synthetic negatives in one of four roles.
+    r""":math:`J_{syn}` of the Proxy-Anchor track: the synthetic negatives in one of five roles.
 
     A synthetic negative :math:`\tilde{\mathbf{n}}_{i,c}` is built to lie near anchor :math:`i`
     (of class :math:`y_i`) while reading as another class :math:`c`. With :math:`s` the cosine
@@ -231,6 +231,11 @@ def synthetic_proxy_anchor_loss(
       (s(\tilde{\mathbf{n}}_{i,c}, \mathbf{p}_{y_i}) - s(\mathbf{a}_i, \mathbf{p}_{y_i}) + \delta)
       : c\}`. Moving the anchor
       and its negative together changes nothing; only what tells them apart is learned.
+    * ``"proxy_positive"``: N-pair's :math:`J_{syn}` with the anchor's proxy as its positive:
+      the anchor must be closer to its proxy than to each of its synthetic negatives,
+      :math:`J_{syn} = \operatorname{mean}_i \operatorname{lse}^+ \{\alpha
+      (s(\mathbf{a}_i, \tilde{\mathbf{n}}_{i,c}) - s(\mathbf{a}_i, \mathbf{p}_{y_i}) + \delta)
+      : c\}`: a sample-to-sample push, which Proxy-Anchor's own terms lack.
     * ``"class"``: a sample of the class it stands for, in the Proxy-Anchor loss itself: the push
       of ``"others"`` plus the pull :math:`\operatorname{mean}_{c \in P_s^+} \operatorname{lse}^+
       \{-\alpha (s(\tilde{\mathbf{n}}_{i,c}, \mathbf{p}_c) - \delta) : i\}`.
@@ -242,9 +247,10 @@ def synthetic_proxy_anchor_loss(
         synthetic: This process's synthetic samples.
         graph: The step's :class:`~gca_pyg.graph.BatchGraph`.
         proxies, margin, alpha: As in :func:`proxy_anchor_loss`.
-        negative_of: ``"anchor"``, ``"others"``, ``"relative"`` or ``"class"``, see above.
-            (default: :obj:`"anchor"`)
-        embeddings: The real batch :math:`(N, D)`; needed by ``"relative"``.
+        negative_of: ``"anchor"``, ``"others"``, ``"relative"``, ``"proxy_positive"`` or
+            ``"class"``, see above. (default: :obj:`"anchor"`)
+        embeddings: The real batch :math:`(N, D)`; needed by ``"relative"`` and
+            ``"proxy_positive"``.
     """
     if negative_of not in SYNTHETIC_PROXIES:
         raise ValueError(
@@ -257,23 +263,26 @@ def synthetic_proxy_anchor_loss(
     unit_proxies = F.normalize(proxies, dim=-1)
     # Every exponent below is at most its bound (cosines lie in [-1, 1]): no overflow at any alpha.
     bound = alpha * (1.0 + margin)
-    if negative_of in ("anchor", "relative"):
+    if negative_of in ("anchor", "relative", "proxy_positive"):
         proxy = graph.labels[synthetic.anchor]
         cosine = (unit * gather_rows(unit_proxies, proxy)).sum(dim=-1)
-        if negative_of == "relative":
+        if negative_of == "anchor":
+            exponent = alpha * (cosine + margin)
+            slots, num_slots = proxy, num_proxies
+        else:
             if embeddings is None:
                 raise ValueError(
-                    "synthetic_proxy_anchor_loss(negative_of='relative') needs the "
+                    f"synthetic_proxy_anchor_loss(negative_of={negative_of!r}) needs the "
                     "embeddings of the batch"
                 )
-            anchor_cosine = F.linear(F.normalize(embeddings, dim=-1), unit_proxies)
+            unit_anchors = F.normalize(embeddings, dim=-1)
+            anchor_cosine = F.linear(unit_anchors, unit_proxies)
             own = anchor_cosine.gather(1, graph.labels.unsqueeze(1)).squeeze(1)
+            if negative_of == "proxy_positive":  # the anchor's cosine to the negative
+                cosine = (unit * gather_rows(unit_anchors, synthetic.anchor)).sum(dim=-1)
             exponent = alpha * (cosine - gather_rows(own, synthetic.anchor) + margin)
             bound = alpha * (2.0 + margin)
             slots, num_slots = synthetic.anchor, embeddings.size(0)
-        else:
-            exponent = alpha * (cosine + margin)
-            slots, num_slots = proxy, num_proxies
         terms = torch.where(is_negative, torch.exp(exponent - bound), 0.0)
         sums = all_reduce_sum(unit.new_zeros(num_slots).index_add(0, slots, terms), group)
         counts = unit.new_zeros(num_slots).index_add(0, slots, is_negative.to(unit.dtype))

@@ -48,7 +48,8 @@ class LossConfig:
     proxy_alpha: float = 32.0  # Proxy-Anchor's scale alpha
     # Proxy-Anchor: the role of a synthetic negative in J_syn: a negative of its anchor's class
     # proxy (anchor), of every proxy but its own class's (others), compared with its anchor by the
-    # anchor's proxy (relative), or a sample of its class (class); docs/method.md
+    # anchor's proxy (relative), compared with that proxy by the anchor (proxy_positive), or a
+    # sample of its class (class); docs/method.md
     synthetic_proxies: str = "anchor"
 
 

@@ -106,7 +106,8 @@ def test_a_yaml_file_by_path(tmp_path):
         ),
         (
             "loss.synthetic_proxies=all",
-            r"'loss.synthetic_proxies' .* valid values: anchor, others, relative, class",
+            r"'loss.synthetic_proxies' .* valid values: anchor, others, relative, proxy_positive, "
+            "class",
         ),
         ("loss.hardness_scale=log", r"'loss.hardness_scale' .* valid values: absolute, relative"),
         ("model.pretrained=imagenet21k", r"'model.pretrained' .* valid values: imagenet, none"),

@@ -139,7 +139,7 @@ def test_the_proxy_anchor_module_uses_its_margin_scale_and_proxies():
     assert module(z, y).item() == pytest.approx(expected, rel=1e-10)
     graph = BatchGraph.build(y)
     synthetic = synthetic_for(y, [0, 3, 6], [1, 2, 3], dim=6)
-    for negative_of in ("anchor", "others", "relative", "class"):
+    for negative_of in ("anchor", "others", "relative", "proxy_positive", "class"):
         module = ProxyAnchorLoss(5, 6, margin=0.3, alpha=8.0, synthetic_proxies=negative_of)
         module = module.double()
         expected = synthetic_proxy_anchor_loss(
@@ -218,7 +218,7 @@ def lse_plus(exponents):
     return math.log(1 + sum(math.exp(x) for x in exponents))
 
 
-@pytest.mark.parametrize("negative_of", ["anchor", "others", "relative", "class"])
+@pytest.mark.parametrize("negative_of", ["anchor", "others", "relative", "proxy_positive", "class"])
 def test_synthetic_proxy_anchor_loss_by_hand(negative_of):
     y = torch.tensor([4, 4, 1, 1, 6, 6])  # layout rows: class 1 -> 0, 4 -> 1, 6 -> 2
     graph = BatchGraph.build(y)
@@ -239,10 +239,11 @@ def test_synthetic_proxy_anchor_loss_by_hand(negative_of):
     pushed, pulled, per_anchor = {}, {}, {}  # proxy (anchor) -> its exponents
     for r in rows:
         n = synthetic.embeddings[r]
-        if negative_of == "relative":
+        if negative_of in ("relative", "proxy_positive"):
             a = embeddings[anchor[r]]
             p = proxies[anchor_class[r]]
-            per_anchor.setdefault(anchor[r], []).append(alpha * (cos(n, p) - cos(a, p) + margin))
+            negative = cos(n, p) if negative_of == "relative" else cos(n, a)
+            per_anchor.setdefault(anchor[r], []).append(alpha * (negative - cos(a, p) + margin))
             continue
         for p in [anchor_class[r]] if negative_of == "anchor" else range(8):
             if p != stands_for[r]:
@@ -250,7 +251,7 @@ def test_synthetic_proxy_anchor_loss_by_hand(negative_of):
         pulled.setdefault(stands_for[r], []).append(
             -alpha * (cos(n, proxies[stands_for[r]]) - margin)
         )
-    if negative_of == "relative":
+    if per_anchor:
         expected = sum(map(lse_plus, per_anchor.values())) / len(per_anchor)
     else:
         expected = sum(map(lse_plus, pushed.values())) / len(pushed)
