@@ -186,7 +186,7 @@ def tables(runs: dict, metrics: list[str], seeds: list[int], arms=SYNTHESIS_ARMS
                     ]
                 )
     a, b = arm_name(arms[0]), arm_name(baseline)
-    first = ["metric loss", "A"] if several else ["metric loss"]
+    first = ["metric loss", "arm A"] if several else ["metric loss"]
     if tuple(arms) == SYNTHESIS_ARMS:
         header = first + ["metric", "synthesis on", "synthesis off", "on − off", "on > off"]
     else:
