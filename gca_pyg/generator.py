@@ -277,16 +277,21 @@ class HardNegativeGenerator(torch.nn.Module):
         mix: Optional[Tensor] = None,
         *,
         synthesize: bool = True,
+        node_loss_to_embeddings: bool = True,
     ) -> tuple[Optional[SyntheticSamples], Tensor]:
         r"""The generator's part of the metric update: the synthetic negatives of `embeddings`
         (differentiable in them; the fusion weights are computed without autograd, so the metric
         loss never trains the net through them) and :math:`J_{gce} = \mathrm{CE}(\text{node
         logits}, y)`, which trains the net (and, through the graph, the embeddings).
 
+        With `node_loss_to_embeddings` off, :math:`J_{gce}` trains the net alone: the graph is
+        built from detached embeddings (the synthetic negatives still carry their gradient).
+
         Returns:
             ``(negatives, j_gce)``; `negatives` is :obj:`None` with `synthesize` off.
         """
-        node_logits, fusion = self.correlate(embeddings, graph, detach_fusion=True)
+        graph_input = embeddings if node_loss_to_embeddings else embeddings.detach()
+        node_logits, fusion = self.correlate(graph_input, graph, detach_fusion=True)
         j_gce = F.cross_entropy(node_logits, graph.labels)
         negatives = self.synthesize(embeddings, graph, fusion, mix) if synthesize else None
         return negatives, j_gce

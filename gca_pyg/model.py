@@ -43,6 +43,9 @@ class LossConfig:
     classifier_scale: float = 10.0
     l2_reg: float = 3e-3
     synthesis: bool = True  # False: J_metric = J_m + J_gce, no generator update (ablation)
+    # J_gce's gradient reaches the embeddings through the batch graph (the authors' code); False:
+    # it trains the correlation net alone
+    node_loss_to_embeddings: bool = True
     metric: str = "npair"  # npair | proxy_anchor: the metric loss of J_m and J_syn
     proxy_margin: float = 0.1  # Proxy-Anchor's margin delta
     proxy_alpha: float = 32.0  # Proxy-Anchor's scale alpha
@@ -208,7 +211,13 @@ class GCAHNG(torch.nn.Module):
         the detached measures of :meth:`synthesis_diagnostics`."""
         j_m = self.criterion(embeddings, graph.labels, layout=graph.layout)
         synthesis = self.loss_config.synthesis
-        negatives, j_gce = self.generator(embeddings, graph, mix, synthesize=synthesis)
+        negatives, j_gce = self.generator(
+            embeddings,
+            graph,
+            mix,
+            synthesize=synthesis,
+            node_loss_to_embeddings=self.loss_config.node_loss_to_embeddings,
+        )
         losses = {"J_m": j_m, "J_gce": j_gce}
         j_metric = j_m + j_gce
         if synthesis:
