@@ -445,3 +445,21 @@ def test_the_diagnostics_are_the_gradients_and_cosines_they_name():
     centres = torch.nn.functional.normalize(proxies.detach(), dim=-1)
     expected = sum(float(unit[i] @ centres[labels[i]]) for i in range(len(labels))) / len(labels)
     assert losses["diag_cos_anchor_proxy"].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("to_embeddings", [True, False])
+def test_j_gce_reaches_the_embeddings_only_where_asked(to_embeddings):
+    trainer = make_trainer()
+    model = trainer.model
+    model.loss_config.node_loss_to_embeddings = to_embeddings
+    images, labels = batch()
+    model.train()
+    embeddings = model(images).detach().requires_grad_(True)
+    graph = trainer.batch_graph(labels)
+    losses = model.metric_loss(embeddings, graph, torch.rand(3, 2))
+    (grad,) = torch.autograd.grad(losses["J_gce"], embeddings, allow_unused=True)
+    assert (grad is not None and bool(grad.any())) == to_embeddings
+    net_grads = torch.autograd.grad(losses["J_gce"], list(model.generator.net.parameters()))
+    assert any(bool(g.any()) for g in net_grads)  # the net learns node classification either way
+    (syn_grad,) = torch.autograd.grad(losses["J_syn"], embeddings)
+    assert syn_grad.abs().max() > 0  # the synthetic negatives keep their gradient
