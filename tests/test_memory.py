@@ -343,12 +343,19 @@ def test_synthesis_and_every_loss_by_hand_on_a_graph_with_memory_nodes(metric):
 def test_without_memory_training_is_bit_for_bit_what_it_was(metric, two_threads):
     """data/sparse_steps.pt holds what the code before memory nodes computed
     (data/make_sparse_steps.py); graph.memory 0, or a memory not started yet, gives the same."""
-    expected = torch.load(DATA / "sparse_steps.pt", weights_only=False)[metric]
+    expected, exact = recorded_steps(metric)
     for graph in (GraphConfig(neighbors=2), GraphConfig(neighbors=2, memory=16, memory_start=1)):
         actual = steps.run(metric, graph)
-        assert [losses_only(step) for step in actual["losses"]] == expected["losses"]
+        losses = [losses_only(step) for step in actual["losses"]]
+        if exact:
+            assert losses == expected["losses"]
+        else:  # no record for this CPU's kernels: the last bits may differ
+            assert losses == [pytest.approx(step, rel=1e-10) for step in expected["losses"]]
         for name, value in expected["state"].items():
-            assert torch.equal(actual["state"][name], value), name
+            if exact:
+                assert torch.equal(actual["state"][name], value), name
+            else:
+                torch.testing.assert_close(actual["state"][name], value, rtol=1e-9, atol=1e-12)
     # A started memory, full of classes the later batches miss, changes every later step.
     active = [
         losses_only(step)
@@ -356,6 +363,18 @@ def test_without_memory_training_is_bit_for_bit_what_it_was(metric, two_threads)
     ]
     assert active[0] == expected["losses"][0]
     assert all(a["J_metric"] != b["J_metric"] for a, b in zip(active[1:], expected["losses"][1:]))
+
+
+def recorded_steps(metric):
+    """The record of data/make_sparse_steps.py for this CPU, and whether it was made with this
+    CPU's kernels: ``sparse_steps.pt`` on an AVX2 CPU, ``sparse_steps.<capability>.pt`` (the same
+    script at the same commit) where wider vector kernels sum in another order. Elsewhere the
+    AVX2 record, compared to within rounding."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    own = DATA / f"sparse_steps.{capability}.pt"
+    path = own if own.exists() else DATA / "sparse_steps.pt"
+    exact = own.exists() or capability == "AVX2"
+    return torch.load(path, weights_only=False)[metric], exact
 
 
 def losses_only(logs):

@@ -5,6 +5,10 @@ with graph.memory at 0, or memory that has not started, today's code must give t
 bit for bit (tests/test_memory.py).
 
     python tests/data/make_sparse_steps.py tests/data/sparse_steps.pt
+
+CPU kernels vectorised wider than AVX2 sum in another order, so a record is made per
+``torch.backends.cpu.get_cpu_capability()``: ``sparse_steps.pt`` on AVX2, and e.g.
+``sparse_steps.AVX512.pt`` by this script at the same commit on an AVX-512 CPU.
 """
 
 import sys
