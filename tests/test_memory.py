@@ -355,7 +355,7 @@ def test_without_memory_training_is_bit_for_bit_what_it_was(metric, two_threads)
             if exact:
                 assert torch.equal(actual["state"][name], value), name
             else:
-                torch.testing.assert_close(actual["state"][name], value, rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(actual["state"][name], value, rtol=1e-6, atol=1e-9)
     # A started memory, full of classes the later batches miss, changes every later step.
     active = [
         losses_only(step)
