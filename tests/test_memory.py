@@ -361,7 +361,7 @@ def test_without_memory_training_is_bit_for_bit_what_it_was(metric, two_threads)
         losses_only(step)
         for step in steps.run(metric, GraphConfig(neighbors=2, memory=16))["losses"]
     ]
-    assert active[0] == expected["losses"][0]
+    assert active[0] == (expected["losses"][0] if exact else pytest.approx(expected["losses"][0]))
     assert all(a["J_metric"] != b["J_metric"] for a, b in zip(active[1:], expected["losses"][1:]))
 
 
