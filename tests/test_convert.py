@@ -125,6 +125,13 @@ def ours(converted):
     return models
 
 
+#: The fixture's outputs were computed on an AVX2 CPU. CPUs with wider vector kernels (AVX-512,
+#: AMX) order the fp32 sums of a 50-layer network otherwise: up to ~3·10⁻⁵ of the largest output
+#: there, so the bound is 10⁻⁴ on them and 10⁻⁵ on AVX2 (a tenth of it, absolute, for the
+#: BatchNorm running statistics).
+FIXTURE_TOLERANCE = 1e-5 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 1e-4
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_the_converted_model_computes_what_their_gca_hng_computes(fixture, ours, case):
     """Embeddings, node logits and fusion weights of their forward at fp32 precision, in eval mode
@@ -144,15 +151,18 @@ def test_the_converted_model_computes_what_their_gca_hng_computes(fixture, ours,
             torch.testing.assert_close(
                 actual[name],
                 expected[name],
-                rtol=1e-5,
-                atol=1e-5 * scale,
+                rtol=FIXTURE_TOLERANCE,
+                atol=FIXTURE_TOLERANCE * scale,
                 msg=lambda text, name=name, mode=mode: f"{case} {mode} {name}: {text}",
             )
         state = model.state_dict()
         for key, value in expected.get("running", {}).items():
             prefix = next(p for p in RUNNING if key.startswith(p))
             torch.testing.assert_close(
-                state[RUNNING[prefix] + key[len(prefix) :]], value, rtol=1e-5, atol=1e-6
+                state[RUNNING[prefix] + key[len(prefix) :]],
+                value,
+                rtol=FIXTURE_TOLERANCE,
+                atol=FIXTURE_TOLERANCE / 10,
             )
     model.load_state_dict(weights)
 

@@ -6,6 +6,10 @@ Run it with gca_pyg 0.1.0 importable (e.g. a checkout of the commit before 0.2.0
 ``pip install gca-pyg==0.1.0``)::
 
     python tests/data/make_format_1_checkpoint.py tests/data
+
+Sums split differently on CPUs with wider vector kernels than AVX2, so the pair is made once per
+``torch.backends.cpu.get_cpu_capability()``: ``format_1.pt`` and ``format_1_continued.pt`` on
+AVX2, renamed ``format_1.AVX512.pt`` and ``format_1_continued.AVX512.pt`` when made on AVX-512.
 """
 
 import sys
