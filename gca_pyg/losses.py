@@ -344,7 +344,8 @@ class ProxyAnchorLoss(torch.nn.Module):
         margin (float, optional): :math:`\delta`. (default: :obj:`0.1`)
         alpha (float, optional): :math:`\alpha`. (default: :obj:`32.0`)
         synthetic_proxies (str, optional): ``negative_of`` of
-            :func:`synthetic_proxy_anchor_loss`. (default: :obj:`"anchor"`)
+            :func:`synthetic_proxy_anchor_loss`. (default: :obj:`"relative"`, the form that
+            measured least harmful; gca_pyg 0.2.0 had only ``"anchor"``)
     """
 
     def __init__(
@@ -353,7 +354,7 @@ class ProxyAnchorLoss(torch.nn.Module):
         embedding_size: int,
         margin: float = 0.1,
         alpha: float = 32.0,
-        synthetic_proxies: str = "anchor",
+        synthetic_proxies: str = "relative",
     ):
         super().__init__()
         if synthetic_proxies not in SYNTHETIC_PROXIES:

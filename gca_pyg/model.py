@@ -53,7 +53,7 @@ class LossConfig:
     # proxy (anchor), of every proxy but its own class's (others), compared with its anchor by the
     # anchor's proxy (relative), compared with that proxy by the anchor (proxy_positive), or a
     # sample of its class (class); docs/method.md
-    synthetic_proxies: str = "anchor"
+    synthetic_proxies: str = "relative"
 
 
 class GCAHNG(torch.nn.Module):

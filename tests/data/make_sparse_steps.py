@@ -44,7 +44,7 @@ def run(metric: str, graph: GraphConfig) -> dict:
         CLASSES,
         16,
         net=NetConfig(num_layers=2, heads=4, dropout=0.1),
-        loss=LossConfig(metric=metric),
+        loss=LossConfig(metric=metric, synthetic_proxies="anchor"),  # 0.2.0's default
         graph=graph,
     ).double()
     trainer = AlternatingTrainer(model, OptimConfig(warmup_epochs=0, epochs=10), seed=0)
