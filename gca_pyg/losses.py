@@ -229,8 +229,8 @@ def synthetic_proxy_anchor_loss(
       negatives, as N-pair's :math:`J_{syn}` prefers the positive:
       :math:`J_{syn} = \operatorname{mean}_i \operatorname{lse}^+ \{\alpha
       (s(\tilde{\mathbf{n}}_{i,c}, \mathbf{p}_{y_i}) - s(\mathbf{a}_i, \mathbf{p}_{y_i}) + \delta)
-      : c\}`. Moving the anchor
-      and its negative together changes nothing; only what tells them apart is learned.
+      : c\}`. Moving the anchor and its negative together changes nothing; only what tells
+      them apart is learned.
     * ``"proxy_positive"``: N-pair's :math:`J_{syn}` with the anchor's proxy as its positive:
       the anchor must be closer to its proxy than to each of its synthetic negatives,
       :math:`J_{syn} = \operatorname{mean}_i \operatorname{lse}^+ \{\alpha
@@ -256,6 +256,11 @@ def synthetic_proxy_anchor_loss(
         raise ValueError(
             f"negative_of must be one of {', '.join(SYNTHETIC_PROXIES)}, got {negative_of!r}"
         )
+    if negative_of in ("relative", "proxy_positive") and embeddings is None:
+        raise ValueError(
+            f"synthetic_proxy_anchor_loss(negative_of={negative_of!r}) needs the embeddings of "
+            "the batch"
+        )
     group = graph.process_group
     num_proxies = proxies.size(0)
     is_negative = synthetic.is_negative(graph.layout)
@@ -265,21 +270,18 @@ def synthetic_proxy_anchor_loss(
     bound = alpha * (1.0 + margin)
     if negative_of in ("anchor", "relative", "proxy_positive"):
         proxy = graph.labels[synthetic.anchor]
-        cosine = (unit * gather_rows(unit_proxies, proxy)).sum(dim=-1)
+        cosine = (  # the negative's cosine to the anchor's proxy, or (proxy_positive) to the anchor
+            unit * gather_rows(unit_proxies, proxy)
+            if negative_of != "proxy_positive"
+            else unit * gather_rows(F.normalize(embeddings, dim=-1), synthetic.anchor)
+        ).sum(dim=-1)
         if negative_of == "anchor":
             exponent = alpha * (cosine + margin)
             slots, num_slots = proxy, num_proxies
         else:
-            if embeddings is None:
-                raise ValueError(
-                    f"synthetic_proxy_anchor_loss(negative_of={negative_of!r}) needs the "
-                    "embeddings of the batch"
-                )
             unit_anchors = F.normalize(embeddings, dim=-1)
             anchor_cosine = F.linear(unit_anchors, unit_proxies)
             own = anchor_cosine.gather(1, graph.labels.unsqueeze(1)).squeeze(1)
-            if negative_of == "proxy_positive":  # the anchor's cosine to the negative
-                cosine = (unit * gather_rows(unit_anchors, synthetic.anchor)).sum(dim=-1)
             exponent = alpha * (cosine - gather_rows(own, synthetic.anchor) + margin)
             bound = alpha * (2.0 + margin)
             slots, num_slots = synthetic.anchor, embeddings.size(0)

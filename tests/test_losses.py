@@ -277,8 +277,9 @@ def test_the_relative_form_ignores_what_anchor_and_negative_share():
         synthetic, graph, proxies, 0.1, 32.0, negative_of="relative", embeddings=embeddings
     )
     assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(3.2)), rel=1e-12)
-    with pytest.raises(ValueError, match="needs the embeddings"):
-        synthetic_proxy_anchor_loss(synthetic, graph, proxies, negative_of="relative")
+    for negative_of in ("relative", "proxy_positive"):
+        with pytest.raises(ValueError, match="needs the embeddings"):
+            synthetic_proxy_anchor_loss(synthetic, graph, proxies, negative_of=negative_of)
 
 
 def test_synthetic_proxy_anchor_loss_stays_finite_at_large_scales():
