@@ -8,4 +8,4 @@ warnings.filterwarnings(
     "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
