@@ -31,6 +31,7 @@ from gca_pyg.generator import HARDNESS_SCALES
 from gca_pyg.graph import GraphConfig
 from gca_pyg.losses import METRIC_LOSSES, SYNTHETIC_PROXIES
 from gca_pyg.model import LossConfig, NetConfig
+from gca_pyg.nn.edge_node_conv import EDGE_ATTENTION
 from gca_pyg.trainer import LR_POLICIES, OptimConfig
 
 __all__ = [
@@ -318,6 +319,7 @@ def _check_values(config: Config, source: str):
         "loss.metric": (config.loss.metric, METRIC_LOSSES),
         "loss.synthetic_proxies": (config.loss.synthetic_proxies, SYNTHETIC_PROXIES),
         "loss.hardness_scale": (config.loss.hardness_scale, HARDNESS_SCALES),
+        "net.edge_attention": (config.net.edge_attention, EDGE_ATTENTION),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:

@@ -69,6 +69,9 @@ class HardNegativeGenerator(torch.nn.Module):
         num_layers (int, optional): :class:`~gca_pyg.nn.EdgeNodeConv` layers. (default: :obj:`2`)
         heads (int, optional): Attention heads per layer. (default: :obj:`4`)
         dropout (float, optional): Dropout of the edge attention. (default: :obj:`0.1`)
+        edge_attention (str, optional): How the layers' node attention reads the edges, as in
+            :class:`~gca_pyg.nn.EdgeNodeConv`; ``"none"`` is the paper's layer.
+            (default: :obj:`"none"`)
         alpha (float, optional): :math:`\alpha` of the hardness, on the scale of
             `hardness_scale` (:math:`h = e^{-1}` when :math:`\bar{J}_m = \alpha`, or with
             ``"relative"`` when :math:`\bar{J}_m / \bar{J}_m^{(1)} = \alpha`). (default:
@@ -98,6 +101,7 @@ class HardNegativeGenerator(torch.nn.Module):
         heads: int = 4,
         dropout: float = 0.1,
         *,
+        edge_attention: str = "none",
         alpha: float = 5.0,
         hardness_scale: str = "absolute",
         beta: float = 20.0,
@@ -127,6 +131,7 @@ class HardNegativeGenerator(torch.nn.Module):
             num_layers=num_layers,
             heads=heads,
             dropout=dropout,
+            edge_attention=edge_attention,
             process_group=process_group,
         )
         self.classifier = torch.nn.Linear(embedding_size, num_classes)

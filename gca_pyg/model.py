@@ -27,6 +27,8 @@ class NetConfig:
     num_layers: int = 2
     heads: int = 4
     dropout: float = 0.1
+    # none (the paper's layer) | key_value | bias | gate: how node attention reads the edges
+    edge_attention: str = "none"
 
 
 @dataclass
@@ -124,6 +126,7 @@ class GCAHNG(torch.nn.Module):
             num_layers=self.net_config.num_layers,
             heads=self.net_config.heads,
             dropout=self.net_config.dropout,
+            edge_attention=self.net_config.edge_attention,
             alpha=cfg.alpha,
             hardness_scale=cfg.hardness_scale,
             beta=cfg.beta,

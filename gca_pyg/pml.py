@@ -102,10 +102,11 @@ class GCANegativeGenerator(HardNegativeGenerator):
     Args:
         embedding_size (int): Size :math:`D` of the embeddings.
         num_classes (int): Number of training classes; labels must be ``0..num_classes-1``.
-        num_layers, heads, dropout, alpha, beta, w_sim, w_div, generator_ce_scale,
-            classifier_scale: As in :class:`~gca_pyg.generator.HardNegativeGenerator`; choose
-            :obj:`alpha` on the scale of your loss (:math:`h = e^{-1}` when
-            :math:`\bar{J} = \alpha`; the default 5.0 suits GCA-HNG's N-pair loss).
+        num_layers, heads, dropout, edge_attention, alpha, beta, w_sim, w_div,
+            generator_ce_scale, classifier_scale: As in
+            :class:`~gca_pyg.generator.HardNegativeGenerator`; choose :obj:`alpha` on the scale
+            of your loss (:math:`h = e^{-1}` when :math:`\bar{J} = \alpha`; the default 5.0 suits
+            GCA-HNG's N-pair loss).
 
     Shapes:
         - **input:** embeddings :math:`(N, D)`, labels :math:`(N,)`, every class exactly

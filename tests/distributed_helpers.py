@@ -23,13 +23,15 @@ class Features(torch.nn.Linear):
         self.out_features = 24
 
 
-def build(context: Context, neighbors=None, metric="npair", memory=0) -> AlternatingTrainer:
+def build(
+    context: Context, neighbors=None, metric="npair", memory=0, edge_attention="none"
+) -> AlternatingTrainer:
     torch.manual_seed(0)
     model = GCAHNG(
         Features(),
         TRAIN_CLASSES,
         16,
-        net=NetConfig(num_layers=2, heads=2, dropout=0.0),
+        net=NetConfig(num_layers=2, heads=2, dropout=0.0, edge_attention=edge_attention),
         loss=LossConfig(metric=metric),
         graph=GraphConfig(neighbors=neighbors, memory=memory),
         process_group=context.process_group,
@@ -61,13 +63,13 @@ def global_batch(step: int):
     return inputs.to(torch.get_default_dtype()), labels
 
 
-def train(context: Context, neighbors=None, metric="npair", memory=0):
+def train(context: Context, neighbors=None, metric="npair", memory=0, edge_attention="none"):
     """STEPS training steps; this process's share of every batch is its contiguous block of
     classes (uneven: CLASSES is odd). Returns the final parameters/buffers, the losses and the
     stored edge counts (of the graph of the batch after each step), the memory nodes of each
     step's graph and the final memory; `neighbors` is ``graph.neighbors``, `metric`
-    ``loss.metric``, `memory` ``graph.memory``."""
-    trainer = build(context, neighbors, metric, memory)
+    ``loss.metric``, `memory` ``graph.memory``, `edge_attention` ``net.edge_attention``."""
+    trainer = build(context, neighbors, metric, memory, edge_attention)
     first = context.rank * CLASSES // context.world_size
     last = (context.rank + 1) * CLASSES // context.world_size
     rows = slice(first * SAMPLES, last * SAMPLES)
@@ -98,7 +100,15 @@ def train(context: Context, neighbors=None, metric="npair", memory=0):
     }
 
 
-def worker(rank: int, world_size: int, folder: str, neighbors=None, metric="npair", memory=0):
+def worker(
+    rank: int,
+    world_size: int,
+    folder: str,
+    neighbors=None,
+    metric="npair",
+    memory=0,
+    edge_attention="none",
+):
     """Entry point of a spawned process: gloo group through a file, float64, one thread."""
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
@@ -111,7 +121,8 @@ def worker(rank: int, world_size: int, folder: str, neighbors=None, metric="npai
     try:
         context = Context(rank=rank, world_size=world_size, process_group=dist.group.WORLD)
         torch.save(
-            train(context, neighbors, metric, memory), os.path.join(folder, f"rank{rank}.pt")
+            train(context, neighbors, metric, memory, edge_attention),
+            os.path.join(folder, f"rank{rank}.pt"),
         )
     finally:
         dist.destroy_process_group()

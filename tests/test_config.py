@@ -1,4 +1,5 @@
 import pytest
+import torch
 import yaml
 
 from gca_pyg.config import Config, available_configs, config_dirs, load_config
@@ -110,6 +111,10 @@ def test_a_yaml_file_by_path(tmp_path):
             "class",
         ),
         ("loss.hardness_scale=log", r"'loss.hardness_scale' .* valid values: absolute, relative"),
+        (
+            "net.edge_attention=mult_attr",
+            r"'net.edge_attention' .* valid values: none, key_value, bias, gate",
+        ),
         ("model.pretrained=imagenet21k", r"'model.pretrained' .* valid values: imagenet, none"),
         ("optim.proxy_lr_ratio=0", r"'optim.proxy_lr_ratio' .* must be positive"),
         (
@@ -163,3 +168,14 @@ def test_explicit_precision_and_memory_format_are_honoured(monkeypatch, capsys):
 def test_model_pretrained_takes_a_file_of_backbone_weights():
     config = load_config("demo", ["model.pretrained=weights/backbone.pt"])
     assert config.model.pretrained == "weights/backbone.pt"
+
+
+def test_net_edge_attention_reaches_every_layer():
+    from gca_pyg.pipeline import build_model
+
+    for value in ("none", "gate"):
+        config = load_config("demo", [f"net.edge_attention={value}"])
+        model = build_model(config, 4, torch.device("cpu"), load_weights=False)
+        convs = model.generator.net.convs
+        assert [conv.edge_attention for conv in convs] == [value] * len(convs)
+        assert (convs[0].lin_edge_attention is None) == (value == "none")

@@ -10,21 +10,31 @@ import distributed_helpers as helpers
 
 
 @pytest.mark.parametrize(
-    "neighbors, metric, memory",
+    "neighbors, metric, memory, edge_attention",
     # The memory run's first step has an empty memory: the sparse graph without memory nodes.
-    [(None, "npair", 0), (None, "proxy_anchor", 0), (3, "npair", 40)],
-    ids=["complete", "proxy_anchor", "sparse_and_memory"],
+    [
+        (None, "npair", 0, "none"),
+        (None, "proxy_anchor", 0, "none"),
+        (3, "npair", 40, "none"),
+        (None, "npair", 0, "key_value"),
+    ],
+    ids=["complete", "proxy_anchor", "sparse_and_memory", "edge_attention"],
 )
-def test_two_processes_train_like_one_on_the_global_batch(tmp_path, neighbors, metric, memory):
+def test_two_processes_train_like_one_on_the_global_batch(
+    tmp_path, neighbors, metric, memory, edge_attention
+):
     mp.spawn(
-        helpers.worker, args=(2, str(tmp_path), neighbors, metric, memory), nprocs=2, join=True
+        helpers.worker,
+        args=(2, str(tmp_path), neighbors, metric, memory, edge_attention),
+        nprocs=2,
+        join=True,
     )
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        single = helpers.train(Context(), neighbors, metric, memory)
+        single = helpers.train(Context(), neighbors, metric, memory, edge_attention)
     finally:
         torch.set_default_dtype(default)
 

@@ -1,11 +1,17 @@
 """Reusable graph layers of GCA-HNG."""
 
 from gca_pyg.nn.correlation_net import CorrelationNet
-from gca_pyg.nn.edge_node_conv import EdgeNodeConv, correlation_edge_features, softmax_with_sink
+from gca_pyg.nn.edge_node_conv import (
+    EDGE_ATTENTION,
+    EdgeNodeConv,
+    correlation_edge_features,
+    softmax_with_sink,
+)
 from gca_pyg.nn.norm import L2Normalize, WeightedBatchNorm1d
 
 __all__ = [
     "EdgeNodeConv",
+    "EDGE_ATTENTION",
     "CorrelationNet",
     "WeightedBatchNorm1d",
     "L2Normalize",

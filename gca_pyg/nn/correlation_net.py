@@ -55,6 +55,7 @@ class CorrelationNet(torch.nn.Module):
         heads: int = 4,
         dropout: float = 0.1,
         ffn_ratio: int = 4,
+        edge_attention: str = "none",
         *,
         process_group: Optional[ProcessGroup] = None,
     ):
@@ -75,6 +76,7 @@ class CorrelationNet(torch.nn.Module):
                 heads=heads,
                 dropout=dropout,
                 ffn_ratio=ffn_ratio,
+                edge_attention=edge_attention,
                 process_group=process_group,
             )
             for _ in range(num_layers)

@@ -13,6 +13,8 @@ from torch_geometric.utils import is_torch_sparse_tensor, scatter, to_edge_index
 from gca_pyg.distributed import all_reduce_max, all_reduce_sum
 from gca_pyg.utils import gather_rows
 
+EDGE_ATTENTION = ("none", "key_value", "bias", "gate")
+
 
 def _check_width(name: str, width: int, lazy: bool):
     if not isinstance(width, int) or not (width > 0 or (lazy and width == -1)):
@@ -139,6 +141,21 @@ class EdgeNodeConv(MessagePassing):
     is folded into the node keys (:math:`(\mathbf{W}'_q \mathbf{e})^\top \mathbf{k} =
     \mathbf{e}^\top (\mathbf{W}'^\top_q \mathbf{k})`), so no per-edge projection is spent on it.
 
+    In the paper's layer (:obj:`edge_attention="none"`) the node attention reads node features
+    only; the edges reach a node only as the sum of its outgoing edges, so a node cannot weigh its
+    neighbours by the edges that join them. :obj:`edge_attention` lets it, for the edge
+    :math:`j \to i` with features :math:`\mathbf{e}_{ji}`:
+
+    - ``"key_value"``, as :class:`~torch_geometric.nn.conv.TransformerConv` with an
+      :obj:`edge_dim`: :math:`\mathbf{W}_e \mathbf{e}_{ji}` (no bias) is added to the key and to the
+      value of :math:`j`, :math:`\mathbf{k}_j + \mathbf{W}_e \mathbf{e}_{ji}` and
+      :math:`\mathbf{v}_j + \mathbf{W}_e \mathbf{e}_{ji}`;
+    - ``"bias"``: one logit per head is added to the score, :math:`\mathbf{q}_i^\top
+      \mathbf{k}_j / \sqrt{d} + \mathbf{w}_h^\top \mathbf{e}_{ji} + b_h`;
+    - ``"gate"``, after the multiplied attention of the authors' code (``mult_attr``): the weight
+      is gated after the softmax, :math:`\alpha_{ji} \, \sigma(\mathbf{w}_h^\top \mathbf{e}_{ji}
+      + b_h)`, so an edge can silence a neighbour but not single it out.
+
     With :obj:`edge_dim=None` the layer builds its edge features from the nodes, as GCA-HNG does:
     :math:`\mathbf{e}_{ij} = \hat{\mathbf{x}}_i \odot \hat{\mathbf{x}}_j` with
     :math:`\hat{\mathbf{x}}` each node's features centred by their own mean and scaled to unit
@@ -164,6 +181,10 @@ class EdgeNodeConv(MessagePassing):
             (default: :obj:`0.1`)
         ffn_ratio (int, optional): Hidden size of both feed-forward blocks, as a multiple of
             :obj:`out_channels`. (default: :obj:`4`)
+        edge_attention (str, optional): How the node attention reads the edges: ``"none"`` (the
+            paper's layer, no extra parameters), ``"key_value"`` (:math:`F_e \cdot F_{out}` more
+            parameters), ``"bias"`` or ``"gate"`` (:math:`(F_e + 1) H` more); see above.
+            (default: :obj:`"none"`)
         process_group (torch.distributed.ProcessGroup, optional): Bound once, as
             :class:`torch.nn.SyncBatchNorm` binds its group: a process group whose processes each
             hold a share of the edges of one graph (and the same node features). The attention
@@ -194,6 +215,7 @@ class EdgeNodeConv(MessagePassing):
         heads: int = 4,
         dropout: float = 0.1,
         ffn_ratio: int = 4,
+        edge_attention: Optional[str] = "none",
         *,
         process_group: Optional[ProcessGroup] = None,
         **kwargs,
@@ -208,12 +230,19 @@ class EdgeNodeConv(MessagePassing):
             raise ValueError(
                 f"EdgeNodeConv: out_channels ({out_channels}) must be divisible by heads ({heads})"
             )
+        edge_attention = "none" if edge_attention is None else edge_attention
+        if edge_attention not in EDGE_ATTENTION:
+            raise ValueError(
+                f"EdgeNodeConv: edge_attention must be one of {', '.join(EDGE_ATTENTION)}, got "
+                f"{edge_attention!r}"
+            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.edge_dim = edge_dim
         self.heads = heads
         self.dropout = dropout
         self.ffn_ratio = ffn_ratio
+        self.edge_attention = edge_attention
         self.process_group = process_group
         edge_channels = in_channels if edge_dim is None else edge_dim
         hidden = ffn_ratio * out_channels
@@ -235,6 +264,16 @@ class EdgeNodeConv(MessagePassing):
         self.norm_attention = LayerNorm(out_channels)
         self.norm_edge_to_node = LayerNorm(out_channels)
         self.norm_node_ffn = LayerNorm(out_channels)
+        # How the node attention reads the edges (none: the paper's layer, no parameters).
+        self.lin_edge_attention = None
+        if edge_attention == "key_value":
+            self.lin_edge_attention = Linear(
+                edge_channels, out_channels, bias=False, weight_initializer="glorot"
+            )
+        elif edge_attention in ("bias", "gate"):
+            self.lin_edge_attention = Linear(
+                edge_channels, heads, weight_initializer="glorot", bias_initializer="zeros"
+            )
 
         # Edge update.
         self.lin_node_to_edge = Linear(out_channels, out_channels)
@@ -301,7 +340,8 @@ class EdgeNodeConv(MessagePassing):
                 attention as :obj:`(edge_index, alpha)`: :obj:`alpha` of shape
                 :math:`(|\mathcal{E}'|, H)` holds :math:`\alpha^h_{ji}` of every directed edge of
                 :obj:`edge_index` (both directions of every stored pair with :obj:`undirected`,
-                which the returned :obj:`edge_index` then lists), 0 on masked edges. With the
+                which the returned :obj:`edge_index` then lists), 0 on masked edges; with
+                ``edge_attention="gate"`` the gated weights, the ones the messages use. With the
                 sink, the weights of the edges entering a node sum to *less* than one: to
                 :math:`1 - 1/(1 + \sum_{j'} \exp(s_{j'i}))`, the rest going to "nothing".
                 (default: :obj:`None`)
@@ -472,28 +512,34 @@ class EdgeNodeConv(MessagePassing):
         query = self.lin_query(x).view(num_nodes, self.heads, head_size)
         key = self.lin_key(x).view(num_nodes, self.heads, head_size)
         value = self.lin_value(x).view(num_nodes, self.heads, head_size)
+        edge_term = self._edge_attention_term(edge_attr)
         off_diagonal = source != target
         process_group = self.process_group
         attention = None
         if process_group is None and undirected and self._is_complete(source, target, num_nodes):
             # The complete graph: attention as small dense matmuls instead of N^2 gathers.
-            message, alpha = self._dense_attention(query, key, value, source, target, attn_mask)
+            message, alpha = self._dense_attention(
+                query, key, value, source, target, attn_mask, edge_term
+            )
             if return_attention:
                 directed_index = torch.cat([edge_index, edge_index[:, off_diagonal].flip(0)], 1)
                 directed_source, directed_target = self._source_target(directed_index)
                 attention = directed_index, alpha[:, directed_target, directed_source].t()
         else:
-            directed_index, directed_mask = edge_index, attn_mask
+            directed_index, directed_mask, directed_term = edge_index, attn_mask, edge_term
             if undirected:  # expand the cheap O(|E| F) attention to both directions
                 directed_index = torch.cat([edge_index, edge_index[:, off_diagonal].flip(0)], 1)
                 if attn_mask is not None:
                     directed_mask = torch.cat([attn_mask, attn_mask[off_diagonal]])
+                if edge_term is not None:
+                    directed_term = torch.cat([edge_term, edge_term[off_diagonal]])
             message = self.propagate(
                 directed_index,
                 query=query,
                 key=key,
                 value=value,
                 attn_mask=directed_mask,
+                edge_term=directed_term,
                 size=(num_nodes, num_nodes),
             )
             if return_attention:
@@ -523,6 +569,19 @@ class EdgeNodeConv(MessagePassing):
         covered[target, source] = True
         return bool(covered.all())
 
+    def _edge_attention_term(self, edge_attr: Tensor) -> Optional[Tensor]:
+        """What the node attention reads from every (stored) edge: its projection added to keys
+        and values ``(E, H, d)`` (key_value), a logit ``(E, H)`` (bias) or a gate in (0, 1)
+        ``(E, H)`` (gate); None for the paper's layer."""
+        if self.lin_edge_attention is None:
+            return None
+        term = self.lin_edge_attention(edge_attr)
+        if self.edge_attention == "key_value":
+            return term.view(-1, self.heads, self.out_channels // self.heads)
+        if self.edge_attention == "gate":
+            return torch.sigmoid(term)
+        return term
+
     def _dense_attention(
         self,
         query: Tensor,
@@ -531,20 +590,50 @@ class EdgeNodeConv(MessagePassing):
         source: Tensor,
         target: Tensor,
         attn_mask: Optional[Tensor],
+        edge_term: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
         """Attention with the sink on a complete undirected graph, as dense [H, N, N] scores;
-        returns the messages and the weights ``alpha[h, target, source]``."""
-        num_nodes = query.size(0)
+        returns the messages and the weights ``alpha[h, target, source]``. The edge terms of the
+        stored pairs are written into both directions' entries."""
+        num_nodes, scale = query.size(0), math.sqrt(query.size(-1))
         allowed = torch.ones(num_nodes, num_nodes, dtype=torch.bool, device=query.device)
         if attn_mask is not None:  # allowed[i, j]: node i may attend to node j
             allowed[target, source] = attn_mask
             allowed[source, target] = attn_mask
-        score = torch.einsum("ihd,jhd->hij", query, key) / math.sqrt(query.size(-1))
+        score = torch.einsum("ihd,jhd->hij", query, key) / scale
+        if self.edge_attention == "key_value":  # q_i . e_ji, for i the target and the source
+            to_target = torch.linalg.vecdot(query[target], edge_term) / scale
+            to_source = torch.linalg.vecdot(query[source], edge_term) / scale
+            score = score + self._pair_matrix(to_target, to_source, source, target, num_nodes)
+        elif self.edge_attention == "bias":
+            score = score + self._pair_matrix(edge_term, edge_term, source, target, num_nodes)
         score = score.masked_fill(~allowed, float("-inf"))
         score_max = score.detach().amax(dim=-1, keepdim=True).clamp_min(0.0)
         weight = (score - score_max).exp()
         alpha = weight / (weight.sum(dim=-1, keepdim=True) + (-score_max).exp())
-        return torch.einsum("hij,jhd->ihd", alpha, value), alpha
+        if self.edge_attention == "gate":
+            alpha = alpha * self._pair_matrix(edge_term, edge_term, source, target, num_nodes)
+        message = torch.einsum("hij,jhd->ihd", alpha, value)
+        if self.edge_attention == "key_value":  # + sum_j alpha_ji e_ji, both directions
+            off = source != target
+            message = message.index_add(
+                0, target, alpha[:, target, source].t().unsqueeze(-1) * edge_term
+            )
+            message = message.index_add(
+                0,
+                source[off],
+                alpha[:, source[off], target[off]].t().unsqueeze(-1) * edge_term[off],
+            )
+        return message, alpha
+
+    @staticmethod
+    def _pair_matrix(
+        to_target: Tensor, to_source: Tensor, source: Tensor, target: Tensor, num_nodes: int
+    ) -> Tensor:
+        """[H, N, N] from per-pair values ``(E, H)``: entry [h, i, j] of the edge j -> i."""
+        matrix = to_target.new_zeros(num_nodes, num_nodes, to_target.size(1))
+        matrix = matrix.index_put((target, source), to_target)
+        return matrix.index_put((source, target), to_source.to(matrix.dtype)).permute(2, 0, 1)
 
     def _update_edges(self, h: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
         num_nodes = h.size(0)
@@ -580,13 +669,20 @@ class EdgeNodeConv(MessagePassing):
         key_j: Tensor,
         value_j: Tensor,
         attn_mask: Optional[Tensor],
+        edge_term: Optional[Tensor],
         index: Tensor,
         size_i: int,
     ) -> Tensor:
+        if self.edge_attention == "key_value":
+            key_j, value_j = key_j + edge_term, value_j + edge_term
         score = (query_i * key_j).sum(dim=-1) / math.sqrt(query_i.size(-1))
+        if self.edge_attention == "bias":
+            score = score + edge_term
         if attn_mask is not None:
             score = score.masked_fill(~attn_mask.view(-1, 1), float("-inf"))
         alpha = softmax_with_sink(score, index, size_i, self.process_group)
+        if self.edge_attention == "gate":
+            alpha = alpha * edge_term
         self._alpha = alpha
         return alpha.unsqueeze(-1) * value_j
 
@@ -633,5 +729,7 @@ class EdgeNodeConv(MessagePassing):
         return (
             f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
             f"edge_dim={self.edge_dim}, heads={self.heads}, dropout={self.dropout}, "
-            f"ffn_ratio={self.ffn_ratio})"
+            f"ffn_ratio={self.ffn_ratio}"
+            + ("" if self.edge_attention == "none" else f", edge_attention={self.edge_attention}")
+            + ")"
         )

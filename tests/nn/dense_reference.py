@@ -21,7 +21,7 @@ def skip(layer, x):
 
 
 def reference_edge_node_conv(conv, x, edge_dense, adjacency, attention):
-    """One layer in eval mode.
+    """One layer in eval mode, with any of its ``edge_attention`` options.
 
     Args:
         conv: an EdgeNodeConv (its parameters are used).
@@ -40,10 +40,23 @@ def reference_edge_node_conv(conv, x, edge_dense, adjacency, attention):
     v = linear(conv.lin_value, x).view(num_nodes, heads, head)
     # score[h, target i, source j]
     score = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(head)
+    option = getattr(conv, "edge_attention", "none")
+    if option == "key_value":  # k_j + W e_ji and v_j + W e_ji, W without bias
+        projected = (edge_dense @ conv.lin_edge_attention.weight.T).view(
+            num_nodes, num_nodes, heads, head
+        )  # projected[j, i]: edge j -> i
+        score = score + torch.einsum("ihd,jihd->hij", q, projected) / math.sqrt(head)
+    elif option == "bias":  # + w_h . e_ji + b_h
+        score = score + linear(conv.lin_edge_attention, edge_dense).permute(2, 1, 0)
     allowed = (adjacency & attention).T  # [target, source]
     weight = torch.where(allowed, score.exp(), torch.zeros_like(score))
     alpha = weight / (1.0 + weight.sum(dim=-1, keepdim=True))
-    message = torch.einsum("hij,jhd->ihd", alpha, v).reshape(num_nodes, channels)
+    if option == "gate":  # alpha_ji * sigmoid(w_h . e_ji + b_h)
+        alpha = alpha * torch.sigmoid(linear(conv.lin_edge_attention, edge_dense)).permute(2, 1, 0)
+    message = torch.einsum("hij,jhd->ihd", alpha, v)
+    if option == "key_value":
+        message = message + torch.einsum("hij,jihd->ihd", alpha, projected)
+    message = message.reshape(num_nodes, channels)
     h = conv.norm_attention(F.gelu(skip(conv.lin_skip, x) + linear(conv.lin_out, message)))
 
     to_node = F.gelu(edge_dense @ conv.lin_edge_to_node.weight.T + conv.lin_edge_to_node.bias)

@@ -3,7 +3,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from gca_pyg.graph import build_batch_graph
-from gca_pyg.nn import CorrelationNet, EdgeNodeConv
+from gca_pyg.nn import EDGE_ATTENTION, CorrelationNet, EdgeNodeConv
 
 CHANNELS = 32
 
@@ -55,9 +55,14 @@ def test_edge_update_stays_in_bf16_under_autocast(device):
     assert conv.update_edges(h.float(), graph.edge_index, graph.edge_attr).dtype == torch.float32
 
 
+@pytest.mark.parametrize("edge_attention", EDGE_ATTENTION)
 @pytest.mark.parametrize("undirected", [False, True])
-def test_edge_node_conv_in_bf16_matches_fp32_within_bf16_tolerance(undirected, device):
-    conv = EdgeNodeConv(CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4, dropout=0.0).to(device)
+def test_edge_node_conv_in_bf16_matches_fp32_within_bf16_tolerance(
+    undirected, edge_attention, device
+):
+    conv = EdgeNodeConv(
+        CHANNELS, CHANNELS, edge_dim=CHANNELS, heads=4, dropout=0.0, edge_attention=edge_attention
+    ).to(device)
     graph = build_batch_graph(
         torch.randn(15, CHANNELS, device=device),
         torch.arange(5, device=device).repeat_interleave(3),
