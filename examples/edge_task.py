@@ -9,14 +9,15 @@ Node features alone cannot answer (colours are independent), and neighbour featu
 edges only tell the plurality colour among the neighbours — which the "GATv2Conv without edge
 features" row measures — so what a layer does with the edge features is what is compared.
 
-Every model is two layers and a linear classifier, hidden widths chosen so that all have (about) the
-parameter count of the EdgeNodeConv model; trained with Adam on mini-batches of graphs through
-PyG's ``DataLoader``. It prints test accuracy (mean ± sd over the seeds), seconds per training epoch
+Every model is two layers and a linear classifier (for EdgeNodeConv, the ready stack
+``gca_pyg.nn.EdgeNodeGNN``), hidden widths chosen so that all have (about) the parameter count of
+the paper's EdgeNodeConv model; trained with Adam on mini-batches of graphs through PyG's
+``DataLoader``. It prints test accuracy (mean ± sd over the seeds), seconds per training epoch
 and the memory of one training step: the peak allocated on CUDA; on a CPU, where PyTorch keeps no
 allocation peak, the activations saved for the backward pass (deduplicated by storage), which is
 the part of training memory that depends on the layer::
 
-    python examples/edge_task.py  # 3 seeds, 4 models and a control: minutes on 2 CPUs
+    python examples/edge_task.py  # 3 seeds, 7 models and a control
     python examples/edge_task.py --epochs 2 --seeds 0 --graphs 40
 """
 
@@ -33,7 +34,7 @@ from torch_geometric.loader import DataLoader
 from torch_geometric.nn import MLP, GATv2Conv, GINEConv, TransformerConv
 from torch_geometric.utils import scatter, to_undirected
 
-from gca_pyg.nn import EdgeNodeConv
+from gca_pyg.nn import EdgeNodeGNN
 
 NODE_CHANNELS, EDGE_CHANNELS, COLOURS = 8, 4, 4
 
@@ -66,17 +67,29 @@ def dataset(num_graphs: int, seed: int) -> list[Data]:
     return [heaviest_bond_target(data) for data in fake]
 
 
-class EdgeNodeNet(torch.nn.Module):
-    def __init__(self, hidden: int, heads: int = 4):
+def edge_node(hidden: int, edge_attention: str = "none", heads: int = 4) -> torch.nn.Module:
+    """Two EdgeNodeConv layers and a linear classifier: the ready stack, without edge outputs (a
+    node task: the last layer's edge update is skipped)."""
+    stack = EdgeNodeGNN(
+        NODE_CHANNELS,
+        hidden,
+        num_layers=2,
+        out_channels=COLOURS,
+        edge_dim=EDGE_CHANNELS,
+        edge_out_channels=0,
+        heads=heads,
+        edge_attention=edge_attention,
+    )
+    return NodeOutput(stack)
+
+
+class NodeOutput(torch.nn.Module):
+    def __init__(self, stack: EdgeNodeGNN):
         super().__init__()
-        self.conv1 = EdgeNodeConv(NODE_CHANNELS, hidden, edge_dim=EDGE_CHANNELS, heads=heads)
-        self.conv2 = EdgeNodeConv(hidden, hidden, edge_dim=hidden, heads=heads)
-        self.classifier = torch.nn.Linear(hidden, COLOURS)
+        self.stack = stack
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
-        x, edge_attr = self.conv1(x, edge_index, edge_attr)
-        x = self.conv2.update_nodes(x, edge_index, edge_attr)  # a node task: no edge output
-        return self.classifier(x)
+        return self.stack(x, edge_index, edge_attr)[0]
 
 
 class NodeConvNet(torch.nn.Module):
@@ -115,7 +128,13 @@ def gine(hidden: int) -> NodeConvNet:
 
 
 MODELS = {
-    "EdgeNodeConv": EdgeNodeNet,
+    "EdgeNodeConv (the paper's layer)": edge_node,
+    **{
+        f"EdgeNodeConv(edge_attention={option})": functools.partial(
+            edge_node, edge_attention=option
+        )
+        for option in ("key_value", "bias", "gate")
+    },
     "TransformerConv(edge_dim)": transformer,
     "GINEConv": gine,
     "GATv2Conv(edge_dim)": gatv2,
@@ -135,8 +154,7 @@ def probe_graph() -> Data:
 
 
 def num_parameters(model: torch.nn.Module) -> int:
-    """The parameters that take part in the output (a gradient reaches them): the edge half of
-    the last EdgeNodeConv, unused by a node task, does not count."""
+    """The parameters that take part in the output (a gradient reaches them)."""
     graph = probe_graph()
     model(graph.x, graph.edge_index, graph.edge_attr).square().sum().backward()
     return sum(parameter.numel() for parameter in model.parameters() if parameter.grad is not None)
@@ -233,7 +251,8 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    target = num_parameters(EdgeNodeNet(args.hidden))
+    reference = MODELS["EdgeNodeConv (the paper's layer)"]
+    target = num_parameters(reference(args.hidden))
     memory_kind = "peak MB" if device.type == "cuda" else "saved MB"
     print(
         f"heaviest-bond colour, {args.graphs} training graphs, {args.epochs} epochs, seeds "
@@ -244,7 +263,7 @@ def main():
     print("|---|---:|---:|---:|---:|---:|")
     for name in args.models:
         build = MODELS[name]
-        width = args.hidden if build is EdgeNodeNet else matched_width(build, target)
+        width = args.hidden if build is reference else matched_width(build, target)
         results = [
             run(name, build, width, seed, args.graphs, args.epochs, args.batch_size, device)
             for seed in args.seeds

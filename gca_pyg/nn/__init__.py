@@ -7,11 +7,13 @@ from gca_pyg.nn.edge_node_conv import (
     correlation_edge_features,
     softmax_with_sink,
 )
+from gca_pyg.nn.models import EdgeNodeGNN
 from gca_pyg.nn.norm import L2Normalize, WeightedBatchNorm1d
 
 __all__ = [
     "EdgeNodeConv",
     "EDGE_ATTENTION",
+    "EdgeNodeGNN",
     "CorrelationNet",
     "WeightedBatchNorm1d",
     "L2Normalize",
