@@ -9,6 +9,15 @@ process so that its peak memory is its own.
     python benchmarks/bench_layers.py --sizes 81 --dtypes bf16 --force-bf16
     python benchmarks/bench_layers.py --sizes 81 --paths fast --profile   # where the time goes
     python benchmarks/bench_layers.py --threads 1   # steadier on a machine shared with other jobs
+
+``--pyg`` times the layer where PyG users run it instead: one sparse batch (10,000 nodes, 100,000
+random edges, 64 channels, edge features of 64), forward + backward, EdgeNodeConv with each
+``edge_attention`` option (and its node half alone, and with ``ffn_ratio=1``) against PyG's
+TransformerConv and GATv2Conv at the same width (4 heads of 16, ``edge_dim=64``); the last column is
+each row's time per edge over TransformerConv's::
+
+    python benchmarks/bench_layers.py --pyg
+    python benchmarks/bench_layers.py --pyg --nodes 2000 --edges 20000 --dtypes fp32
 """
 
 import json
@@ -20,6 +29,7 @@ from common import (
     autocast,
     benchmark_parser,
     default_device,
+    load_average,
     measure_in_child,
     measure_step,
     native_bf16,
@@ -27,6 +37,7 @@ from common import (
     report_machine,
 )
 
+from gca_pyg.nn import EDGE_ATTENTION
 from gca_pyg.runtime import retain_freed_memory
 
 
@@ -54,10 +65,121 @@ def build_step(config):
     return step, device
 
 
+PYG_LAYERS = {
+    "TransformerConv(edge_dim)": {"layer": "transformer"},
+    "GATv2Conv(edge_dim)": {"layer": "gatv2"},
+    **{
+        f"EdgeNodeConv({option})": {"layer": "edge_node", "edge_attention": option}
+        for option in EDGE_ATTENTION
+    },
+    "EdgeNodeConv(none), node half": {"layer": "edge_node", "nodes_only": True},
+    "EdgeNodeConv(none), ffn_ratio=1": {"layer": "edge_node", "ffn_ratio": 1},
+}
+
+
+def build_pyg_step(config):
+    """One forward + backward of a PyG-style layer on a random sparse graph."""
+    from torch_geometric.nn import GATv2Conv, TransformerConv
+
+    from gca_pyg.nn import EdgeNodeConv
+
+    torch.manual_seed(0)
+    device = torch.device(config["device"])
+    nodes, edges, channels, heads = config["nodes"], config["edges"], config["dim"], 4
+    x = torch.randn(nodes, channels, device=device, requires_grad=True)
+    edge_index = torch.randint(nodes, (2, edges), device=device)
+    edge_attr = torch.randn(edges, channels, device=device, requires_grad=True)
+    layer = config["layer"]
+    if layer == "transformer":
+        conv = TransformerConv(channels, channels // heads, heads=heads, edge_dim=channels)
+    elif layer == "gatv2":
+        conv = GATv2Conv(channels, channels // heads, heads=heads, edge_dim=channels)
+    else:
+        conv = EdgeNodeConv(
+            channels,
+            channels,
+            edge_dim=channels,
+            heads=heads,
+            ffn_ratio=config.get("ffn_ratio", 4),
+            edge_attention=config.get("edge_attention", "none"),
+        )
+    conv = conv.to(device).train()
+
+    def forward():
+        if layer != "edge_node":
+            return conv(x, edge_index, edge_attr).float().square().sum()
+        if config.get("nodes_only"):
+            return conv.update_nodes(x, edge_index, edge_attr).float().square().sum()
+        h, e = conv(x, edge_index, edge_attr)
+        return h.float().square().sum() + e.float().square().sum()
+
+    def step():
+        with autocast(device, config["dtype"]):
+            loss = forward()
+        loss.backward()
+
+    parameters = sum(parameter.numel() for parameter in conv.parameters())
+    return step, device, parameters
+
+
+def pyg_table(args, device):
+    rows, skipped = [], []
+    for dtype in args.dtypes:
+        if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:
+            skipped.append(dtype)
+            continue
+        reference_ms = None
+        for name, settings in PYG_LAYERS.items():
+            config = {
+                "pyg": True,
+                "device": str(device),
+                "nodes": args.nodes,
+                "edges": args.edges,
+                "dim": args.dim,
+                "dtype": dtype,
+                "repeats": args.repeats,
+                "threads": args.threads,
+                **settings,
+            }
+            result = measure_in_child(__file__, config)
+            if "error" in result:
+                rows.append([name, dtype, "", result["error"], "", "", "", ""])
+                continue
+            if reference_ms is None:
+                reference_ms = result["ms"]
+            rows.append(
+                [
+                    name,
+                    dtype,
+                    result["parameters"],
+                    f"{result['ms']:.0f}",
+                    f"{1e3 * result['ms'] / args.edges:.2f}",
+                    f"{result['peak_mb']:.0f}",
+                    f"{result['gflop']:.1f}",
+                    f"{result['ms'] / reference_ms:.2f}x",
+                ]
+            )
+            print(f"  measured {name} {dtype}", file=sys.stderr)
+    print(
+        f"{args.nodes} nodes, {args.edges} edges, {args.dim} channels (edge features too), "
+        f"forward + backward, load average {load_average()}"
+    )
+    header = ["layer", "dtype", "parameters", "fwd+bwd ms", "us / edge", "peak MB", "GFLOP"]
+    print_table([*header, "vs TransformerConv"], rows)
+    if skipped:
+        print("skipped bf16 (no native bf16 matmul here; --force-bf16 to measure anyway)")
+
+
 def run_child(config):
     retain_freed_memory()  # as the training command does
     if config["threads"]:
         torch.set_num_threads(config["threads"])
+    if config.get("pyg"):
+        step, device, parameters = build_pyg_step(config)
+        print(
+            json.dumps({**measure_step(step, device, config["repeats"]), "parameters": parameters})
+        )
+        return
     step, device = build_step(config)
     num_nodes = config["num_nodes"]
     edges = num_nodes * (num_nodes + 1) // 2 if config["path"] == "fast" else num_nodes**2
@@ -103,11 +225,25 @@ def main():
         default=None,
         help="intra-op threads of each row (default: torch's own choice)",
     )
+    parser.add_argument(
+        "--pyg",
+        action="store_true",
+        help="time EdgeNodeConv against TransformerConv and GATv2Conv on a sparse PyG batch",
+    )
+    parser.add_argument("--nodes", type=int, default=10_000, help="with --pyg")
+    parser.add_argument("--edges", type=int, default=100_000, help="with --pyg")
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
 
     device = default_device()
+    if args.pyg:
+        if args.dim == 512:  # the batch-graph default; PyG users' layers are narrower
+            args.dim = 64
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        report_machine(device)
+        return pyg_table(args, device)
     if args.profile:
         for dtype in args.dtypes:
             if dtype == "bf16" and not native_bf16(device) and not args.force_bf16:

@@ -1,23 +1,32 @@
-"""EdgeNodeConv against PyG's edge-aware layers on a task whose answer is in the edge features.
+"""EdgeNodeConv against PyG's edge-aware layers on tasks whose answer is in the edge features.
 
-The task ("heaviest bond"): random undirected graphs from PyG's ``FakeDataset`` (no download;
-molecule-sized: about 24 nodes of degree 4), 8 node channels and 4 edge channels. A node's
-*colour* is the argmax of its first 4 channels; an edge's *strength* is its first channel
-(symmetric: both directions carry the mean of the two rows ``FakeDataset`` drew). Each node must
-predict the colour of the neighbour it shares its strongest edge with: 4 classes, chance 25 %.
-Node features alone cannot answer (colours are independent), and neighbour features without the
-edges only tell the plurality colour among the neighbours — which the "GATv2Conv without edge
-features" row measures — so what a layer does with the edge features is what is compared.
+The graphs: random undirected graphs from PyG's ``FakeDataset`` (no download; molecule-sized:
+about 24 nodes of degree 4), 8 node channels and 4 edge channels. A node's *colour* is the argmax
+of its first 4 channels; an edge's *strength* is its first channel (symmetric: both directions
+carry the mean of the two rows ``FakeDataset`` drew). Three tasks (``--task``):
 
-Every model is two layers and a linear classifier (for EdgeNodeConv, the ready stack
+- ``node`` ("heaviest bond"): each node must name the colour of the neighbour it shares its
+  strongest edge with: 4 classes, chance 25 %. Node features alone cannot answer (colours are
+  independent), and neighbour features without the edges only tell the plurality colour among the
+  neighbours — which the "GATv2Conv without edge features" row measures — so what a layer does
+  with the edge features is what is compared.
+- ``graph``: each graph is labelled with the sum, modulo 4, of the colours of the two ends of its
+  strongest edge: 4 classes, chance 25 %; node outputs are mean-pooled
+  (``global_mean_pool``).
+- ``edge``: each edge is labelled 1 if it is the strongest edge of either of its end points (2
+  classes; the share of the majority class is printed). EdgeNodeConv answers from its edge output;
+  the node-only layers from a linear head on ``[h_i + h_j, e_ij]``, as PyG users build one.
+
+Every model is two layers and a linear head (for EdgeNodeConv, the ready stack
 ``gca_pyg.nn.EdgeNodeGNN``), hidden widths chosen so that all have (about) the parameter count of
 the paper's EdgeNodeConv model; trained with Adam on mini-batches of graphs through PyG's
-``DataLoader``. It prints test accuracy (mean ± sd over the seeds), seconds per training epoch
-and the memory of one training step: the peak allocated on CUDA; on a CPU, where PyTorch keeps no
-allocation peak, the activations saved for the backward pass (deduplicated by storage), which is
-the part of training memory that depends on the layer::
+``DataLoader``. It prints test accuracy (mean ± sd over the seeds, and each seed's), seconds per
+training epoch and the memory of one training step: the peak allocated on CUDA; on a CPU, where
+PyTorch keeps no allocation peak, the activations saved for the backward pass (deduplicated by
+storage), which is the part of training memory that depends on the layer::
 
-    python examples/edge_task.py  # 3 seeds, 7 models and a control
+    python examples/edge_task.py  # the node task: 3 seeds, 7 models and a control
+    python examples/edge_task.py --task edge --epochs 60
     python examples/edge_task.py --epochs 2 --seeds 0 --graphs 40
 """
 
@@ -31,7 +40,7 @@ from torch import Tensor
 from torch_geometric.data import Data
 from torch_geometric.datasets import FakeDataset
 from torch_geometric.loader import DataLoader
-from torch_geometric.nn import MLP, GATv2Conv, GINEConv, TransformerConv
+from torch_geometric.nn import MLP, GATv2Conv, GINEConv, TransformerConv, global_mean_pool
 from torch_geometric.utils import scatter, to_undirected
 
 from gca_pyg.nn import EdgeNodeGNN
@@ -53,7 +62,35 @@ def heaviest_bond_target(data: Data) -> Data:
     return Data(x=data.x, edge_index=edge_index, edge_attr=edge_attr, y=y)
 
 
-def dataset(num_graphs: int, seed: int) -> list[Data]:
+def strongest_pair_target(data: Data) -> Data:
+    """One label per graph: (colour of one end + colour of the other) mod 4 of its strongest
+    edge."""
+    data = heaviest_bond_target(data)
+    strongest = data.edge_attr[:, 0].argmax()
+    colour = data.x[:, :COLOURS].argmax(dim=1)
+    source, target = data.edge_index[:, strongest]
+    data.y = ((colour[source] + colour[target]) % COLOURS).view(1)
+    return data
+
+
+def strongest_edge_target(data: Data) -> Data:
+    """One label per edge: 1 if it is the strongest edge of either end point (symmetric)."""
+    data = heaviest_bond_target(data)
+    source, target = data.edge_index
+    strength = data.edge_attr[:, 0]
+    strongest = scatter(strength, target, 0, dim_size=data.num_nodes, reduce="max")
+    data.y = ((strength == strongest[target]) | (strength == strongest[source])).long()
+    return data
+
+
+TASKS = {
+    "node": (heaviest_bond_target, COLOURS),
+    "graph": (strongest_pair_target, COLOURS),
+    "edge": (strongest_edge_target, 2),
+}
+
+
+def dataset(num_graphs: int, seed: int, task: str = "node") -> list[Data]:
     torch.manual_seed(seed)
     fake = FakeDataset(
         num_graphs=num_graphs,
@@ -64,66 +101,85 @@ def dataset(num_graphs: int, seed: int) -> list[Data]:
         num_classes=0,
         is_undirected=True,
     )
-    return [heaviest_bond_target(data) for data in fake]
+    make_target = TASKS[task][0]
+    return [make_target(data) for data in fake if task != "graph" or data.num_edges > 0]
 
 
-def edge_node(hidden: int, edge_attention: str = "none", heads: int = 4) -> torch.nn.Module:
-    """Two EdgeNodeConv layers and a linear classifier: the ready stack, without edge outputs (a
-    node task: the last layer's edge update is skipped)."""
+def edge_node(
+    hidden: int, edge_attention: str = "none", heads: int = 4, task: str = "node"
+) -> torch.nn.Module:
+    """Two EdgeNodeConv layers and a linear head: the ready stack. Node and graph tasks read its
+    node output (the last layer's edge update is skipped), the edge task its edge output."""
+    classes = TASKS[task][1]
     stack = EdgeNodeGNN(
         NODE_CHANNELS,
         hidden,
         num_layers=2,
-        out_channels=COLOURS,
+        out_channels=None if task == "edge" else classes,
         edge_dim=EDGE_CHANNELS,
-        edge_out_channels=0,
+        edge_out_channels=classes if task == "edge" else 0,
         heads=heads,
         edge_attention=edge_attention,
     )
-    return NodeOutput(stack)
+    return StackOutput(stack, task)
 
 
-class NodeOutput(torch.nn.Module):
-    def __init__(self, stack: EdgeNodeGNN):
+class StackOutput(torch.nn.Module):
+    def __init__(self, stack: EdgeNodeGNN, task: str):
         super().__init__()
-        self.stack = stack
+        self.stack, self.task = stack, task
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
-        return self.stack(x, edge_index, edge_attr)[0]
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch=None) -> Tensor:
+        x, edge_attr = self.stack(x, edge_index, edge_attr)
+        if self.task == "edge":
+            return edge_attr
+        return global_mean_pool(x, batch) if self.task == "graph" else x
 
 
 class NodeConvNet(torch.nn.Module):
-    """Two PyG layers that update the nodes only (the edges keep their input features)."""
+    """Two PyG layers that update the nodes only (the edges keep their input features), and the
+    task's linear head."""
 
-    def __init__(self, make_conv, hidden: int, uses_edges: bool = True):
+    def __init__(self, make_conv, hidden: int, uses_edges: bool = True, task: str = "node"):
         super().__init__()
         self.conv1, self.conv2 = make_conv(NODE_CHANNELS, hidden), make_conv(hidden, hidden)
-        self.classifier = torch.nn.Linear(hidden, COLOURS)
-        self.uses_edges = uses_edges
+        head_width = hidden + EDGE_CHANNELS if task == "edge" else hidden
+        self.classifier = torch.nn.Linear(head_width, TASKS[task][1])
+        self.uses_edges, self.task = uses_edges, task
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch=None) -> Tensor:
         edges = (edge_attr,) if self.uses_edges else ()
         x = F.elu(self.conv1(x, edge_index, *edges))
         x = F.elu(self.conv2(x, edge_index, *edges))
+        if self.task == "edge":  # symmetric in the two end points, as the label is
+            source, target = edge_index
+            return self.classifier(torch.cat([x[source] + x[target], edge_attr], dim=1))
+        if self.task == "graph":
+            x = global_mean_pool(x, batch)
         return self.classifier(x)
 
 
-def transformer(hidden: int, heads: int = 4) -> NodeConvNet:
+def transformer(hidden: int, heads: int = 4, task: str = "node") -> NodeConvNet:
     return NodeConvNet(
-        lambda i, o: TransformerConv(i, o // heads, heads=heads, edge_dim=EDGE_CHANNELS), hidden
+        lambda i, o: TransformerConv(i, o // heads, heads=heads, edge_dim=EDGE_CHANNELS),
+        hidden,
+        task=task,
     )
 
 
-def gatv2(hidden: int, heads: int = 4, uses_edges: bool = True) -> NodeConvNet:
+def gatv2(hidden: int, heads: int = 4, uses_edges: bool = True, task: str = "node") -> NodeConvNet:
     edge_dim = EDGE_CHANNELS if uses_edges else None
     return NodeConvNet(
-        lambda i, o: GATv2Conv(i, o // heads, heads=heads, edge_dim=edge_dim), hidden, uses_edges
+        lambda i, o: GATv2Conv(i, o // heads, heads=heads, edge_dim=edge_dim),
+        hidden,
+        uses_edges,
+        task,
     )
 
 
-def gine(hidden: int) -> NodeConvNet:
+def gine(hidden: int, task: str = "node") -> NodeConvNet:
     return NodeConvNet(
-        lambda i, o: GINEConv(MLP([i, o, o], norm=None), edge_dim=EDGE_CHANNELS), hidden
+        lambda i, o: GINEConv(MLP([i, o, o], norm=None), edge_dim=EDGE_CHANNELS), hidden, task=task
     )
 
 
@@ -138,7 +194,7 @@ MODELS = {
     "TransformerConv(edge_dim)": transformer,
     "GINEConv": gine,
     "GATv2Conv(edge_dim)": gatv2,
-    "GATv2Conv, no edge features (control)": lambda hidden: gatv2(hidden, uses_edges=False),
+    "GATv2Conv, no edge features (control)": functools.partial(gatv2, uses_edges=False),
 }
 
 
@@ -181,7 +237,8 @@ def accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
         for batch in loader:
             batch = batch.to(device)
             known = batch.y >= 0
-            prediction = model(batch.x, batch.edge_index, batch.edge_attr).argmax(dim=1)
+            logits = model(batch.x, batch.edge_index, batch.edge_attr, batch.batch)
+            prediction = logits.argmax(dim=1)
             correct += int((prediction[known] == batch.y[known]).sum())
             total += int(known.sum())
     return correct / total
@@ -189,7 +246,8 @@ def accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
 
 def training_step(model, batch, optimizer) -> Tensor:
     known = batch.y >= 0
-    loss = F.cross_entropy(model(batch.x, batch.edge_index, batch.edge_attr)[known], batch.y[known])
+    logits = model(batch.x, batch.edge_index, batch.edge_attr, batch.batch)
+    loss = F.cross_entropy(logits[known], batch.y[known])
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -217,8 +275,9 @@ def step_memory_mb(model, batch, optimizer, device: torch.device) -> float:
     return sum(storages.values()) / 2**20
 
 
-def run(name, build, width, seed, graphs, epochs, batch_size, device) -> dict:
-    train_set, test_set = dataset(graphs, 1000 + seed), dataset(graphs // 2, 2000 + seed)
+def run(build, width, seed, graphs, epochs, batch_size, device, task="node") -> dict:
+    train_set = dataset(graphs, 1000 + seed, task)
+    test_set = dataset(graphs // 2, 2000 + seed, task)
     torch.manual_seed(seed)
     model = build(width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -237,13 +296,30 @@ def run(name, build, width, seed, graphs, epochs, batch_size, device) -> dict:
     return {"accuracy": test_accuracy, "seconds": sum(seconds) / len(seconds), "memory": memory}
 
 
+TASK_TITLES = {
+    "node": "node task: the colour across the strongest edge",
+    "graph": "graph task: the colours at the ends of the strongest edge, summed mod 4",
+    "edge": "edge task: the strongest edge of either end point",
+}
+
+
+def majority_share(task: str, graphs: int, seeds: list[int]) -> float:
+    """The test accuracy of always answering the most frequent class (pooled over the seeds)."""
+    labels = torch.cat(
+        [data.y for seed in seeds for data in dataset(graphs // 2, 2000 + seed, task)]
+    )
+    labels = labels[labels >= 0]
+    return torch.bincount(labels).max().item() / labels.numel()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(TASKS), default="node")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--graphs", type=int, default=200, help="training graphs (test: half)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=16, help="EdgeNodeConv's width")
+    parser.add_argument("--hidden", type=int, default=16, help="the paper's EdgeNodeConv's width")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="(default: all)"
@@ -251,30 +327,37 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    reference = MODELS["EdgeNodeConv (the paper's layer)"]
-    target = num_parameters(reference(args.hidden))
+    reference = "EdgeNodeConv (the paper's layer)"
+    target = num_parameters(MODELS[reference](args.hidden, task=args.task))
     memory_kind = "peak MB" if device.type == "cuda" else "saved MB"
     print(
-        f"heaviest-bond colour, {args.graphs} training graphs, {args.epochs} epochs, seeds "
-        f"{args.seeds}, {device}, {torch.get_num_threads()} threads; parameters matched to "
-        f"EdgeNodeConv's {target}"
+        f"{TASK_TITLES[args.task]} (majority class "
+        f"{100 * majority_share(args.task, args.graphs, args.seeds):.1f} %); {args.graphs} "
+        f"training graphs, {args.epochs} epochs, seeds {args.seeds}, {device}, "
+        f"{torch.get_num_threads()} threads; parameters matched to the paper's EdgeNodeConv's "
+        f"{target}"
     )
-    print(f"| model | width | parameters | test accuracy | s / epoch | {memory_kind} / step |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        f"| model | width | parameters | test accuracy | per seed | s / epoch | "
+        f"{memory_kind} / step |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
-        build = MODELS[name]
-        width = args.hidden if build is reference else matched_width(build, target)
+        build = functools.partial(MODELS[name], task=args.task)
+        width = args.hidden if name == reference else matched_width(build, target)
         results = [
-            run(name, build, width, seed, args.graphs, args.epochs, args.batch_size, device)
+            run(build, width, seed, args.graphs, args.epochs, args.batch_size, device, args.task)
             for seed in args.seeds
         ]
         accuracies = torch.tensor([result["accuracy"] for result in results]) * 100
         spread = accuracies.std().item() if len(results) > 1 else 0.0
         seconds = sum(result["seconds"] for result in results) / len(results)
         memory = sum(result["memory"] for result in results) / len(results)
+        per_seed = ", ".join(f"{value:.1f}" for value in accuracies.tolist())
         print(
             f"| {name} | {width} | {num_parameters(build(width))} | "
-            f"{accuracies.mean().item():.1f} ± {spread:.1f} % | {seconds:.2f} | {memory:.1f} |",
+            f"{accuracies.mean().item():.1f} ± {spread:.1f} % | {per_seed} | {seconds:.2f} | "
+            f"{memory:.1f} |",
             flush=True,
         )
 
