@@ -1,7 +1,9 @@
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+LAYERS = ROOT / "docs" / "layers.md"
 
 
 def test_readme_python_examples_run():
@@ -11,3 +13,13 @@ def test_readme_python_examples_run():
     for block in blocks:  # later blocks may use names from earlier ones, as a reader would
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["fusion"].shape == (81, 81, 512)
+
+
+def test_layer_guide_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", LAYERS.read_text(), flags=re.S)
+    assert len(blocks) >= 2, "docs/layers.md lost its python examples"
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(LAYERS), "exec"), namespace)
+    assert namespace["graph_out"].shape == (8, 10)
+    assert namespace["edge_out"].shape == (namespace["batch"].num_edges, 2)

@@ -49,6 +49,9 @@ def test_jumping_knowledge_over_node_and_edge_features(jk):
         torch.testing.assert_close(edge_attr, torch.maximum(e1, e2))
     if jk == "cat":
         assert model.lin.in_channels == model.edge_lin.in_channels == 16
+    if jk == "lstm":  # nodes and edges each have their own LSTM
+        assert model.edge_jk is not model.jk
+        assert not set(map(id, model.jk.parameters())) & set(map(id, model.edge_jk.parameters()))
 
 
 def test_without_edge_outputs_the_last_edge_update_is_skipped():
@@ -61,22 +64,34 @@ def test_without_edge_outputs_the_last_edge_update_is_skipped():
     x, edge_attr = nodes_only.eval()(data.x, data.edge_index, data.edge_attr)
     assert edge_attr is None
     torch.testing.assert_close(x, with_edges.eval()(data.x, data.edge_index, data.edge_attr)[0])
-    x.sum().backward()
-    last = nodes_only.convs[-1]
-    assert last.lin_edge_value.weight.grad is None  # the edge half never ran
-    assert last.lin_query.weight.grad is not None
+
+    def edge_update(*args):
+        raise AssertionError("the last layer's edge update ran")
+
+    nodes_only.convs[-1]._update_edges = edge_update
+    nodes_only(data.x, data.edge_index, data.edge_attr)
 
 
 def test_dropout_between_layers_in_training_only():
     torch.manual_seed(0)
     model = EdgeNodeGNN(6, 8, 2, edge_dim=3, dropout=0.5, heads=2, attention_dropout=0.0)
+    assert all(conv.dropout == 0.0 for conv in model.convs)  # attention_dropout reached them
     data = graph()
     eval_out = model.eval()(data.x, data.edge_index, data.edge_attr)
-    again = model(data.x, data.edge_index, data.edge_attr)
-    assert all(torch.equal(a, b) for a, b in zip(eval_out, again))
-    train_out = model.train()(data.x, data.edge_index, data.edge_attr)
-    assert not torch.allclose(train_out[0], eval_out[0])
-    assert all(conv.dropout == 0.0 for conv in model.convs)  # attention_dropout reached them
+    first, second = model.convs
+    h, e = first(data.x, data.edge_index, data.edge_attr)
+    torch.testing.assert_close(eval_out[1], second(h, data.edge_index, e)[1], rtol=0, atol=0)
+    # Training: nodes, then edges, dropped between the layers (not after the last).
+    model.train()
+    torch.manual_seed(1)
+    train_out = model(data.x, data.edge_index, data.edge_attr)
+    torch.manual_seed(1)
+    h, e = first(data.x, data.edge_index, data.edge_attr)
+    h, e = torch.nn.functional.dropout(h, 0.5), torch.nn.functional.dropout(e, 0.5)
+    expected = second(h, data.edge_index, e)
+    torch.testing.assert_close(train_out[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(train_out[1], expected[1], rtol=0, atol=0)
+    assert not torch.allclose(train_out[1], eval_out[1])
 
 
 def test_graph_and_edge_tasks_through_the_dataloader():
