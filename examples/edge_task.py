@@ -32,6 +32,7 @@ storage), which is the part of training memory that depends on the layer::
 
 import argparse
 import functools
+import random
 import time
 
 import torch
@@ -91,6 +92,7 @@ TASKS = {
 
 
 def dataset(num_graphs: int, seed: int, task: str = "node") -> list[Data]:
+    random.seed(seed)  # FakeDataset draws the graphs' sizes with Python's random
     torch.manual_seed(seed)
     fake = FakeDataset(
         num_graphs=num_graphs,

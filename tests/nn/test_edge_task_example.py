@@ -48,3 +48,12 @@ def test_the_example_runs_models_of_matched_sizes():
     assert all(0 <= float(row[3]) <= 100 for row in rows)
     target = int(rows[0][2])  # EdgeNodeConv's parameters; the others are matched to it
     assert all(abs(int(row[2]) - target) < 0.1 * target for row in rows)
+
+
+def test_a_seed_draws_the_same_graphs_in_every_task():
+    example = load_example()
+    for task in example.TASKS:
+        first, second = example.dataset(6, 3, task), example.dataset(6, 3, task)
+        assert [data.num_nodes for data in first] == [data.num_nodes for data in second]
+        for a, b in zip(first, second):
+            assert torch.equal(a.edge_index, b.edge_index) and torch.equal(a.y, b.y)
