@@ -30,7 +30,7 @@ def test_it_is_its_layers_then_its_heads():
     torch.testing.assert_close(x, model.lin(h), rtol=0, atol=0)
     torch.testing.assert_close(edge_attr, model.edge_lin(e), rtol=0, atol=0)
     assert x.shape == (7, 5) and edge_attr.shape == (20, 2)
-    assert [conv.edge_attention for conv in model.convs] == ["key_value"] * 3
+    assert [conv.edge_attention for conv in model.convs] == ["bias"] * 3
     assert [conv.edge_dim for conv in model.convs] == [3, 8, 8]
 
 
@@ -129,7 +129,7 @@ def test_reset_parameters_and_repr():
     for name, parameter in model.named_parameters():
         assert not torch.all(parameter == 3.0), name
     assert repr(model) == (
-        "EdgeNodeGNN(6, 3, num_layers=2, edge_dim=3, edge_out_channels=8, edge_attention=key_value)"
+        "EdgeNodeGNN(6, 3, num_layers=2, edge_dim=3, edge_out_channels=8, edge_attention=bias)"
     )
 
 
