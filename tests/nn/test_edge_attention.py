@@ -45,23 +45,12 @@ def dense(num_nodes, edge_index, edge_attr, attn_mask):
     return features, adjacency, attention
 
 
+@pytest.mark.parametrize("in_channels, edge_dim", [(CHANNELS, CHANNELS), (8, 4)])
 @pytest.mark.parametrize("option", OPTIONS)
-def test_sparse_graph_matches_the_dense_statement(option, device):
-    conv = make_conv(option, device=device)
-    x, edge_index, edge_attr, attn_mask = sparse_graph(device=device)
-    h, e = conv(x, edge_index, edge_attr, attn_mask)
-    h_ref, e_ref = reference_edge_node_conv(
-        conv, x, *dense(x.size(0), edge_index, edge_attr, attn_mask)
-    )
-    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-10)
-    torch.testing.assert_close(e, e_ref[edge_index[0], edge_index[1]], rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("option", OPTIONS)
-def test_other_widths_match_the_dense_statement(option):
-    conv = make_conv(option, in_channels=8, edge_dim=4)
-    x, edge_index, edge_attr, attn_mask = sparse_graph(edge_dim=4)
-    x = x[:, :8].contiguous()
+def test_sparse_graph_matches_the_dense_statement(option, in_channels, edge_dim, device):
+    conv = make_conv(option, in_channels, edge_dim, device=device)
+    x, edge_index, edge_attr, attn_mask = sparse_graph(edge_dim=edge_dim, device=device)
+    x = x[:, :in_channels].contiguous()
     h, e = conv(x, edge_index, edge_attr, attn_mask)
     h_ref, e_ref = reference_edge_node_conv(
         conv, x, *dense(x.size(0), edge_index, edge_attr, attn_mask)
@@ -124,27 +113,6 @@ def reference_alpha(conv, graph, attention):
     if conv.edge_attention == "gate":
         alpha = alpha * torch.sigmoid(conv.lin_edge_attention(features))
     return alpha
-
-
-@pytest.mark.parametrize("option", OPTIONS)
-def test_undirected_storage_of_a_sparse_graph_equals_both_directions(option):
-    conv = make_conv(option)
-    num_nodes = 8
-    pairs = torch.unique(torch.sort(torch.randint(num_nodes, (2, 20)), dim=0).values, dim=1)
-    features = torch.randn(pairs.size(1), CHANNELS, dtype=torch.float64)
-    mask = torch.rand(pairs.size(1)) < 0.7
-    off_diagonal = pairs[0] != pairs[1]
-    directed = torch.cat([pairs, pairs[:, off_diagonal].flip(0)], dim=1)
-    x = torch.randn(num_nodes, CHANNELS, dtype=torch.float64)
-    h, e = conv(
-        x,
-        directed,
-        torch.cat([features, features[off_diagonal]]),
-        torch.cat([mask, mask[off_diagonal]]),
-    )
-    h_u, e_u = conv(x, pairs, features, mask, undirected=True)
-    torch.testing.assert_close(h_u, h, rtol=0, atol=1e-12)
-    torch.testing.assert_close(e_u, e[: pairs.size(1)], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("option", OPTIONS)

@@ -3,7 +3,7 @@ import torch
 from torch_geometric.data import Batch, Data
 
 from gca_pyg.graph import build_batch_graph
-from gca_pyg.nn import EdgeNodeConv, softmax_with_sink
+from gca_pyg.nn import EDGE_ATTENTION, EdgeNodeConv, softmax_with_sink
 
 from dense_reference import reference_edge_node_conv
 
@@ -269,8 +269,9 @@ def test_compiles(backend):
     assert torch.allclose(actual[1], expected[1], atol=1e-5)
 
 
-def test_undirected_storage_of_a_sparse_graph_equals_both_directions():
-    conv = make_conv()
+@pytest.mark.parametrize("edge_attention", EDGE_ATTENTION)
+def test_undirected_storage_of_a_sparse_graph_equals_both_directions(edge_attention):
+    conv = make_conv(edge_attention=edge_attention)
     num_nodes = 8
     pairs = torch.unique(torch.sort(torch.randint(num_nodes, (2, 20)), dim=0).values, dim=1)
     features = torch.randn(pairs.size(1), CHANNELS, dtype=torch.float64)
