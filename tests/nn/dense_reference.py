@@ -75,3 +75,14 @@ def reference_edge_node_conv(conv, x, edge_dense, adjacency, attention):
     e = conv.norm_edge_attention(F.gelu(mixed + skip(conv.lin_edge_skip, edge_dense)))
     e = conv.norm_edge_ffn(F.gelu(e + conv.edge_ffn(e)))
     return h, e
+
+
+def densify(num_nodes, edge_index, edge_attr, attn_mask):
+    """The dense inputs of reference_edge_node_conv from a graph with one edge per pair."""
+    adjacency = torch.zeros(num_nodes, num_nodes, dtype=torch.bool, device=edge_index.device)
+    adjacency[edge_index[0], edge_index[1]] = True
+    attention = torch.zeros_like(adjacency)
+    attention[edge_index[0], edge_index[1]] = attn_mask
+    dense = edge_attr.new_zeros(num_nodes, num_nodes, edge_attr.size(1))
+    dense[edge_index[0], edge_index[1]] = edge_attr
+    return dense, adjacency, attention

@@ -8,7 +8,7 @@ from torch_geometric.utils import to_torch_coo_tensor
 from gca_pyg.graph import build_batch_graph
 from gca_pyg.nn import EDGE_ATTENTION, EdgeNodeConv
 
-from dense_reference import reference_edge_node_conv
+from dense_reference import densify, reference_edge_node_conv
 
 OPTIONS = [option for option in EDGE_ATTENTION if option != "none"]
 CHANNELS = 16
@@ -35,16 +35,6 @@ def sparse_graph(num_nodes=9, num_edges=30, edge_dim=CHANNELS, device="cpu"):
     return x.to(device), edge_index.to(device), edge_attr.to(device), attn_mask.to(device)
 
 
-def dense(num_nodes, edge_index, edge_attr, attn_mask):
-    adjacency = torch.zeros(num_nodes, num_nodes, dtype=torch.bool, device=edge_index.device)
-    adjacency[edge_index[0], edge_index[1]] = True
-    attention = torch.zeros_like(adjacency)
-    attention[edge_index[0], edge_index[1]] = attn_mask
-    features = edge_attr.new_zeros(num_nodes, num_nodes, edge_attr.size(1))
-    features[edge_index[0], edge_index[1]] = edge_attr
-    return features, adjacency, attention
-
-
 @pytest.mark.parametrize("in_channels, edge_dim", [(CHANNELS, CHANNELS), (8, 4)])
 @pytest.mark.parametrize("option", OPTIONS)
 def test_sparse_graph_matches_the_dense_statement(option, in_channels, edge_dim, device):
@@ -53,7 +43,7 @@ def test_sparse_graph_matches_the_dense_statement(option, in_channels, edge_dim,
     x = x[:, :in_channels].contiguous()
     h, e = conv(x, edge_index, edge_attr, attn_mask)
     h_ref, e_ref = reference_edge_node_conv(
-        conv, x, *dense(x.size(0), edge_index, edge_attr, attn_mask)
+        conv, x, *densify(x.size(0), edge_index, edge_attr, attn_mask)
     )
     torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(e, e_ref[edge_index[0], edge_index[1]], rtol=0, atol=1e-10)

@@ -5,7 +5,7 @@ from torch_geometric.data import Batch, Data
 from gca_pyg.graph import build_batch_graph
 from gca_pyg.nn import EDGE_ATTENTION, EdgeNodeConv, softmax_with_sink
 
-from dense_reference import reference_edge_node_conv
+from dense_reference import densify, reference_edge_node_conv
 
 CHANNELS = 16
 
@@ -24,16 +24,6 @@ def random_graph(num_nodes, num_edges, device="cpu", dtype=torch.float64):
     edge_attr = torch.randn(edge_index.size(1), CHANNELS, device=device, dtype=dtype)
     attn_mask = torch.rand(edge_index.size(1), device=device) < 0.7
     return x, edge_index, edge_attr, attn_mask
-
-
-def densify(num_nodes, edge_index, edge_attr, attn_mask):
-    adjacency = torch.zeros(num_nodes, num_nodes, dtype=torch.bool, device=edge_index.device)
-    adjacency[edge_index[0], edge_index[1]] = True
-    attention = torch.zeros_like(adjacency)
-    attention[edge_index[0], edge_index[1]] = attn_mask
-    dense = edge_attr.new_zeros(num_nodes, num_nodes, edge_attr.size(1))
-    dense[edge_index[0], edge_index[1]] = edge_attr
-    return dense, adjacency, attention
 
 
 def test_repr_and_shapes():
