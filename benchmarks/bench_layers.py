@@ -18,6 +18,7 @@ each row's time per edge over TransformerConv's::
 
     python benchmarks/bench_layers.py --pyg
     python benchmarks/bench_layers.py --pyg --nodes 2000 --edges 20000 --dtypes fp32
+    python benchmarks/bench_layers.py --pyg --profile --dtypes fp32 --threads 1   # where it goes
 """
 
 import json
@@ -155,7 +156,7 @@ def pyg_table(args, device):
                     f"{result['ms']:.0f}",
                     f"{1e3 * result['ms'] / args.edges:.2f}",
                     f"{result['peak_mb']:.0f}",
-                    f"{result['gflop']:.1f}",
+                    f"{result['gflop']:.3g}",
                     f"{result['ms'] / reference_ms:.2f}x",
                 ]
             )
@@ -193,7 +194,7 @@ def profile(config, rows: int = 15):
     retain_freed_memory()
     if config["threads"]:
         torch.set_num_threads(config["threads"])
-    step, device = build_step(config)
+    step, device = build_pyg_step(config)[:2] if config.get("pyg") else build_step(config)
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities, record_shapes=True) as prof:
@@ -242,6 +243,22 @@ def main():
             args.dim = 64
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.profile:  # the paper's layer, whole, in each dtype
+            for dtype in args.dtypes:
+                print(f"== profile: EdgeNodeConv(none), {args.nodes} nodes, {args.edges} edges")
+                profile(
+                    {
+                        "pyg": True,
+                        "layer": "edge_node",
+                        "device": str(device),
+                        "nodes": args.nodes,
+                        "edges": args.edges,
+                        "dim": args.dim,
+                        "dtype": dtype,
+                        "threads": args.threads,
+                    }
+                )
+            return
         report_machine(device)
         return pyg_table(args, device)
     if args.profile:

@@ -64,6 +64,26 @@ def test_the_profile_splits_the_step_into_phases_and_operators():
     assert sum(float(row[3]) for row in matmul_rows) <= matmul_ms + 1  # rows are rounded
 
 
+def test_the_layer_benchmark_times_edge_node_conv_against_pyg_layers():
+    out = run_benchmark(
+        "bench_layers.py",
+        *("--pyg", "--nodes", "200", "--edges", "1000", "--dim", "16", "--dtypes", "fp32"),
+        *("--repeats", "1", "--threads", "1"),
+    )
+    cells = [[cell.strip() for cell in line.split("|")] for line in out.splitlines()]
+    rows = [row for row in cells if len(row) == 8 and row[1] == "fp32"]
+    names = [row[0] for row in rows]
+    assert names[:2] == ["TransformerConv(edge_dim)", "GATv2Conv(edge_dim)"]
+    assert {f"EdgeNodeConv({option})" for option in ("none", "key_value", "bias", "gate")} <= set(
+        names
+    )
+    by_name = {row[0]: row for row in rows}
+    assert by_name["TransformerConv(edge_dim)"][-1] == "1.00x"
+    whole, half = by_name["EdgeNodeConv(none)"], by_name["EdgeNodeConv(none), node half"]
+    assert float(half[6]) < float(whole[6])  # the node half does part of the work (GFLOP)
+    assert int(by_name["EdgeNodeConv(key_value)"][2]) == int(whole[2]) + 16 * 16
+
+
 def test_the_index_benchmark_prints_one_row_per_size_and_kind():
     out = run_benchmark(
         "bench_index.py", "--sizes", "3000", "--dim", "16", "--queries", "100", "--single", "20"
