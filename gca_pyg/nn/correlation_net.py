@@ -32,6 +32,8 @@ class CorrelationNet(torch.nn.Module):
         dropout (float, optional): Dropout of the two-way edge attention. (default: :obj:`0.1`)
         ffn_ratio (int, optional): Hidden size of the feed-forward blocks, as a multiple of
             :obj:`channels`. (default: :obj:`4`)
+        edge_attention (str, optional): How the layers' node attention reads the edges
+            (:class:`EdgeNodeConv`); ``"none"`` is the paper's layer. (default: :obj:`"none"`)
         process_group (torch.distributed.ProcessGroup, optional): A process group whose processes
             each hold a share of the edges of one graph and the same nodes (see
             :class:`EdgeNodeConv`); the edge batch norm then takes its statistics over all of
