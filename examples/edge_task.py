@@ -14,10 +14,11 @@ carry the mean of the two rows ``FakeDataset`` drew). Three tasks (``--task``):
   strongest edge: 4 classes, chance 25 %; node outputs are mean-pooled
   (``global_mean_pool``).
 - ``edge``: each edge is labelled 1 if it is the strongest edge of either of its end points (2
-  classes; the share of the majority class is printed). EdgeNodeConv answers from its edge output;
-  the node-only layers from a linear head on ``[h_i + h_j, e_ij]``, as PyG users build one.
+  classes; the share of the majority class is printed). EdgeNodeConv answers from its edge output
+  through a linear head; the node-only layers through a two-layer MLP on ``[h_i + h_j, e_ij]``, as
+  PyG users build one (a linear head could not compare the edge with its end points).
 
-Every model is two layers and a linear head (for EdgeNodeConv, the ready stack
+Every model is two layers and a head (for EdgeNodeConv, the ready stack
 ``gca_pyg.nn.EdgeNodeGNN``), hidden widths chosen so that all have (about) the parameter count of
 the paper's EdgeNodeConv model; trained with Adam on mini-batches of graphs through PyG's
 ``DataLoader``. It prints test accuracy (mean ± sd over the seeds, and each seed's), seconds per
@@ -145,8 +146,11 @@ class NodeConvNet(torch.nn.Module):
     def __init__(self, make_conv, hidden: int, uses_edges: bool = True, task: str = "node"):
         super().__init__()
         self.conv1, self.conv2 = make_conv(NODE_CHANNELS, hidden), make_conv(hidden, hidden)
-        head_width = hidden + EDGE_CHANNELS if task == "edge" else hidden
-        self.classifier = torch.nn.Linear(head_width, TASKS[task][1])
+        classes = TASKS[task][1]
+        if task == "edge":  # an MLP: the edge's strength must be compared with its end points'
+            self.classifier = MLP([hidden + EDGE_CHANNELS, hidden, classes], norm=None)
+        else:
+            self.classifier = torch.nn.Linear(hidden, classes)
         self.uses_edges, self.task = uses_edges, task
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch=None) -> Tensor:
