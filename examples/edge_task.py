@@ -10,8 +10,8 @@ carry the mean of the two rows ``FakeDataset`` drew). Three tasks (``--task``):
   independent), and neighbour features without the edges only tell the plurality colour among the
   neighbours — which the "GATv2Conv without edge features" row measures — so what a layer does
   with the edge features is what is compared.
-- ``graph``: each graph is labelled with the sum, modulo 4, of the colours of the two ends of its
-  strongest edge: 4 classes, chance 25 %; node outputs are mean-pooled
+- ``graph``: each graph is labelled with the colour found most often across its nodes'
+  strongest edges (the node task's answers, counted): 4 classes; node outputs are mean-pooled
   (``global_mean_pool``).
 - ``edge``: each edge is labelled 1 if it is the strongest edge of either of its end points (2
   classes; the share of the majority class is printed). EdgeNodeConv answers from its edge output
@@ -64,14 +64,12 @@ def heaviest_bond_target(data: Data) -> Data:
     return Data(x=data.x, edge_index=edge_index, edge_attr=edge_attr, y=y)
 
 
-def strongest_pair_target(data: Data) -> Data:
-    """One label per graph: (colour of one end + colour of the other) mod 4 of its strongest
-    edge."""
+def most_common_bond_target(data: Data) -> Data:
+    """One label per graph: the colour found most often across its nodes' strongest edges (the
+    node task's answers, counted; the smallest colour among ties)."""
     data = heaviest_bond_target(data)
-    strongest = data.edge_attr[:, 0].argmax()
-    colour = data.x[:, :COLOURS].argmax(dim=1)
-    source, target = data.edge_index[:, strongest]
-    data.y = ((colour[source] + colour[target]) % COLOURS).view(1)
+    answers = data.y[data.y >= 0]
+    data.y = torch.bincount(answers, minlength=COLOURS).argmax().view(1)
     return data
 
 
@@ -87,7 +85,7 @@ def strongest_edge_target(data: Data) -> Data:
 
 TASKS = {
     "node": (heaviest_bond_target, COLOURS),
-    "graph": (strongest_pair_target, COLOURS),
+    "graph": (most_common_bond_target, COLOURS),
     "edge": (strongest_edge_target, 2),
 }
 
@@ -304,7 +302,7 @@ def run(build, width, seed, graphs, epochs, batch_size, device, task="node") -> 
 
 TASK_TITLES = {
     "node": "node task: the colour across the strongest edge",
-    "graph": "graph task: the colours at the ends of the strongest edge, summed mod 4",
+    "graph": "graph task: the colour most often across the nodes' strongest edges",
     "edge": "edge task: the strongest edge of either end point",
 }
 
