@@ -1,4 +1,6 @@
 import re
+import sys
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -6,20 +8,29 @@ README = ROOT / "README.md"
 LAYERS = ROOT / "docs" / "layers.md"
 
 
+def run_python_blocks(path: Path) -> dict:
+    """Runs the python blocks of `path` in order, in one module namespace, as a reader's script
+    would (later blocks may use names from earlier ones). The module is importable while it runs:
+    PyG's Sequential imports the module that builds it, and without it falls back to the forward of
+    the last Sequential it generated."""
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    assert blocks, f"{path.name} has no python example"
+    module = types.ModuleType(path.stem)
+    sys.modules[path.stem] = module
+    try:
+        for block in blocks:
+            exec(compile(block, str(path), "exec"), module.__dict__)
+    finally:
+        del sys.modules[path.stem]
+    return module.__dict__
+
+
 def test_readme_python_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README.md has no python example"
-    namespace = {}
-    for block in blocks:  # later blocks may use names from earlier ones, as a reader would
-        exec(compile(block, str(README), "exec"), namespace)
+    namespace = run_python_blocks(README)
     assert namespace["fusion"].shape == (81, 81, 512)
 
 
 def test_layer_guide_python_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", LAYERS.read_text(), flags=re.S)
-    assert len(blocks) >= 2, "docs/layers.md lost its python examples"
-    namespace = {}
-    for block in blocks:
-        exec(compile(block, str(LAYERS), "exec"), namespace)
+    namespace = run_python_blocks(LAYERS)
     assert namespace["graph_out"].shape == (8, 10)
     assert namespace["edge_out"].shape == (namespace["batch"].num_edges, 2)
