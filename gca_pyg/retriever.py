@@ -605,8 +605,9 @@ class Retriever:
         if len(embeddings) == 0:
             return
         self._positions = None
+        rows = unit_rows(embeddings)
         self.gallery = _Gallery(
-            np.concatenate([np.asarray(self.gallery.embeddings), unit_rows(embeddings)]),
+            np.concatenate([np.asarray(self.gallery.embeddings), rows]) if len(self) else rows,
             self.gallery.paths + [str(p) for p in paths],
             self.gallery.labels + list(labels),
         )
