@@ -149,7 +149,7 @@ class IndexSettings:
             return f"{self.factory} (efSearch {self.ef_search})"
         if self.kind == "flat":
             return "Flat (exact)"
-        shortlist = f"; the best {self.rerank}k re-ranked exactly" if self.rerank else ""
+        shortlist = f"; its best {self.rerank}×k re-ranked exactly" if self.rerank else ""
         return f"{self.factory} (nprobe {self.nprobe}{shortlist})"
 
 
