@@ -31,6 +31,7 @@ to stream the N × D floats (torch, all threads).
 
     python benchmarks/bench_index.py [--sizes 10000 100000 1000000]
         [--kinds flat ivf hnsw ivf-sq8 ivf-pq] [--dim 512] [--queries 1000] [--single 300]
+        [--rerank 10]
 """
 
 import argparse
@@ -49,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gca_pyg.vector_index import (  # noqa: E402
     INDEX_KINDS,
+    RERANK_FACTOR,
     build_index,
     exact_search,
     recall_at_k,
@@ -134,9 +136,11 @@ def faiss_flat_latencies(gallery: np.ndarray, queries: np.ndarray) -> str:
     return f"faiss IndexFlatIP.search itself: b1 p50 {b1[0]:.2f} ms, b64 p50 {b64[0]:.1f} ms"
 
 
-def measure(kind: str, gallery, queries, exact, single: int, folder: str) -> tuple[list, float]:
+def measure(
+    kind: str, gallery, queries, exact, single: int, folder: str, rerank: int
+) -> tuple[list, float]:
     began = time.perf_counter()
-    index, settings, order = build_index(gallery, kind)
+    index, settings, order = build_index(gallery, kind, rerank=rerank)
     built = time.perf_counter() - began
     vectors = None
     if settings.rerank:  # the stored vectors in the index's order, memory-mapped as in a folder
@@ -198,6 +202,12 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--single", type=int, default=300, help="queries timed one at a time")
+    parser.add_argument(
+        "--rerank",
+        type=int,
+        default=RERANK_FACTOR,
+        help=f"the compressed kinds' shortlist, × k (default {RERANK_FACTOR}; 1: no re-ranking)",
+    )
     args = parser.parse_args(argv)
     print(
         f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; torch "
@@ -225,7 +235,9 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as folder:
             for kind in args.kinds:
                 before = load_average().split()[0]
-                row, megabytes = measure(kind, gallery, queries, exact, args.single, folder)
+                row, megabytes = measure(
+                    kind, gallery, queries, exact, args.single, folder, args.rerank
+                )
                 row[4] = f"{megabytes / flat_megabytes:.0%}"
                 rows.append(row + [f"{before} -> {load_average().split()[0]}"])
                 print(f"  {' | '.join(rows[-1])}", flush=True)

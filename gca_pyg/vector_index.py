@@ -75,9 +75,11 @@ TARGET_RECALL = 0.95
 RECALL_MARGIN = 2.0
 #: The shortlist of a compressed index re-ranked exactly, in multiples of k (faiss's k_factor).
 RERANK_FACTOR = 10
-#: Links per node of an HNSW graph, and the candidates kept while inserting (faiss's default, 40;
-#: the build's time grows about linearly with it, and its search breadth is calibrated after).
-HNSW_M, HNSW_EF_CONSTRUCTION = 32, 40
+#: Links per node of an HNSW graph, and the candidates kept while inserting. faiss's default
+#: efConstruction, 40, built 1.5x faster in benchmarks/bench_index.py's data but a graph too sparse
+#: between clusters: efSearch 128 for recall@10 0.956 at 10⁵ (80: 0.980 at efSearch 48), and 0.87
+#: at efSearch 1,024 at 10⁶.
+HNSW_M, HNSW_EF_CONSTRUCTION = 32, 80
 #: Training rows per IVF cell (faiss warns below 39) and k-means iterations.
 IVF_TRAIN_PER_CELL, IVF_TRAIN_ITERATIONS = 40, 10
 #: Training rows of product-quantisation codes (256 centroids per sub-vector, 39 rows each), and
