@@ -1,4 +1,5 @@
-"""``python -m gca_pyg.index CHECKPOINT (--images DIR | --config NAME --data-root DIR) --out DIR``
+"""``python -m gca_pyg.index [CHECKPOINT] (--images DIR | --config NAME --data-root DIR |
+--embeddings EMB [--items ITEMS.csv]) --out DIR``
 
 Embeds a gallery with a trained model and writes a searchable index folder (see
 :mod:`gca_pyg.retriever` for its files): every image under ``--images DIR`` (recursively; labels
@@ -6,9 +7,14 @@ from the folder names with ``--label-folders``), or one split of a data set (``-
 --data-root DIR [--split test]``, labelled by class). Images go through the checkpoint's test
 transform in batches, on ``--device``, in bf16 where the device has native bf16, and are
 L2-normalised. The index is exact up to 50,000 images and IVF above (``--index auto``), or the
-kind asked for; an approximate one is calibrated to recall@10 ≥ ``--target-recall`` against exact
-search on a sample, and the recall is printed.
+kind asked for (see :mod:`gca_pyg.vector_index`); an approximate one is calibrated to recall@10 ≥
+``--target-recall`` against exact search, with a margin, on gallery images held out of it while
+it is measured, and that recall is printed.
 
+* ``--embeddings EMB`` indexes rows embedded elsewhere (a ``.npy`` of one row per item, or the
+  ``.npz``/``.pt`` of ``python -m gca_pyg.evaluate --export``), named by ``--items ITEMS.csv``
+  (``path`` and ``label`` columns) where given; with a CHECKPOINT the folder is as any other, and
+  without one it has no model and is searched with vectors (``search --vectors Q.npy``).
 * ``--append`` adds the images not indexed yet to an existing index folder.
 * An interrupted run (Ctrl-C, a crash, a full disk) keeps what it embedded in
   ``INDEX_DIR/.partial``; the same command continues from there.
@@ -22,6 +28,7 @@ search on a sample, and the recall is printed.
 """
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -51,12 +58,14 @@ from gca_pyg.retriever import (
     Embedder,
     IndexFolderError,
     Retriever,
+    fingerprint_of,
     read_items,
     read_manifest,
+    read_vectors,
 )
 from gca_pyg.runs import RunCheckpoint, open_checkpoint
 from gca_pyg.runtime import resolve_device, retain_freed_memory
-from gca_pyg.vector_index import INDEX_KINDS, TARGET_RECALL
+from gca_pyg.vector_index import INDEX_KINDS, RECALL_MARGIN, RERANK_FACTOR, TARGET_RECALL
 
 #: Images embedded between two saves of progress (what an interrupted run keeps).
 CHUNK = 1024
@@ -172,8 +181,11 @@ ERRORS = {
 }
 
 
-def check_out(out: Path, fingerprint: str, append: bool, checkpoint: str) -> Optional[dict]:
-    """Checks that `out` may receive this run's index; returns its manifest when it holds one.
+def check_out(
+    out: Path, fingerprint: Optional[str], append: bool, checkpoint: Optional[str]
+) -> Optional[dict]:
+    """Checks that `out` may receive this run's index (of the model of `fingerprint`; None: of
+    embeddings without a checkpoint); returns its manifest when it holds one.
 
     Raises:
         IndexFolderError: If `out` holds something else, an index or an unfinished run of another
@@ -185,10 +197,12 @@ def check_out(out: Path, fingerprint: str, append: bool, checkpoint: str) -> Opt
     progress = Progress(out)
     if manifest is not None:
         theirs = manifest["checkpoint"]
-        if theirs["fingerprint"] != fingerprint:
+        if fingerprint_of(manifest) != fingerprint:
+            by = f"another checkpoint ({theirs['path']})" if theirs else "no checkpoint"
+            ours = checkpoint or "embeddings without a checkpoint"
             raise IndexFolderError(
-                f"{out} holds an index embedded with another checkpoint ({theirs['path']}); "
-                f"its queries would not match {checkpoint}: choose another --out"
+                f"{out} holds an index embedded with {by}; its queries would not match "
+                f"{ours}: choose another --out"
             )
         if not append:
             raise IndexFolderError(
@@ -316,7 +330,11 @@ def finish(
             retriever.source.setdefault("appended", []).append(gallery.source)
     else:
         retriever = Retriever(
-            embedder, index=args.index, source=gallery.source, target_recall=args.target_recall
+            embedder,
+            index=args.index,
+            source=gallery.source,
+            target_recall=args.target_recall,
+            rerank=args.rerank,
         )
     names, embeddings, readable = Progress(out).read()
     indexed = set(retriever.paths)
@@ -346,14 +364,20 @@ def summary(
     settings = retriever.settings
     lines = [
         f"indexed {added:,} new image(s) in {seconds:.1f} s; {out} holds "
-        f"{len(retriever):,} images, {retriever.embedder.dim}-d embeddings, "
-        f"{settings.describe()}"
+        f"{len(retriever):,} images, {retriever.dim}-d embeddings, {settings.describe()}"
     ]
-    if settings.kind != "flat":
+    if settings.kind != "flat" and settings.recall is not None:
+        spread = f" ± {settings.recall_se:.3f}" if settings.recall_se is not None else ""
+        measured = (
+            f" on {settings.recall_queries:,} gallery images held out of the index while it was "
+            "measured (new to it, as queries are)"
+            if settings.recall_queries
+            else " on gallery images held out of the index while it was measured"
+        )
         lines.append(
-            f"recall@{settings.recall_k} against exact search, on gallery images held out of the "
-            "index while it was measured: "
-            f"{settings.recall:.3f} (target {retriever.target_recall})"
+            f"recall@{settings.recall_k} against exact search: {settings.recall:.3f}{spread} "
+            f"(one standard error){measured}; the breadth is the first whose recall less "
+            f"{RECALL_MARGIN:g} standard errors reaches the target {retriever.target_recall}"
         )
     if unreadable:
         shown = ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
@@ -362,6 +386,94 @@ def summary(
             f"{out / UNREADABLE_FILE}: {shown}"
         )
     return "\n".join(lines)
+
+
+def read_item_list(
+    items: Optional[str], count: int, labels: Optional[list], embeddings: Path
+) -> tuple[list[str], list[Optional[str]]]:
+    """The path and label of each of `count` embedded rows: from the ``--items`` CSV (a ``path``
+    column, a ``label`` column where known: the ``items.csv`` of an index folder will do), else
+    ``EMB:i`` and the `labels` stored beside the embeddings.
+
+    Raises:
+        ConfigError: If the CSV is missing, has no ``path`` column, or not one row per embedding.
+    """
+    if items is None:
+        names = [f"{embeddings.name}:{i}" for i in range(count)]
+        return names, [None] * count if labels is None else [str(label) for label in labels]
+    path = Path(items).expanduser()
+    try:
+        names, found = read_items(path)
+    except FileNotFoundError:
+        raise ConfigError(f"--items {items}: no such file") from None
+    except (KeyError, UnicodeDecodeError, csv.Error):
+        raise ConfigError(
+            f"--items {items} is not a CSV with a path column (and a label column where labels "
+            "are known), one row per embedding"
+        ) from None
+    if len(names) != count:
+        raise ConfigError(
+            f"--items {items} has {len(names):,} rows and --embeddings {embeddings} "
+            f"{count:,}: give one row per embedding, in the same order"
+        )
+    return names, found
+
+
+def index_embeddings(args: argparse.Namespace) -> int:
+    """``--embeddings EMB``: indexes rows embedded elsewhere, with the checkpoint that embedded
+    them where given (then images can be searched too) or without (queries are vectors)."""
+    started = time.perf_counter()
+    path = Path(args.embeddings).expanduser()
+    embeddings, stored_labels = read_vectors(path, "--embeddings")
+    if len(embeddings) == 0:
+        raise ConfigError(f"--embeddings {path} holds no rows; nothing to index")
+    if stored_labels is not None and len(stored_labels) != len(embeddings):
+        stored_labels = None
+    names, labels = read_item_list(args.items, len(embeddings), stored_labels, path)
+    embedder = None
+    if args.checkpoint is not None:
+        checkpoint = open_checkpoint(args.checkpoint, args.overrides)
+        embedder = Embedder(checkpoint, device="cpu", batch_size=args.batch_size, num_workers=0)
+        if embedder.dim != embeddings.shape[1]:
+            raise ConfigError(
+                f"--embeddings {path} holds {embeddings.shape[1]}-d rows and {args.checkpoint} "
+                f"embeds {embedder.dim}-d ones: give the checkpoint that embedded them, or none"
+            )
+    out = Path(args.out).expanduser()
+    checkpoint_name = None if embedder is None else str(embedder.checkpoint.path)
+    fingerprint = None if embedder is None else embedder.fingerprint
+    manifest = check_out(out, fingerprint, args.append, checkpoint_name)
+    source = {"embeddings": str(path.resolve())}
+    if args.items is not None:
+        source["items"] = str(Path(args.items).expanduser().resolve())
+    if manifest is not None:
+        retriever = Retriever.load(out, embedder=embedder)
+        if retriever.dim != embeddings.shape[1]:
+            raise ConfigError(
+                f"--embeddings {path} holds {embeddings.shape[1]}-d rows and {out} "
+                f"{retriever.dim}-d ones: they cannot be searched together"
+            )
+        retriever.target_recall = args.target_recall
+        if args.index not in ("auto", retriever.index_kind):
+            warn(f"{out} keeps its {retriever.index_kind} index; --index {args.index} is ignored")
+        retriever.source.setdefault("appended", []).append(source)
+    else:
+        retriever = Retriever(
+            embedder,
+            dim=embeddings.shape[1],
+            index=args.index,
+            source=source,
+            target_recall=args.target_recall,
+            rerank=args.rerank,
+        )
+    indexed = set(retriever.paths)
+    new = [row for row, name in enumerate(names) if name not in indexed]
+    retriever.add_embeddings(
+        embeddings[new], [names[row] for row in new], [labels[row] for row in new]
+    )
+    retriever.save(out)
+    print(summary(retriever, len(new), out, [], time.perf_counter() - started))
+    return 0
 
 
 def run(args: argparse.Namespace, checkpoint: RunCheckpoint, context: Context) -> int:
@@ -418,12 +530,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         epilog=f"shipped configs for --config: {', '.join(available_configs())}",
     )
     parser.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a .pt file or a run folder (its last.pt)"
+        "checkpoint",
+        metavar="CHECKPOINT",
+        nargs="?",
+        help="a .pt file or a run folder (its last.pt); with --embeddings, the model that "
+        "embedded them, or none (then queries are vectors)",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR", help="index every image under DIR")
     source.add_argument(
         "--config", metavar="NAME", help="index a split of the data set of a config"
+    )
+    source.add_argument(
+        "--embeddings",
+        metavar="EMB",
+        help="index rows embedded elsewhere: a .npy file (N, D), or the .npz/.pt of "
+        "python -m gca_pyg.evaluate --export",
+    )
+    parser.add_argument(
+        "--items",
+        metavar="ITEMS.csv",
+        help="with --embeddings: a CSV with a path (and label) column, one row per embedding",
     )
     parser.add_argument("--data-root", metavar="DIR", help="the data set folder, with --config")
     parser.add_argument(
@@ -439,7 +566,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--index",
         default="auto",
         choices=INDEX_KINDS,
-        help="auto (default): exact up to 50,000 images, IVF beyond; flat: exact; ivf; hnsw",
+        help="auto (default): exact up to 50,000 images, IVF beyond; flat: exact (IndexFlatIP); "
+        "ivf (IVF,Flat); hnsw (HNSW32,Flat); ivf-sq8 (IVF,SQ8: a quarter of the memory); ivf-pq "
+        "(IVF,PQ: a thirty-second)",
+    )
+    parser.add_argument(
+        "--rerank",
+        type=int,
+        default=RERANK_FACTOR,
+        metavar="F",
+        help="ivf-sq8 and ivf-pq: re-score the best F·k of a query exactly from embeddings.npy "
+        f"(default: {RERANK_FACTOR}; 1: their approximate scores)",
     )
     parser.add_argument(
         "--target-recall",
@@ -462,6 +599,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.config is None and args.data_root is not None:
         parser.error("--data-root goes with --config")
+    if args.embeddings is None and args.checkpoint is None:
+        parser.error("CHECKPOINT is needed to embed images (only --embeddings goes without)")
+    if args.embeddings is None and args.items is not None:
+        parser.error("--items goes with --embeddings")
     return args
 
 
@@ -472,6 +613,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if not 0 < args.target_recall <= 1:
             raise ConfigError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+        if args.rerank < 1:
+            raise ConfigError(f"--rerank must be at least 1, got {args.rerank}")
+        if args.embeddings is not None:
+            return index_embeddings(args)
         if args.device is not None:
             args.overrides = [*args.overrides, f"train.device={args.device}"]
         checkpoint = open_checkpoint(args.checkpoint, args.overrides)

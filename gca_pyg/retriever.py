@@ -18,7 +18,9 @@ An index folder holds plain files that any program can read:
 * ``embeddings.npy`` — float32 :math:`(N, D)`, L2-normalised (``numpy.load``);
 * ``index.faiss`` — the faiss index over them (``faiss.read_index``);
 * ``model.pt`` — the checkpoint's config and weights (without the optimiser state), so that queries
-  are embedded by the model that embedded the gallery, wherever the folder is copied.
+  are embedded by the model that embedded the gallery, wherever the folder is copied. A gallery
+  indexed from embeddings without a checkpoint has none (its manifest's ``checkpoint`` is null):
+  its queries are vectors.
 
 A save writes a complete new version into ``.next/`` and then moves its files into place,
 ``index.json`` last; an interrupted move is finished by the next :meth:`Retriever.load` or index
@@ -34,7 +36,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any, Optional, Union
+from zipfile import BadZipFile
 
 import faiss
 import numpy as np
@@ -51,10 +55,13 @@ from gca_pyg.pipeline import inference_transform, loader_options, preprocessing
 from gca_pyg.runs import RunCheckpoint, open_checkpoint
 from gca_pyg.runtime import autocast_dtype, resolve_device
 from gca_pyg.vector_index import (
+    RERANK_FACTOR,
     TARGET_RECALL,
     IndexSettings,
     append_rows,
     build_index,
+    check_vectors,
+    search,
     set_breadth,
     unit_rows,
 )
@@ -68,6 +75,8 @@ __all__ = [
     "INDEX_FORMAT",
     "read_manifest",
     "read_items",
+    "fingerprint_of",
+    "read_vectors",
     "recover",
 ]
 
@@ -332,6 +341,59 @@ def read_items(path: Path) -> tuple[list[str], list[Optional[str]]]:
     return [row["path"] for row in rows], [row["label"] or None for row in rows]
 
 
+#: The files vectors are read from: numpy's, and ``python -m gca_pyg.evaluate --export``'s.
+VECTOR_FILES = (".npy", ".npz", ".pt")
+
+
+def read_vectors(path: Union[str, Path], option: str) -> tuple[np.ndarray, Optional[list]]:
+    """The float32 rows :math:`(N, D)` of a ``.npy`` file, or of the ``embeddings`` array of a
+    ``.npz`` or ``.pt`` file (what ``evaluate --export`` writes), with its ``labels`` where it
+    holds them (else None).
+
+    Raises:
+        ConfigError: One line, naming `option` and the file: missing, unreadable, not an array
+            of finite non-zero float rows.
+    """
+    path = Path(path).expanduser()
+    where = f"{option} {path}"
+    if path.suffix not in VECTOR_FILES:
+        raise ConfigError(f"{where}: use a {', '.join(VECTOR_FILES)} file of one row per item")
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such file")
+    labels = None
+    try:
+        if path.suffix == ".npy":
+            vectors = np.load(path, mmap_mode="r")
+        else:
+            if path.suffix == ".npz":
+                with np.load(path) as arrays:
+                    stored = {name: arrays[name] for name in arrays.files}
+            else:
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(stored, dict) or "embeddings" not in stored:
+                raise ConfigError(
+                    f"{where} holds no array named embeddings (it holds "
+                    f"{', '.join(stored) if isinstance(stored, dict) else type(stored).__name__})"
+                    "; save the rows as embeddings, or as a .npy file"
+                )
+            vectors = np.asarray(stored["embeddings"])
+            if "labels" in stored:
+                labels = np.asarray(stored["labels"]).tolist()
+    except ConfigError:
+        raise
+    except (OSError, EOFError, ValueError, RuntimeError, BadZipFile, UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{where} is not a readable {path.suffix} file ({reason})") from None
+    return check_vectors(vectors, where), labels
+
+
+def fingerprint_of(manifest: dict[str, Any]) -> Optional[str]:
+    """The fingerprint of the model that embedded an index folder (None: indexed from embeddings
+    without a checkpoint)."""
+    checkpoint = manifest.get("checkpoint")
+    return None if checkpoint is None else checkpoint["fingerprint"]
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -350,30 +412,42 @@ class Retriever:
     """A searchable gallery of images embedded by a trained GCA-HNG model.
 
     Build one with :meth:`from_checkpoint` and :meth:`add`, or open an index folder written by
-    :meth:`save` or ``python -m gca_pyg.index`` with :meth:`load`; then :meth:`search`.
+    :meth:`save` or ``python -m gca_pyg.index`` with :meth:`load`; then :meth:`search`. A gallery
+    embedded elsewhere needs no model: ``Retriever(dim=D)``, :meth:`add_embeddings`, and queries
+    as vectors (:meth:`search_embeddings`).
 
     Args:
-        embedder: The model that embeds gallery and queries.
-        index: ``auto`` (exact search up to 50,000 items, IVF beyond), ``flat`` (exact), ``ivf``
-            or ``hnsw`` (see :mod:`gca_pyg.vector_index`); approximate kinds are calibrated to
-            recall@10 ≥ 0.95 against exact search when built.
+        embedder: The model that embeds gallery and queries (None: embeddings only).
+        dim: The embedding size, where there is no `embedder`.
+        index: ``auto`` (exact search up to 50,000 items, IVF beyond), ``flat`` (exact), ``ivf``,
+            ``hnsw``, or the compressed ``ivf-sq8`` and ``ivf-pq`` (see
+            :mod:`gca_pyg.vector_index`); approximate kinds are calibrated to recall@10 ≥ 0.95
+            against exact search when built.
         source: Where the gallery came from (recorded in the manifest).
         target_recall: The recall@10 an approximate index is calibrated to.
+        rerank: The shortlist of a compressed index re-scored exactly from the stored vectors, in
+            multiples of k (1: none).
     """
 
     def __init__(
         self,
-        embedder: Embedder,
+        embedder: Optional[Embedder] = None,
         *,
+        dim: Optional[int] = None,
         index: str = "auto",
         source: Optional[dict] = None,
         target_recall: float = TARGET_RECALL,
+        rerank: int = RERANK_FACTOR,
     ):
+        if embedder is None and dim is None:
+            raise ConfigError("a Retriever needs an embedder, or the dim of its embeddings")
         self.embedder = embedder
+        self.dim = embedder.dim if embedder is not None else int(dim)
         self.index_kind = index
         self.source = source or {}
         self.target_recall = target_recall
-        self.gallery = _Gallery(np.empty((0, embedder.dim), np.float32))
+        self.rerank = rerank
+        self.gallery = _Gallery(np.empty((0, self.dim), np.float32))
         self.settings: Optional[IndexSettings] = None
         self._index: Optional[faiss.Index] = None
         self._datasets: dict[str, Any] = {}  # a dataset source's splits, for image()
@@ -412,7 +486,8 @@ class Retriever:
         embedder: Optional[Embedder] = None,
     ) -> "Retriever":
         """Opens an index folder, with the model it was embedded with (``model.pt``), or with
-        `embedder` when given (a model of the same fingerprint, already loaded).
+        `embedder` when given (a model of the same fingerprint, already loaded). A folder indexed
+        from embeddings without a checkpoint has no model: it is searched with vectors.
 
         Raises:
             IndexFolderError: If the folder holds no index, or its files disagree.
@@ -427,14 +502,16 @@ class Retriever:
                 f"{index_dir}"
             )
             raise IndexFolderError(f"{index_dir} holds no index ({MANIFEST}); {hint}")
-        if embedder is None:
+        if manifest["checkpoint"] is None:
+            embedder = None
+        elif embedder is None:
             embedder = Embedder(
                 open_checkpoint(index_dir / MODEL_FILE),
                 device=device,
                 batch_size=batch_size,
                 num_workers=num_workers,
             )
-        retriever = cls(embedder, index=manifest["index"]["kind"])
+        retriever = cls(embedder, dim=manifest["dim"], index=manifest["index"]["kind"])
         retriever.source, retriever.created = manifest.get("source", {}), manifest.get("created")
         paths, labels = read_items(index_dir / ITEMS)
         embeddings = np.load(index_dir / EMBEDDINGS, mmap_mode="r")
@@ -445,19 +522,20 @@ class Retriever:
             EMBEDDINGS: len(embeddings),
             FAISS_FILE: index.ntotal,
         }
-        if len(set(counts.values())) > 1 or embeddings.shape[1:] != (retriever.embedder.dim,):
+        if len(set(counts.values())) > 1 or embeddings.shape[1:] != (retriever.dim,):
             found = ", ".join(f"{name}: {count}" for name, count in counts.items())
             raise IndexFolderError(
                 f"the files of {index_dir} disagree ({found} items; embeddings "
                 f"{embeddings.shape}); rebuild it with python -m gca_pyg.index"
             )
-        if manifest["checkpoint"]["fingerprint"] != embedder.fingerprint:
+        if embedder is not None and fingerprint_of(manifest) != embedder.fingerprint:
             raise IndexFolderError(
                 f"the model given is not the one that embedded {index_dir} "
                 f"({manifest['checkpoint']['path']}); search it with that model"
             )
         retriever.gallery = _Gallery(embeddings, paths, labels)
         retriever.settings = IndexSettings.from_dict(manifest["index"])
+        retriever.rerank = retriever.settings.rerank or 1
         set_breadth(index, retriever.settings)
         retriever._index = index
         return retriever
@@ -503,7 +581,7 @@ class Retriever:
         labels = [None] * len(images) if labels is None else list(labels)
         if len(labels) != len(images):
             raise ConfigError(f"add got {len(images)} images but {len(labels)} labels")
-        embeddings, readable = self.embedder.embed(images, progress=progress)
+        embeddings, readable = self.model().embed(images, progress=progress)
         keep = np.flatnonzero(readable).tolist()
         self.add_embeddings(
             embeddings[readable], [names[i] for i in keep], [labels[i] for i in keep]
@@ -513,7 +591,12 @@ class Retriever:
     def add_embeddings(
         self, embeddings: np.ndarray, paths: Sequence[str], labels: Sequence[Optional[str]]
     ):
-        """Adds rows embedded elsewhere (by this retriever's model), normalising them."""
+        """Adds rows embedded elsewhere (by this retriever's model), normalising them.
+
+        Raises:
+            ConfigError: If the rows are not of this gallery's size, or not finite, or zero.
+        """
+        embeddings = check_vectors(embeddings, "the embeddings added", self.dim)
         if len(embeddings) != len(paths) or len(paths) != len(labels):
             raise ConfigError(
                 f"add_embeddings got {len(embeddings)} embeddings, {len(paths)} paths and "
@@ -522,8 +605,9 @@ class Retriever:
         if len(embeddings) == 0:
             return
         self._positions = None
+        rows = unit_rows(embeddings)
         self.gallery = _Gallery(
-            np.concatenate([np.asarray(self.gallery.embeddings), unit_rows(embeddings)]),
+            np.concatenate([np.asarray(self.gallery.embeddings), rows]) if len(self) else rows,
             self.gallery.paths + [str(p) for p in paths],
             self.gallery.labels + list(labels),
         )
@@ -575,7 +659,10 @@ class Retriever:
             raise ConfigError("the gallery is empty: add images before searching or saving")
         if self._index is None:
             self._index, self.settings, order = build_index(
-                self.gallery.embeddings, self.index_kind, target=self.target_recall
+                self.gallery.embeddings,
+                self.index_kind,
+                target=self.target_recall,
+                rerank=self.rerank,
             )
             self._take(order)
         elif self._index.ntotal < count:
@@ -596,7 +683,7 @@ class Retriever:
         """
         queries = list(queries)
         names = _names(queries, names, start=0, prefix="query")
-        embeddings, readable = self.embedder.embed(queries)
+        embeddings, readable = self.model().embed(queries)
         if not readable.any():
             raise ConfigError(f"none of the {len(queries)} query images could be read")
         return self.search_embeddings(
@@ -606,10 +693,15 @@ class Retriever:
     def search_embeddings(
         self, embeddings: np.ndarray, k: int, names: Sequence[str]
     ) -> list[SearchResult]:
-        """:meth:`search` for query embeddings computed already."""
+        """:meth:`search` for query embeddings computed already.
+
+        Raises:
+            ConfigError: If the queries are not of this gallery's size, or not finite, or zero.
+        """
+        queries = unit_rows(check_vectors(embeddings, "the query vectors", self.dim))
         index = self.index
         k = min(k, len(self))
-        scores, ids = index.search(unit_rows(embeddings), k)
+        scores, ids = search(index, self.settings, queries, k, self.embeddings)
         results = []
         for name, row_scores, row_ids in zip(names, scores, ids):
             found = row_ids >= 0  # an approximate index may return fewer than k
@@ -625,26 +717,46 @@ class Retriever:
             )
         return results
 
+    def model(self) -> Embedder:
+        """The model that embeds this gallery's images.
+
+        Raises:
+            ConfigError: If the gallery was indexed from embeddings without one.
+        """
+        if self.embedder is None:
+            raise ConfigError(
+                "this gallery was indexed from embeddings without a checkpoint, so it has no "
+                "model to embed images: search it with vectors (python -m gca_pyg.search "
+                "INDEX_DIR --vectors Q.npy, or Retriever.search_embeddings)"
+            )
+        return self.embedder
+
     # -- saving ------------------------------------------------------------------------------------
     def manifest(self, **extra) -> dict[str, Any]:
-        checkpoint = self.embedder.checkpoint
         settings = self.settings or IndexSettings(self.index_kind)
+        embedder = self.embedder
+        checkpoint = None
+        if embedder is not None:
+            state = embedder.checkpoint.state
+            checkpoint = {
+                "path": str(state.get("source_checkpoint", embedder.checkpoint.path)),
+                "epoch": embedder.checkpoint.epoch,
+                "fingerprint": embedder.fingerprint,
+            }
         return {
             "format": INDEX_FORMAT,
             "gca_pyg": __version__,
             "created": self.created,
             "updated": _now(),
             "count": len(self),
-            "dim": self.embedder.dim,
+            "dim": self.dim,
             "metric": "cosine (inner product of L2-normalised embeddings)",
             "index": settings.to_dict(),
-            "checkpoint": {
-                "path": str(checkpoint.state.get("source_checkpoint", checkpoint.path)),
-                "epoch": checkpoint.epoch,
-                "fingerprint": self.embedder.fingerprint,
-            },
-            "precision": self.embedder.precision,
-            "preprocessing": preprocessing(self.embedder.checkpoint.config),
+            "checkpoint": checkpoint,
+            "precision": None if embedder is None else embedder.precision,
+            "preprocessing": None
+            if embedder is None
+            else preprocessing(embedder.checkpoint.config),
             "source": self.source,
             **extra,
         }
@@ -658,11 +770,11 @@ class Retriever:
         """
         index_dir = Path(index_dir)
         manifest = read_manifest(index_dir)  # finishes an interrupted save first
-        fingerprint = self.embedder.fingerprint
-        if manifest is not None and manifest["checkpoint"]["fingerprint"] != fingerprint:
+        if manifest is not None and fingerprint_of(manifest) != self.fingerprint:
+            theirs = manifest["checkpoint"]
+            by = f"another checkpoint ({theirs['path']})" if theirs else "no checkpoint"
             raise IndexFolderError(
-                f"{index_dir} holds an index embedded by another checkpoint "
-                f"({manifest['checkpoint']['path']}); save to another folder"
+                f"{index_dir} holds an index embedded by {by}; save to another folder"
             )
         index = self.index
         next_dir = index_dir / NEXT
@@ -671,7 +783,9 @@ class Retriever:
             _write_items(next_dir / ITEMS, self.gallery.paths, self.gallery.labels)
             np.save(next_dir / EMBEDDINGS, np.asarray(self.gallery.embeddings, dtype=np.float32))
             faiss.write_index(index, str(next_dir / FAISS_FILE))
-            if manifest is None or not (index_dir / MODEL_FILE).is_file():
+            if self.embedder is not None and (
+                manifest is None or not (index_dir / MODEL_FILE).is_file()
+            ):
                 torch.save(self._model_state(), next_dir / MODEL_FILE)
             (next_dir / MANIFEST).write_text(json.dumps(self.manifest(**extra), indent=2) + "\n")
         except (OSError, RuntimeError) as error:  # faiss reports a failed write as RuntimeError
@@ -683,6 +797,11 @@ class Retriever:
             ) from None
         _commit(index_dir)
         return index_dir
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        """The fingerprint of the model that embedded the gallery (None: no model)."""
+        return None if self.embedder is None else self.embedder.fingerprint
 
     def _model_state(self) -> dict[str, Any]:
         """What ``model.pt`` holds: a checkpoint without the optimiser state."""

@@ -1,7 +1,9 @@
-"""``python -m gca_pyg.search INDEX_DIR QUERY... [-k 10] [--json] [--html OUT.html]``
+"""``python -m gca_pyg.search INDEX_DIR (QUERY... | --vectors Q.npy) [-k 10] [--json] [--html F]``
 
 Searches an index folder written by ``python -m gca_pyg.index`` with query images (files, or
-folders searched recursively), embedded by the model that embedded the gallery. Prints a table per
+folders searched recursively), embedded by the model that embedded the gallery, or with query
+vectors embedded elsewhere (``--vectors``: a ``.npy`` of one row per query, named ``Q.npy:i``;
+the only way to search a folder indexed from embeddings without a checkpoint). Prints a table per
 query (rank, cosine similarity, label, path); ``--json`` prints one JSON object per query and line
 instead::
 
@@ -21,12 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from PIL import Image
 
 from gca_pyg.data import DECODE_ERRORS, find_images, open_rgb
 from gca_pyg.errors import ConfigError, DatasetNotFoundError, exit_status, warn
 from gca_pyg.gallery import GALLERY_STYLE, Tile, data_uri, gallery_row, neighbour_kind
-from gca_pyg.retriever import Retriever, SearchResult
+from gca_pyg.retriever import Retriever, SearchResult, read_vectors
+from gca_pyg.vector_index import check_vectors
 
 PAGE_STYLE = (
     """
@@ -68,9 +72,12 @@ def query_label(retriever: Retriever, query: str, label_folders: bool) -> Option
     return Path(query).parent.name if label_folders else None
 
 
-def result_row(retriever: Retriever, result: SearchResult, image: Any, label: Optional[str]) -> str:
-    """The gallery row of one query (its `image`) and its neighbours, thumbnails embedded."""
-    src, small = data_uri(image)
+def result_row(
+    retriever: Retriever, result: SearchResult, image: Optional[Any], label: Optional[str]
+) -> str:
+    """The gallery row of one query (its `image`; None for a vector) and its neighbours,
+    thumbnails embedded."""
+    src, small = data_uri(image) if image is not None else (None, False)
     caption = label or Path(result.query).name
     query = Tile(src, small, caption, "query", label=label, path=result.query, title=result.query)
     tiles = []
@@ -127,29 +134,46 @@ def format_table(result: SearchResult) -> str:
     return "\n".join(lines)
 
 
+def query_vectors(retriever: Retriever, path: str) -> tuple[np.ndarray, list[str]]:
+    """The rows of ``--vectors`` and their names (``Q.npy:i``)."""
+    vectors, _ = read_vectors(path, "--vectors")
+    if len(vectors) == 0:
+        raise ConfigError(f"--vectors {path} holds no rows; give one row per query")
+    check_vectors(vectors, f"--vectors {path}", retriever.dim)
+    return vectors, [f"{Path(path).name}:{i}" for i in range(len(vectors))]
+
+
+def query_images(retriever: Retriever, files: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """The embeddings of the readable query images and their paths (the others are warned of)."""
+    embeddings, readable = retriever.model().embed(files)
+    for name in (f for f, ok in zip(files, readable) if not ok):
+        warn(f"query {name} is not a readable image; skipped")
+    if not readable.any():
+        raise ConfigError(f"none of the {len(files)} query images could be read")
+    return embeddings[readable], [f for f, ok in zip(files, readable) if ok]
+
+
 def run(args: argparse.Namespace) -> list[SearchResult]:
     if args.k < 1:
         raise ConfigError(f"-k must be at least 1, got {args.k}")
-    files = query_files(args.queries)
+    files = query_files(args.queries) if args.queries else None  # before opening the index
     retriever = Retriever.load(
         args.index_dir, device=args.device, batch_size=args.batch_size, num_workers=0
     )
     if args.k > len(retriever):
         warn(f"the index holds {len(retriever)} images: showing all of them, not {args.k}")
-    embeddings, readable = retriever.embedder.embed(files)
-    for name in (f for f, ok in zip(files, readable) if not ok):
-        warn(f"query {name} is not a readable image; skipped")
-    if not readable.any():
-        raise ConfigError(f"none of the {len(files)} query images could be read")
-    readable_files = [f for f, ok in zip(files, readable) if ok]
-    results = retriever.search_embeddings(embeddings[readable], args.k, readable_files)
+    if args.vectors is not None:
+        embeddings, names = query_vectors(retriever, args.vectors)
+    else:
+        embeddings, names = query_images(retriever, files)
+    results = retriever.search_embeddings(embeddings, args.k, names)
     for result in results:
         print(json.dumps(result.to_dict()) if args.json else format_table(result) + "\n")
     if args.html:
         rows = []
         for result in results:
             try:
-                image = open_rgb(result.query)
+                image = None if args.vectors is not None else open_rgb(result.query)
             except DECODE_ERRORS:  # it was readable a moment ago
                 image = Image.new("RGB", (8, 8))
             label = query_label(retriever, result.query, args.label_folders)
@@ -174,7 +198,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("index_dir", metavar="INDEX_DIR", help="the index folder")
     parser.add_argument(
-        "queries", nargs="+", metavar="QUERY", help="query images, or folders of them"
+        "queries", nargs="*", metavar="QUERY", help="query images, or folders of them"
+    )
+    parser.add_argument(
+        "--vectors",
+        metavar="Q.npy",
+        help="query vectors instead of images: a .npy file (or .npz/.pt with embeddings), one row "
+        "per query, of the gallery's embedding size",
     )
     parser.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
     parser.add_argument("--json", action="store_true", help="one JSON object per query and line")
@@ -186,7 +216,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the model's)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="queries per batch")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.queries) == (args.vectors is not None):
+        parser.error("give query images (QUERY...) or --vectors Q.npy, one of the two")
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -8,7 +8,10 @@ says otherwise. Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart):
 
 Routes: ``GET /`` the page; ``POST /search`` (form field ``image``, optional ``k``) the page with
 the results; ``POST /api/search`` the same as JSON (``{"query": ..., "neighbors": [...]}``, as
-``python -m gca_pyg.search --json``); ``GET /health``.
+``python -m gca_pyg.search --json``); ``POST /api/vectors`` query vectors embedded elsewhere
+(JSON ``{"vectors": [[...], ...], "k": 10}``, answered with ``{"results": [...]}``, one object as
+above per vector; the only search of a folder indexed from embeddings without a checkpoint);
+``GET /health``.
 """
 
 import argparse
@@ -19,6 +22,7 @@ import sys
 import threading
 from typing import Annotated, Optional
 
+import numpy as np
 from PIL import Image
 
 from gca_pyg.data import DECODE_ERRORS
@@ -86,14 +90,25 @@ def create_app(retriever: Retriever, k: int = 10, title: Optional[str] = None):
     _require_extras()
     from fastapi import FastAPI, File, Form, HTTPException, UploadFile
     from fastapi.responses import HTMLResponse
+    from pydantic import BaseModel
+
+    default_k = k
+
+    class VectorQuery(BaseModel):
+        vectors: list[list[float]]
+        k: int = default_k
 
     app = FastAPI(title="gca_pyg search", docs_url=None, redoc_url=None)
     lock = threading.Lock()  # one search at a time: the model is not shared across threads
     title = title or "gca_pyg search"
+    if retriever.embedder is None:
+        model = "indexed without a model: search it by POSTing vectors to /api/vectors"
+    else:
+        state = retriever.embedder.checkpoint.state
+        model = f"of {html.escape(str(state.get('source_checkpoint', '')))}"
     about = (
-        f"{len(retriever):,} images, {retriever.embedder.dim}-d embeddings of "
-        f"{html.escape(str(retriever.embedder.checkpoint.state.get('source_checkpoint', '')))}; "
-        "neighbours ranked by cosine similarity."
+        f"{len(retriever):,} images, {retriever.dim}-d embeddings {model}; neighbours ranked by "
+        "cosine similarity."
     )
 
     def page(body: str = "", wanted: int = k, status: int = 200) -> HTMLResponse:
@@ -112,11 +127,17 @@ def create_app(retriever: Retriever, k: int = 10, title: Optional[str] = None):
                 400, f"{image.filename or 'the upload'} is not an image this page can read"
             ) from None
 
-    def search(picture: Image.Image, name: str, wanted: int):
+    def check_k(wanted: int):
         if not 1 <= wanted <= MAX_K:
             raise HTTPException(422, f"k must be between 1 and {MAX_K}, got {wanted}")
+
+    def search(picture: Image.Image, name: str, wanted: int):
+        check_k(wanted)
         with lock:
-            return retriever.search([picture], wanted, names=[name])[0]
+            try:
+                return retriever.search([picture], wanted, names=[name])[0]
+            except ConfigError as error:  # a folder without a model
+                raise HTTPException(400, str(error)) from None
 
     @app.get("/", response_class=HTMLResponse)
     def home():
@@ -144,6 +165,21 @@ def create_app(retriever: Retriever, k: int = 10, title: Optional[str] = None):
     async def search_api(image: Annotated[UploadFile, File()], k: Annotated[int, Form()] = k):
         picture = await read_query(image)
         return search(picture, image.filename or "upload", k).to_dict()
+
+    @app.post("/api/vectors")
+    def search_vectors(query: VectorQuery):
+        check_k(query.k)
+        if len({len(vector) for vector in query.vectors}) != 1:
+            raise HTTPException(
+                422, f"vectors must be one or more rows of {retriever.dim} numbers each"
+            )
+        names = [f"vector-{i}" for i in range(len(query.vectors))]
+        with lock:
+            try:
+                found = retriever.search_embeddings(np.array(query.vectors), query.k, names)
+            except ConfigError as error:  # another size, NaN, zeros
+                raise HTTPException(422, str(error)) from None
+        return {"results": [result.to_dict() for result in found]}
 
     return app
 

@@ -88,10 +88,23 @@ def test_the_index_benchmark_prints_one_row_per_size_and_kind():
     out = run_benchmark(
         "bench_index.py", "--sizes", "3000", "--dim", "16", "--queries", "100", "--single", "20"
     )
-    rows = [line.split("|") for line in out.splitlines() if line.startswith("3,000 ")]
-    assert [row[1].split()[0] for row in rows[-3:]] == ["exact", "IVF", "HNSW"]
-    recalls = [float(row[-1]) for row in rows[-3:]]
-    assert recalls[0] == 1.0 and all(0.9 <= recall <= 1.0 for recall in recalls[1:])
+    assert re.search(r"streaming the 0\.00 GB of vectors once takes [\d.]+ ms \([\d.]+ GB/s\)", out)
+    assert "faiss IndexFlatIP.search itself: b1 p50" in out
+    rows = [
+        [cell.strip() for cell in line.split("|")]
+        for line in out.split("load average at the end")[0].splitlines()
+        if line.startswith("3,000 ")
+    ]
+    assert [row[1].split()[0] for row in rows[-5:]] == [
+        "Flat", "IVF67,Flat", "HNSW32,Flat", "IVF67,SQ8", "IVF67,PQ2"
+    ]  # fmt: skip
+    queries = [float(row[-2]) for row in rows[-5:]]
+    assert queries[0] == 1.0 and all(0.9 <= recall <= 1.0 for recall in queries[1:])
+    calibrated = [row[-3] for row in rows[-5:]]
+    assert calibrated[0] == "-" and all(re.fullmatch(r"0\.\d+ ± 0\.\d+", c) for c in calibrated[1:])
+    shares = [int(row[4].rstrip("%")) for row in rows[-5:]]
+    assert shares[0] == 100 and shares[3] < 50 and shares[4] < shares[3]  # SQ8, PQ: codes
+    assert all(re.fullmatch(r"[\d.]+ -> [\d.]+", row[-1]) for row in rows[-5:])  # the load
 
 
 def test_the_memory_benchmark_compares_each_memory_size_with_none():

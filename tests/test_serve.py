@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 import uuid
 
+import numpy as np
 import pytest
 
 import gca_pyg.index as index_cli
@@ -57,7 +58,7 @@ def server(tmp_path_factory):
             assert process.poll() is None, process.communicate()[1][-3000:]
             assert time.monotonic() - started < 120, "the server did not start"
             time.sleep(0.2)
-    yield {"url": url, "gallery": gallery}
+    yield {"url": url, "gallery": gallery, "index": out}
     process.terminate()
     process.communicate(timeout=30)
 
@@ -92,6 +93,28 @@ def test_the_api_answers_like_search_json(server):
     assert neighbours[0]["path"] == str(query.resolve())
     assert neighbours[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert all(n["label"] == "class2" for n in neighbours)
+
+
+def post_json(url, body):
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    return urllib.request.urlopen(request, timeout=60)
+
+
+def test_vectors_embedded_elsewhere_are_searched_as_json(server):
+    embeddings = np.load(server["index"] / "embeddings.npy")
+    vectors = (embeddings[[2, 7]] * 5).tolist()  # any length: they are normalised
+    with post_json(f"{server['url']}/api/vectors", {"vectors": vectors, "k": 2}) as response:
+        results = json.load(response)["results"]
+    assert [r["query"] for r in results] == ["vector-0", "vector-1"]
+    assert [[n["id"] for n in r["neighbors"]][0] for r in results] == [2, 7]
+    assert all(len(r["neighbors"]) == 2 for r in results)
+    assert results[0]["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(urllib.error.HTTPError) as error:
+        post_json(f"{server['url']}/api/vectors", {"vectors": [[1.0, 2.0]]})
+    assert error.value.code == 422
+    assert "have 2 dimensions and the gallery's embeddings 16" in error.value.read().decode()
 
 
 def test_a_file_that_is_not_an_image_is_a_readable_error(server, tmp_path):
