@@ -493,6 +493,11 @@ class Retriever:
             IndexFolderError: If the folder holds no index, or its files disagree.
         """
         index_dir = Path(index_dir)
+        if not index_dir.is_dir():
+            state = "is not a folder" if index_dir.exists() else "does not exist"
+            raise IndexFolderError(
+                f"{index_dir} {state}; give the --out folder of python -m gca_pyg.index"
+            )
         manifest = read_manifest(index_dir)
         if manifest is None:
             hint = (

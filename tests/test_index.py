@@ -358,6 +358,9 @@ def test_search_mistakes_are_one_line(setup, tmp_path, capsys):
     assert search_cli.main([str(setup["out"]), str(tmp_path / "missing.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.png: no such file or folder" in err
+    assert search_cli.main([str(tmp_path / "no-index"), str(setup["gallery"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-index does not exist; give the --out folder" in err
 
 
 def test_two_processes_embed_in_shares_and_rank_0_writes(setup, tmp_path):
