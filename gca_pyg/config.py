@@ -164,7 +164,10 @@ def load_config(
             f"not a {type(data).__name__}"
         )
     data.setdefault("name", path.stem)
-    return Config.from_dict(apply_overrides(data, overrides, data_root), source=str(path))
+    source = str(path)
+    if overrides:  # a bad value may come from the command line, not from the file
+        source += " with " + " ".join(f"--set {override}" for override in overrides)
+    return Config.from_dict(apply_overrides(data, overrides, data_root), source=source)
 
 
 def add_override_argument(parser, help: str = "override one config key (repeatable)"):

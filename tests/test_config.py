@@ -179,3 +179,14 @@ def test_net_edge_attention_reaches_every_layer():
         convs = model.generator.net.convs
         assert [conv.edge_attention for conv in convs] == [value] * len(convs)
         assert (convs[0].lin_edge_attention is None) == (value == "none")
+
+
+def test_a_bad_value_from_the_command_line_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config("demo", ["graph.memory=-5"])
+    assert "configs/demo.yaml with --set graph.memory=-5 cannot be negative" in str(error.value)
+    path = tmp_path / "bad.yaml"  # the same mistake in a file names the file only
+    path.write_text(yaml.safe_dump({"graph": {"memory": -5, "neighbors": 4}}))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert f"in {path} cannot be negative" in str(error.value)
