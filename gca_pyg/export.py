@@ -131,9 +131,12 @@ def export(checkpoint: RunCheckpoint, out: Path, format: str) -> EmbeddingModel:
             dynamo=True,
             verbose=False,
         )
-    proto = onnx.load(str(out))
+    proto = onnx.load(str(out))  # with the weights torch may have written beside it
     onnx.helper.set_model_props(proto, {"gca_pyg": info})
-    onnx.save(proto, str(out))
+    onnx.save(proto, str(out))  # one self-contained file (an embedder is far below protobuf's 2 GB)
+    beside = out.with_name(out.name + ".data")
+    if beside.exists():  # torch's external weights, now inside the file: not needed
+        beside.unlink()
     return module
 
 

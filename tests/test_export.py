@@ -48,7 +48,8 @@ def test_the_exported_file_matches_pytorch_at_two_batch_sizes(checkpoint, tmp_pa
     printed = capsys.readouterr().out
     shown = dict(re.findall(r"batch (\d+): ([\d.e+-]+)", printed))
     assert set(shown) == {"1", "3"} and max(float(v) for v in shown.values()) < 1e-4
-    if format == "onnx":
+    if format == "onnx":  # one self-contained file, no weights left beside it
+        assert sorted(path.name for path in out.parent.iterdir()) == [out.name]
         session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         run = lambda batch: session.run(None, {"images": batch.numpy()})[0]  # noqa: E731
         info = json.loads(session.get_modelmeta().custom_metadata_map["gca_pyg"])
