@@ -18,6 +18,7 @@ import argparse
 import html
 import importlib.util
 import io
+import socket
 import sys
 import threading
 from typing import Annotated, Optional
@@ -201,6 +202,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _cannot_listen(host: str, port: int) -> Optional[str]:
+    """Why a server could not listen on host:port (e.g. "Address already in use"), or None.
+
+    Tried before anything is printed, with the address reuse uvicorn sets, so that a port in use
+    is one error line instead of a "serving at" line followed by uvicorn's own error."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -211,6 +229,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         app = create_app(retriever, args.k, title=f"gca_pyg search: {args.index_dir}")
     except GcaError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    refusal = _cannot_listen(args.host, args.port)
+    if refusal is not None:
+        print(
+            f"error: could not listen on {args.host}:{args.port} ({refusal}); pass another --port",
+            file=sys.stderr,
+        )
         return 2
     import uvicorn
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import gca_pyg.index as index_cli
+import gca_pyg.serve as serve_cli
 
 from browser import CHROMIUM, FLAGS, SKIP_REASON
 from retrieval_fixtures import make_checkpoint, write_gallery
@@ -81,6 +82,14 @@ def post_image(url, path, k=None):
         url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
     )
     return urllib.request.urlopen(request, timeout=60)
+
+
+def test_a_port_in_use_is_one_error_line(server, capsys):
+    port = server["url"].rsplit(":", 1)[1]
+    assert serve_cli.main([str(server["index"]), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "serving" not in err
+    assert f"error: could not listen on 127.0.0.1:{port} (" in err and "pass another --port" in err
 
 
 def test_the_api_answers_like_search_json(server):
