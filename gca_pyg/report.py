@@ -23,6 +23,7 @@ import html
 import importlib
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,6 +371,7 @@ def collect_report(
     data_root: Optional[str] = None,
     overrides: Sequence[str] = (),
     seed: int = 0,
+    progress: Callable[[str], None] = lambda step: None,
 ) -> ReportContent:
     """Embeds the test split with a checkpoint's model and computes what the report shows.
 
@@ -378,16 +380,20 @@ def collect_report(
         data_root: The dataset folder, if it moved since training.
         overrides: ``section.key=value`` config overrides, e.g. ``eval.batch_size=64``.
         seed: Seed of the choice of queries shown.
+        progress: Called with the name of each step as it starts.
     """
     run = open_checkpoint(checkpoint, overrides, data_root)
     config = run.config
     test_data = build_test_data(config)
+    images = len(test_data.gallery) + (0 if test_data.query is None else len(test_data.query))
+    progress(f"embedding {images:,} test images")
     embedded = embed_test_data(run.build_model(), test_data, config)
     gallery = embedded["embeddings"].numpy()
     gallery_labels = embedded["labels"].numpy()
     query = embedded.get("query_embeddings")
     query = None if query is None else query.numpy()
     query_labels = gallery_labels if query is None else embedded["query_labels"].numpy()
+    progress("retrieval metrics and nearest neighbours")
     metrics = retrieval_metrics(
         gallery,
         gallery_labels,
@@ -539,6 +545,7 @@ def render_report(
     *,
     max_points: int = 3000,
     seed: int = 0,
+    progress: Callable[[str], None] = lambda step: None,
 ) -> Path:
     """Draws what :func:`collect_report` computed into `out_dir` (default: ``report/`` in the run
     folder): the curves, the embedding map, the thumbnails and ``index.html``.
@@ -548,6 +555,7 @@ def render_report(
         out_dir: Where to write.
         max_points: Most points of the embedding map.
         seed: Seed of the map's subsample and layout.
+        progress: Called with the name of each step as it starts.
 
     Returns:
         The path of ``index.html``.
@@ -563,7 +571,9 @@ def render_report(
         if test_data.query is None
         else ThumbnailFiles(_raw_items(test_data.query), thumbnail_dir, "query")
     )
+    progress("training curves")
     curves = plot_curves(content.records, out_dir)
+    progress(f"the embedding map (at most {max_points:,} points)")
     map_caption = embedding_map(
         content.gallery,
         content.gallery_labels,
@@ -571,6 +581,7 @@ def render_report(
         max_points=max_points,
         seed=seed,
     )
+    progress("neighbours' thumbnails and the page")
     rows = _retrieval_rows(content, gallery_thumbnail, query_thumbnail)
     cards = _worst_class_cards(content, query_thumbnail)
 
@@ -633,6 +644,7 @@ def write_report(
     overrides: Sequence[str] = (),
     max_points: int = 3000,
     seed: int = 0,
+    progress: Callable[[str], None] = lambda step: None,
 ) -> Path:
     """Writes the report of a checkpoint (a ``.pt`` file or a run folder, meaning its ``last.pt``):
     :func:`collect_report`, then :func:`render_report`.
@@ -644,13 +656,16 @@ def write_report(
         overrides: ``section.key=value`` config overrides, e.g. ``eval.batch_size=64``.
         max_points: Most points of the embedding map.
         seed: Seed of the query choice and of the map's subsample and layout.
+        progress: Called with the name of each step as it starts.
 
     Returns:
         The path of ``index.html``.
     """
     _check_rendering(max_points)
-    content = collect_report(checkpoint, data_root=data_root, overrides=overrides, seed=seed)
-    return render_report(content, out_dir, max_points=max_points, seed=seed)
+    content = collect_report(
+        checkpoint, data_root=data_root, overrides=overrides, seed=seed, progress=progress
+    )
+    return render_report(content, out_dir, max_points=max_points, seed=seed, progress=progress)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -684,6 +699,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    started = time.monotonic()
+
+    def progress(step: str):
+        print(f"report: {step} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+
     try:
         index = write_report(
             args.checkpoint,
@@ -692,6 +712,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             overrides=args.overrides,
             max_points=args.max_points,
             seed=args.seed,
+            progress=progress,
         )
     except GcaError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -220,3 +220,12 @@ def test_thumbnails_of_image_files_are_small_jpegs(tmp_path):
     assert src == "thumbnails/gallery-0.jpg" and not small
     with Image.open(tmp_path / src) as image:  # the stored image, not the transformed crop
         assert image.size == (128, 85) and abs(image.getpixel((64, 42))[0] - 120) < 5
+
+
+def test_the_command_tells_each_step_as_it_starts(demo_run, tmp_path, capsys):
+    assert report.main([str(demo_run), "--out", str(tmp_path), "--max-points", "100"]) == 0
+    steps = [line for line in capsys.readouterr().err.splitlines() if line.startswith("report: ")]
+    expected = ["embedding", "retrieval metrics", "training curves", "the embedding map", "neigh"]
+    assert len(steps) == len(expected)
+    assert all(step.startswith(f"report: {start}") for step, start in zip(steps, expected)), steps
+    assert re.fullmatch(r"report: embedding [\d,]+ test images \(\d+ s\)", steps[0])
