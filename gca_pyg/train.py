@@ -32,7 +32,15 @@ from tqdm import tqdm
 from gca_pyg.checkpoint import rng_state, save_checkpoint, set_rng_state
 from gca_pyg.config import Config, add_override_argument, available_configs, load_config
 from gca_pyg.distributed import Context, all_gather_objects, any_process, setup, teardown
-from gca_pyg.errors import ConfigError, GcaError, NonFiniteLossError
+from gca_pyg.errors import (
+    ConfigError,
+    DatasetLayoutError,
+    DatasetNotFoundError,
+    GcaError,
+    MissingExtraError,
+    NonFiniteLossError,
+    WeightsUnavailableError,
+)
 from gca_pyg.pipeline import (
     build_model,
     build_test_data,
@@ -389,6 +397,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+#: Errors that every process of a ``torchrun`` job meets alike (the same config, files and
+#: extras): rank 0 alone prints them, instead of one line per process.
+ERRORS_MET_ALIKE = (
+    ConfigError,
+    DatasetNotFoundError,
+    DatasetLayoutError,
+    MissingExtraError,
+    WeightsUnavailableError,
+)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     retain_freed_memory()
@@ -420,7 +439,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             )[0]
         return TrainingRun(config, run_dir, resume_state=state, context=context).fit()
     except GcaError as error:
-        print(f"error: {error}", file=sys.stderr)
+        rank = context.rank if context is not None else int(os.environ.get("RANK", "0"))
+        if rank == 0 or not isinstance(error, ERRORS_MET_ALIKE):
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nStopped without saving; the last checkpoint is unchanged.", file=sys.stderr)

@@ -320,3 +320,14 @@ def test_deterministic_kernels_are_what_the_config_says(image_folder, tmp_path, 
             assert seen and set(seen) == {flag}
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_an_error_every_process_meets_is_printed_by_rank_0_alone(
+    monkeypatch, capsys, rank, printed
+):
+    # Under torchrun every process reads the same config: one line, not one per process.
+    monkeypatch.setenv("RANK", rank)
+    assert train_cli.main(["demo", "--set", "optim.epochs=0"]) == 2
+    err = capsys.readouterr().err
+    assert ("'optim.epochs'" in err) is printed and err.count("\n") == int(printed)
