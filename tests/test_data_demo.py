@@ -12,6 +12,7 @@ from gca_pyg.data import (
     get_dataset,
     synthetic,
 )
+from gca_pyg.errors import DatasetLayoutError
 
 SMALL = {"num_classes": 20, "images_per_class": 4}
 
@@ -174,3 +175,31 @@ def test_batched_demo_transform_draws_per_image_and_matches_single_items(tmp_pat
     for (image, label), index in zip(batch, [0, 5, 7]):
         expected_image, expected_label = dataset[index]
         assert torch.allclose(image, expected_image) and label == expected_label
+
+
+def test_demo_images_are_written_as_class_folders_of_pngs(tmp_path):
+    from PIL import Image
+
+    from gca_pyg.data.synthetic import write_demo_images
+
+    out = tmp_path / "images"
+    assert write_demo_images(out, "test", cache_dir=tmp_path / "cache", **SMALL) == 40
+    dataset = DemoDataset("test", cache_dir=tmp_path / "cache", **SMALL)
+    assert sorted(path.name for path in out.iterdir()) == sorted(dataset.classes)
+    first = dataset.classes[int(dataset.labels[0])]
+    saved = np.asarray(Image.open(out / first / "000.png"))
+    assert np.array_equal(saved, dataset.images[0].permute(1, 2, 0).numpy())  # lossless
+    assert sum(1 for _ in out.rglob("*.png")) == 40
+    with pytest.raises(DatasetLayoutError, match="is not an empty folder"):
+        write_demo_images(out, "test", cache_dir=tmp_path / "cache", **SMALL)
+
+
+def test_the_demo_images_command(full_cache, tmp_path, monkeypatch, capsys):
+    from gca_pyg.data.__main__ import main
+
+    monkeypatch.setenv("GCA_PYG_CACHE", str(full_cache[0]))
+    assert main(["demo-images", str(tmp_path / "demo"), "--split", "train"]) == 0
+    assert "wrote 3,000 demo images (train split)" in capsys.readouterr().out
+    assert len(list((tmp_path / "demo").iterdir())) == 100
+    assert main(["demo-images", str(tmp_path / "demo")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from gca_pyg.data.base import RetrievalDataset, check_split
+from gca_pyg.errors import DatasetLayoutError
 
 #: Bump when the images change, so that old cache files are not reused.
 GENERATOR_VERSION = 1
@@ -148,6 +149,33 @@ class DemoDataset(RetrievalDataset):
             return [self[index] for index in indices]
         images = self.transform(self.images[indices].float().div_(255))
         return list(zip(images, self.labels[indices].tolist()))
+
+
+def write_demo_images(out_dir, split: str = "test", cache_dir=None, **params) -> int:
+    """Writes a split of the demo set as PNG files, ``out_dir/<class name>/<n>.png``: the layout
+    that ``python -m gca_pyg.index CHECKPOINT --images DIR --label-folders`` and the ``folder``
+    data set read. ``params`` are those of :class:`DemoDataset`. Returns the number of images.
+
+    Raises:
+        DatasetLayoutError: If `out_dir` exists and is not an empty folder (nothing is
+            overwritten).
+    """
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DatasetLayoutError(
+            f"{out_dir} exists and is not an empty folder; name a new folder for the demo images"
+        )
+    dataset = DemoDataset(split, cache_dir=cache_dir, **params)
+    pixels = dataset.images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8
+    counts = np.zeros(len(dataset.classes), dtype=int)
+    for image, label in zip(pixels, dataset.labels.tolist()):
+        folder = out_dir / dataset.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{counts[label]:03d}.png")
+        counts[label] += 1
+    return len(dataset)
 
 
 def load_demo(cache_dir=None, **params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
