@@ -17,6 +17,7 @@ the proxies, the cosines of synthetic negatives to class centres, hardness and s
 (means over seeds).
 
     python benchmarks/ablate.py demo --seeds 0 1 2 --metric npair proxy_anchor
+    python benchmarks/ablate.py demo --metric pml:MultiSimilarityLoss --jobs 2  # any PML loss
     python benchmarks/ablate.py cub --data-root ~/data/CUB_200_2011 --seeds 0 1 2
     python benchmarks/ablate.py demo --seeds 0 --set optim.epochs=2          # a quick look
     python benchmarks/ablate.py demo --set graph.neighbors=16 \
@@ -41,7 +42,6 @@ from pathlib import Path
 from typing import Optional
 
 from gca_pyg.config import add_override_argument
-from gca_pyg.losses import METRIC_LOSSES
 
 METRIC_NAMES = {"map@r": "MAP@R", "r_precision": "RP"}
 
@@ -217,8 +217,7 @@ def main(argv=None):
         "--metric",
         nargs="+",
         default=["npair"],
-        choices=METRIC_LOSSES,
-        help="metric losses to ablate (loss.metric)",
+        help="metric losses to ablate (loss.metric): npair, proxy_anchor, pml:<LossName>",
     )
     parser.add_argument(
         "--arms",

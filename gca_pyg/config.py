@@ -27,12 +27,24 @@ from gca_pyg.backbones import (
 )
 from gca_pyg.data import CLASS_SAMPLING, DATASETS
 from gca_pyg.errors import ConfigError
-from gca_pyg.generator import HARDNESS_SCALES
-from gca_pyg.graph import GraphConfig
-from gca_pyg.losses import METRIC_LOSSES, SYNTHETIC_PROXIES
-from gca_pyg.model import LossConfig, NetConfig
 from gca_pyg.nn.edge_node_conv import EDGE_ATTENTION
-from gca_pyg.trainer import LR_POLICIES, OptimConfig
+from gca_pyg.schema import (
+    DIST_BACKENDS,
+    HARDNESS_SCALES,
+    HEAD_INITS,
+    LR_POLICIES,
+    MEMORY_FORMATS,
+    PRECISIONS,
+    SYNTHETIC_PROXIES,
+    DataConfig,
+    EvalConfig,
+    GraphConfig,
+    LossConfig,
+    ModelConfig,
+    NetConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "Config",
@@ -45,69 +57,7 @@ __all__ = [
     "apply_overrides",
     "config_dirs",
     "available_configs",
-    "HEAD_INITS",
 ]
-
-#: Initialisations of the embedding head's Linear (``model.head_init``): torch's default, or an
-#: orthogonal weight and a zero bias (the authors' DINO models).
-HEAD_INITS = ("default", "orthogonal")
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "demo"
-    root: Optional[str] = None  # the extracted archive (or its parent); --data-root sets it
-    classes_per_batch: int = 27
-    samples_per_class: int = 3
-    image_size: int = 224  # train crop and test centre crop
-    resize: int = 256  # test resize before the centre crop
-    num_workers: int = 4
-    # balanced: each sample about once an epoch | uniform: C classes drawn uniformly for each batch
-    class_sampling: str = "balanced"
-    # Range of the area of a training crop, as a fraction of the image (RandomResizedCrop's scale)
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "resnet50"
-    pretrained: str = "imagenet"  # imagenet | none | a .pt/.pth file of backbone weights
-    frozen_bn: bool = True  # BatchNorm2d running statistics frozen, gamma/beta train (CUB/Cars)
-    embedding_size: int = 512
-    # auto (ResNet-50 avg+max, GoogLeNet avg, timm models timm's) | avgmax | avg (the CNNs)
-    pooling: str = "auto"
-    normalize: bool = False  # L2-normalise the embeddings in training too (always for retrieval)
-    head_init: str = "default"  # default | orthogonal (weight; zero bias) of the embedding Linear
-    # A checkpoint to start from (python -m gca_pyg.train or gca_pyg.convert): every weight is
-    # loaded from it; the classifiers start afresh if its number of classes differs
-    init: Optional[str] = None
-
-
-@dataclass
-class TrainConfig:
-    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16
-    memory_format: str = "auto"  # auto (channels_last with bf16) | contiguous | channels_last
-    seed: int = 0
-    # Deterministic kernels (torch.use_deterministic_algorithms): bit-for-bit repeatable runs and
-    # resumes on CUDA too, where sums by atomic adds otherwise vary in their last bits
-    deterministic: bool = False
-    eval_every: int = 5  # epochs; the last epoch is always evaluated
-    # Log how J_syn meets J_m with each step's losses (gradient norms, cosines to class centres;
-    # docs/method.md): one more backward pass through the losses a step
-    diagnostics: bool = False
-    output_dir: str = "runs"
-    # Under torchrun: auto (NCCL on CUDA, gloo on the CPU) | gloo | nccl
-    dist_backend: str = "auto"
-    # Seconds a process waits in a collective for another before failing (a process that died)
-    dist_timeout: float = 600.0
-
-
-@dataclass
-class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    batch_size: int = 128
-
 
 @dataclass
 class Config:
@@ -260,6 +210,10 @@ def _coerce(value: Any, kind, key: str, source: str):
             return None
         kind = next(arg for arg in args if arg is not type(None))
         origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _type_error(key, value, "a mapping of names to values, e.g. {margin: 0.2}", source)
+        return dict(value)
     if origin in (list, list):
         items = value if isinstance(value, list) else None
         if items is None:
@@ -313,13 +267,9 @@ def _check_values(config: Config, source: str):
         "model.pooling": (config.model.pooling, POOLING_CHOICES),
         "model.head_init": (config.model.head_init, HEAD_INITS),
         "optim.lr_policy": (config.optim.lr_policy, LR_POLICIES),
-        "train.precision": (config.train.precision, ("auto", "fp32", "bf16")),
-        "train.memory_format": (
-            config.train.memory_format,
-            ("auto", "contiguous", "channels_last"),
-        ),
-        "train.dist_backend": (config.train.dist_backend, ("auto", "gloo", "nccl")),
-        "loss.metric": (config.loss.metric, METRIC_LOSSES),
+        "train.precision": (config.train.precision, PRECISIONS),
+        "train.memory_format": (config.train.memory_format, MEMORY_FORMATS),
+        "train.dist_backend": (config.train.dist_backend, DIST_BACKENDS),
         "loss.synthetic_proxies": (config.loss.synthetic_proxies, SYNTHETIC_PROXIES),
         "loss.hardness_scale": (config.loss.hardness_scale, HARDNESS_SCALES),
         "net.edge_attention": (config.net.edge_attention, EDGE_ATTENTION),
@@ -408,6 +358,11 @@ def _check_values(config: Config, source: str):
             f"'graph.memory' in {source} needs 'graph.neighbors' (e.g. 16): memory nodes join "
             "the sparse batch graph, where each node keeps its k nearest; the complete graph "
             "over batch and memory would grow as (N + M)^2"
+        )
+    if not config.loss.metric.strip():
+        raise ConfigError(
+            f"'loss.metric' in {source} is empty; name a metric loss: npair, proxy_anchor or "
+            "pml:<LossName>"
         )
     if not config.eval.ks or min(config.eval.ks) < 1:
         raise ConfigError(f"'eval.ks' in {source} must be a non-empty list of positive ints")

@@ -10,7 +10,7 @@ from the running means :math:`\bar{J}_m` and :math:`\bar{J}_{gen}`). Two front-e
 """
 
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,20 +18,33 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from gca_pyg.graph import BatchGraph
-from gca_pyg.losses import diversity_loss, similarity_loss, synthetic_class_loss
-from gca_pyg.nn import CorrelationNet
+from gca_pyg.losses.generation import diversity_loss, similarity_loss, synthetic_class_loss
+from gca_pyg.nn.correlation_net import CorrelationNet
+from gca_pyg.schema import HARDNESS_SCALES
 from gca_pyg.synthesis import SyntheticSamples, draw_mix, hardness_from_loss, synthesize_groups
 from gca_pyg.utils import autocast, gather_rows
 
-__all__ = ["HardNegativeGenerator", "INITIAL_MEAN_LOSS"]
+__all__ = ["HardNegativeGenerator", "GeneratedNegatives", "INITIAL_MEAN_LOSS"]
 
 #: :math:`\bar{J}_m` and :math:`\bar{J}_{gen}` before the first epoch has ended: hardness ≈ 1
 #: (synthetic negatives stay on the real ones) and a synthetic weight ≈ 0.
 INITIAL_MEAN_LOSS = 1e6
 #: Each step's loss is floored here before it enters a running mean, so a mean is never 0.
 MIN_STEP_LOSS = 1e-6
-#: The scales :math:`\bar{J}_m` is read on by the hardness schedule (``loss.hardness_scale``).
-HARDNESS_SCALES = ("absolute", "relative")
+
+
+class GeneratedNegatives(NamedTuple):
+    """What :meth:`HardNegativeGenerator.forward` returns.
+
+    Attributes:
+        negatives: This process's synthetic negatives (:obj:`None` when not asked for).
+        node_logits: The correlation net's node logits :math:`(N, C_{train})`, with autograd
+            through the net (and the graph's embeddings): :math:`J_{gce}` is their
+            cross-entropy.
+    """
+
+    negatives: Optional[SyntheticSamples]
+    node_logits: Tensor
 
 
 class HardNegativeGenerator(torch.nn.Module):
@@ -281,25 +294,31 @@ class HardNegativeGenerator(torch.nn.Module):
         graph: BatchGraph,
         mix: Optional[Tensor] = None,
         *,
-        synthesize: bool = True,
+        with_negatives: bool = True,
         node_loss_to_embeddings: bool = True,
-    ) -> tuple[Optional[SyntheticSamples], Tensor]:
-        r"""The generator's part of the metric update: the synthetic negatives of `embeddings`
-        (differentiable in them; the fusion weights are computed without autograd, so the metric
-        loss never trains the net through them) and :math:`J_{gce} = \mathrm{CE}(\text{node
-        logits}, y)`, which trains the net (and, through the graph, the embeddings).
+    ) -> GeneratedNegatives:
+        r"""The synthetic negatives of `embeddings` and the net's node logits, in one pass of the
+        net: what the metric loss takes. Both front-ends call it:
+        :class:`~gca_pyg.model.GCAHNG` (whose metric update adds :math:`J_{gce} =
+        \mathrm{CE}(\text{node logits}, y)`) and :class:`~gca_pyg.pml.GCANegativeGenerator`.
 
-        With `node_loss_to_embeddings` off, :math:`J_{gce}` trains the net alone: the graph is
-        built from detached embeddings (the synthetic negatives still carry their gradient).
+        The negatives are differentiable in `embeddings`; the fusion weights are computed without
+        autograd, so the metric loss never trains the net through them. The node logits keep
+        their autograd: :math:`J_{gce}` trains the net (and, through the graph, the embeddings;
+        with `node_loss_to_embeddings` off the graph is built from detached embeddings, so it
+        trains the net alone).
 
-        Returns:
-            ``(negatives, j_gce)``; `negatives` is :obj:`None` with `synthesize` off.
+        Args:
+            embeddings: The batch :math:`(N, D)`.
+            graph: The step's :class:`~gca_pyg.graph.BatchGraph`.
+            mix: Merge coefficients, as in :meth:`synthesize`.
+            with_negatives: Synthesise the negatives (off: the node logits alone).
+            node_loss_to_embeddings: Whether the node logits' gradient reaches `embeddings`.
         """
         graph_input = embeddings if node_loss_to_embeddings else embeddings.detach()
         node_logits, fusion = self.correlate(graph_input, graph, detach_fusion=True)
-        j_gce = F.cross_entropy(node_logits, graph.labels)
-        negatives = self.synthesize(embeddings, graph, fusion, mix) if synthesize else None
-        return negatives, j_gce
+        negatives = self.synthesize(embeddings, graph, fusion, mix) if with_negatives else None
+        return GeneratedNegatives(negatives, node_logits)
 
     # -- the generator's own losses ------------------------------------------------------------
     def generator_loss(

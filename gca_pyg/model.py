@@ -2,7 +2,6 @@
 its three alternating updates (docs/method.md). The optimisers and learning-rate schedules that
 drive the updates live in :class:`gca_pyg.trainer.AlternatingTrainer`."""
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,49 +12,12 @@ from torch.nn import BatchNorm1d, Linear, Sequential
 
 from gca_pyg.distributed import all_gather_rows, all_reduce_sum
 from gca_pyg.generator import HardNegativeGenerator
-from gca_pyg.graph import BatchGraph, GraphConfig
-from gca_pyg.losses import NPairLoss, ProxyAnchorLoss
+from gca_pyg.graph import BatchGraph
+from gca_pyg.losses import MetricLoss, build_metric_loss
 from gca_pyg.nn import L2Normalize
+from gca_pyg.schema import GraphConfig, LossConfig, NetConfig
 from gca_pyg.synthesis import SyntheticSamples
 from gca_pyg.utils import autocast
-
-
-@dataclass
-class NetConfig:
-    """The correlation net: 2 layers × 4 heads for CUB/Cars, 1 × 2 for SOP/InShop."""
-
-    num_layers: int = 2
-    heads: int = 4
-    dropout: float = 0.1
-    # none (the paper's layer) | key_value | bias | gate: how node attention reads the edges
-    edge_attention: str = "none"
-
-
-@dataclass
-class LossConfig:
-    """Loss weights (ResNet-50 CUB values as defaults; docs/method.md, "Losses")."""
-
-    alpha: float = 5.0  # hardness h = exp(-alpha / J̄_m)
-    # absolute: J̄_m as it is; relative: J̄_m divided by its first epoch's mean
-    hardness_scale: str = "absolute"
-    beta: float = 20.0  # J_syn weight 1 - exp(-beta / J̄_gen)
-    w_sim: float = 20.0
-    w_div: float = 60.0
-    generator_ce_scale: float = 20.0
-    classifier_scale: float = 10.0
-    l2_reg: float = 3e-3
-    synthesis: bool = True  # False: J_metric = J_m + J_gce, no generator update (ablation)
-    # J_gce's gradient reaches the embeddings through the batch graph (the authors' code); False:
-    # it trains the correlation net alone
-    node_loss_to_embeddings: bool = True
-    metric: str = "npair"  # npair | proxy_anchor: the metric loss of J_m and J_syn
-    proxy_margin: float = 0.1  # Proxy-Anchor's margin delta
-    proxy_alpha: float = 32.0  # Proxy-Anchor's scale alpha
-    # Proxy-Anchor: the role of a synthetic negative in J_syn: a negative of its anchor's class
-    # proxy (anchor), of every proxy but its own class's (others), compared with its anchor by the
-    # anchor's proxy (relative), compared with that proxy by the anchor (proxy_positive), or a
-    # sample of its class (class); docs/method.md
-    synthetic_proxies: str = "relative"
 
 
 class GCAHNG(torch.nn.Module):
@@ -63,8 +25,8 @@ class GCAHNG(torch.nn.Module):
 
     :math:`\mathbf{z} = \mathrm{Linear}(\mathrm{BN}(\mathrm{backbone}(x)))`; a
     :class:`~gca_pyg.generator.HardNegativeGenerator` synthesises hard negatives from the batch
-    graph of :math:`\mathbf{z}`, and the metric loss (:class:`~gca_pyg.losses.NPairLoss` or
-    :class:`~gca_pyg.losses.ProxyAnchorLoss`, ``loss.metric``) takes the real batch
+    graph of :math:`\mathbf{z}`, and the metric loss (a :class:`~gca_pyg.losses.MetricLoss` such
+    as :class:`~gca_pyg.losses.NPairLoss`, ``loss.metric``) takes the real batch
     (:math:`J_m`) and the synthetic negatives (:math:`J_{syn}`). The module holds the networks and
     computes the losses of the three updates (:meth:`metric_loss`, :meth:`classifier_loss`,
     :meth:`generator_loss`), each from the step's :class:`~gca_pyg.graph.BatchGraph`;
@@ -75,7 +37,7 @@ class GCAHNG(torch.nn.Module):
             :func:`gca_pyg.backbones.build_backbone`).
         num_classes: Number of training classes.
         embedding_size: :math:`D`. (default: 512)
-        net, loss: :class:`NetConfig`, :class:`LossConfig`.
+        net, loss: :class:`~gca_pyg.schema.NetConfig`, :class:`~gca_pyg.schema.LossConfig`.
         graph: :class:`~gca_pyg.graph.GraphConfig`: the complete batch graph (the default) or a
             sparse one.
         amp_dtype: Autocast dtype of the forward passes (e.g. ``torch.bfloat16``), or None for fp32.
@@ -137,7 +99,7 @@ class GCAHNG(torch.nn.Module):
             amp_dtype=amp_dtype,
             process_group=process_group,
         )
-        self.criterion = build_metric_loss(cfg, num_classes, embedding_size)
+        self.criterion: MetricLoss = build_metric_loss(cfg, num_classes, embedding_size)
 
     @property
     def device(self) -> torch.device:
@@ -214,17 +176,19 @@ class GCAHNG(torch.nn.Module):
         the detached measures of :meth:`synthesis_diagnostics`."""
         j_m = self.criterion(embeddings, graph.labels, layout=graph.layout)
         synthesis = self.loss_config.synthesis
-        negatives, j_gce = self.generator(
+        generated = self.generator(
             embeddings,
             graph,
             mix,
-            synthesize=synthesis,
+            with_negatives=synthesis,
             node_loss_to_embeddings=self.loss_config.node_loss_to_embeddings,
         )
+        negatives = generated.negatives
+        j_gce = F.cross_entropy(generated.node_logits, graph.labels)
         losses = {"J_m": j_m, "J_gce": j_gce}
         j_metric = j_m + j_gce
         if synthesis:
-            j_syn = self.criterion.synthetic(embeddings, negatives, graph)
+            j_syn = self.criterion.synthetic_loss(embeddings, negatives, graph)
             j_metric = j_metric + self.generator.synthetic_weight * j_syn
             losses["J_syn"] = j_syn
             if diagnostics:
@@ -256,7 +220,7 @@ class GCAHNG(torch.nn.Module):
         The gradients are this process's (its synthetic negatives); the cosines are means over
         every process's rows. Computing them costs one extra backward pass through the losses
         (not the backbone)."""
-        proxies = getattr(self.criterion, "proxies", None)
+        proxies = self.criterion.class_centres
         inputs = [embeddings] + ([proxies] if proxies is not None else [])
         weighted = self.generator.synthetic_weight * j_syn
         measures = {}
@@ -298,19 +262,3 @@ class GCAHNG(torch.nn.Module):
         """:math:`J_{gen}` and its terms (see :meth:`HardNegativeGenerator.generator_loss
         <gca_pyg.generator.HardNegativeGenerator.generator_loss>`), for the net alone."""
         return self.generator.generator_loss(embeddings, graph, mix)
-
-
-def build_metric_loss(config: LossConfig, num_classes: int, embedding_size: int) -> torch.nn.Module:
-    """The metric loss of ``loss.metric``: :class:`~gca_pyg.losses.NPairLoss` or
-    :class:`~gca_pyg.losses.ProxyAnchorLoss` (one proxy per training class)."""
-    if config.metric == "npair":
-        return NPairLoss(config.l2_reg)
-    if config.metric == "proxy_anchor":
-        return ProxyAnchorLoss(
-            num_classes,
-            embedding_size,
-            margin=config.proxy_margin,
-            alpha=config.proxy_alpha,
-            synthetic_proxies=config.synthetic_proxies,
-        )
-    raise ValueError(f"loss.metric must be npair or proxy_anchor, got {config.metric!r}")

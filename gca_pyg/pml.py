@@ -1,10 +1,10 @@
 r"""GCA-HNG's hard-negative generator in a pytorch-metric-learning (PML) training loop.
 
 :class:`GCANegativeGenerator` is a front-end on :class:`~gca_pyg.generator.HardNegativeGenerator`
-(the generator the built-in trainer uses): it turns a class-balanced batch
-``(embeddings, labels)`` into synthetic hard negatives in PML's reference form, with the triplets
-that use them as negatives only, so any PML loss that takes ``indices_tuple`` and ``ref_emb`` can
-use them::
+(the generator the built-in trainer uses, called the same way): it turns a class-balanced batch
+``(embeddings, labels)`` into synthetic hard negatives in PML's reference form, with the pairs
+that use them as negatives of their own anchors only, so any PML loss that takes
+``indices_tuple`` and ``ref_emb`` can use them::
 
     from pytorch_metric_learning.losses import TripletMarginLoss
 
@@ -42,52 +42,34 @@ The synthetic negatives depend on pytorch-metric-learning only through the call 
 """
 
 import math
-from typing import NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gca_pyg.generator import INITIAL_MEAN_LOSS, HardNegativeGenerator
 from gca_pyg.graph import BatchGraph
+from gca_pyg.losses.pml import SyntheticReferences, synthetic_references
 
 __all__ = ["GCANegativeGenerator", "SyntheticReferences", "INITIAL_MEAN_LOSS"]
 
 
-class SyntheticReferences(NamedTuple):
-    """A batch's synthetic negatives in the order of the trailing arguments of a PML loss,
-    ``loss_fn(embeddings, labels, indices_tuple, ref_emb, ref_labels)``.
-
-    Attributes:
-        indices_tuple: Triplets ``(anchors, positives, negatives)``: every anchor with each real
-            positive of its class and each synthetic negative made for it; anchors index the
-            batch, positives and negatives :attr:`ref_emb`.
-        ref_emb: The batch's embeddings, then its synthetic negatives (grouped by anchor in batch
-            order, then by class, ascending): :math:`(N + N (C - 1), D)`; ``ref_emb[N:]`` are
-            the synthetic negatives alone.
-        ref_labels: Their labels; a synthetic negative's is the class it stands for.
-    """
-
-    indices_tuple: tuple[Tensor, Tensor, Tensor]
-    ref_emb: Tensor
-    ref_labels: Tensor
-
-
-class GCANegativeGenerator(HardNegativeGenerator):
+class GCANegativeGenerator(torch.nn.Module):
     r"""Synthetic hard negatives of GCA-HNG (`"Globally Correlation-Aware Hard Negative Generation"
     <https://arxiv.org/abs/2411.13145>`_, IJCV 2025) for pytorch-metric-learning losses: a thin
-    front-end on :class:`~gca_pyg.generator.HardNegativeGenerator`, the generator that
-    :class:`~gca_pyg.model.GCAHNG` trains with.
+    front-end on :class:`~gca_pyg.generator.HardNegativeGenerator` (:attr:`generator`), the
+    generator that :class:`~gca_pyg.model.GCAHNG` trains with.
 
     For a class-balanced batch, every anchor :math:`i` gets one synthetic negative per other class
     :math:`c` (see :class:`~gca_pyg.generator.HardNegativeGenerator`), at the hardness
     :math:`h = \exp(-\alpha / \bar{J})` set by the mean loss :math:`\bar{J}` of your model over
     the last epoch (:meth:`update`): as it falls, :math:`h \to 0` and the negatives move in to the
     positive's distance. It is a negative for the anchor it was made for, and only that: the
-    :class:`SyntheticReferences` it comes in pair every anchor with its real positives and its own
-    synthetic negatives, as GCA-HNG's :math:`J_{syn}` does. (Left to PML's label matching, a
-    synthetic sample that stands for class :math:`c` but lies near an anchor of another class would
-    also be a positive for the anchors of :math:`c`, pulling them towards that other class;
-    ``examples/pml_triplet.py --label-matching`` measures what that costs.)
+    :class:`~gca_pyg.losses.pml.SyntheticReferences` it comes in pair every anchor with its real
+    positives and its own synthetic negatives, as GCA-HNG's :math:`J_{syn}` does. (Left to PML's
+    label matching, a synthetic sample that stands for class :math:`c` but lies near an anchor of
+    another class would also be a positive for the anchors of :math:`c`, pulling them towards that
+    other class; ``examples/pml_triplet.py --label-matching`` measures what that costs.)
 
     The generator's own loss (:meth:`loss`, on detached embeddings) is
 
@@ -99,21 +81,51 @@ class GCANegativeGenerator(HardNegativeGenerator):
     of the fusion weights, :math:`J_{gce}` the net's node classification, :math:`J_{cls}` the
     classifier's own training on the real embeddings.
 
+    It loads the state dict of a :class:`~gca_pyg.generator.HardNegativeGenerator` as it is (e.g.
+    ``model.generator`` of a trained :class:`~gca_pyg.model.GCAHNG`).
+
     Args:
         embedding_size (int): Size :math:`D` of the embeddings.
         num_classes (int): Number of training classes; labels must be ``0..num_classes-1``.
-        num_layers, heads, dropout, edge_attention, alpha, beta, w_sim, w_div,
-            generator_ce_scale, classifier_scale: As in
-            :class:`~gca_pyg.generator.HardNegativeGenerator`; choose :obj:`alpha` on the scale
-            of your loss (:math:`h = e^{-1}` when :math:`\bar{J} = \alpha`; the default 5.0 suits
+        **kwargs: ``num_layers, heads, dropout, edge_attention, alpha, beta, w_sim, w_div,
+            generator_ce_scale, classifier_scale`` as in
+            :class:`~gca_pyg.generator.HardNegativeGenerator`; choose ``alpha`` on the scale of
+            your loss (:math:`h = e^{-1}` when :math:`\bar{J} = \alpha`; the default 5.0 suits
             GCA-HNG's N-pair loss).
 
     Shapes:
         - **input:** embeddings :math:`(N, D)`, labels :math:`(N,)`, every class exactly
           :math:`K \ge 2` times
-        - **output:** :class:`SyntheticReferences`: :math:`N (K-1) (C-1)` triplets over
-          :math:`N + N (C-1)` references of size :math:`D`
+        - **output:** :class:`~gca_pyg.losses.pml.SyntheticReferences`: :math:`N (K-1)` positive
+          and :math:`N (C-1)` negative pairs over :math:`N + N (C-1)` references of size
+          :math:`D`
     """
+
+    def __init__(self, embedding_size: int, num_classes: int, *args, **kwargs: Any):
+        super().__init__()
+        self.generator = HardNegativeGenerator(embedding_size, num_classes, *args, **kwargs)
+        self._register_load_state_dict_pre_hook(self._generator_keys)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.generator.embedding_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.generator.num_classes
+
+    @property
+    def hardness(self) -> float:
+        """The generator's hardness :math:`h` (see :attr:`HardNegativeGenerator.hardness
+        <gca_pyg.generator.HardNegativeGenerator.hardness>`)."""
+        return self.generator.hardness
+
+    @property
+    def synthetic_weight(self) -> float:
+        """The weight :math:`w` of your loss's synthetic term (see
+        :attr:`HardNegativeGenerator.synthetic_weight
+        <gca_pyg.generator.HardNegativeGenerator.synthetic_weight>`)."""
+        return self.generator.synthetic_weight
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> SyntheticReferences:
         """The batch's synthetic negatives as ``indices_tuple, ref_emb, ref_labels`` of a PML
@@ -125,29 +137,8 @@ class GCANegativeGenerator(HardNegativeGenerator):
             ValueError: If the shapes, the labels or the class balance of the batch are wrong.
         """
         graph = self._batch_graph(embeddings, labels)
-        with torch.no_grad():
-            _, fusion = self.correlate(embeddings.detach(), graph)
-        negatives = self.synthesize(embeddings, graph, fusion)
-        num_nodes, num_classes = graph.num_nodes, graph.num_classes
-        order = torch.argsort(negatives.anchor * num_classes + negatives.class_index)
-        layout, device = graph.layout, embeddings.device
-        nodes = torch.arange(num_nodes, device=device)
-        classmates = layout.members[layout.class_index]  # (N, K), each anchor among them
-        positives = classmates[classmates != nodes.unsqueeze(1)].view(num_nodes, -1, 1)
-        own_negatives = num_nodes + torch.arange(num_nodes * (num_classes - 1), device=device).view(
-            num_nodes, 1, -1
-        )
-        shape = (num_nodes, positives.size(1), own_negatives.size(2))
-        triplets = (
-            nodes.view(-1, 1, 1).expand(shape).reshape(-1),
-            positives.expand(shape).reshape(-1),
-            own_negatives.expand(shape).reshape(-1),
-        )
-        return SyntheticReferences(
-            indices_tuple=triplets,
-            ref_emb=torch.cat([embeddings, negatives.embeddings[order]]),
-            ref_labels=torch.cat([labels, negatives.labels(graph.classes)[order]]),
-        )
+        negatives = self.generator(embeddings, graph).negatives
+        return synthetic_references(embeddings, negatives, graph.layout, graph.classes)
 
     def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The generator's loss on a batch (the embeddings are detached), for its own optimiser.
@@ -155,9 +146,9 @@ class GCANegativeGenerator(HardNegativeGenerator):
         Its :math:`J_{gen}` part also enters the running mean behind :attr:`synthetic_weight`.
         """
         graph = self._batch_graph(embeddings, labels)
-        losses = self.generator_loss(embeddings, graph, node_loss=True)
-        self.record(generator_loss=losses["J_gen"].item())
-        j_cls = self.classifier_loss(embeddings, labels)["J_cls"]
+        losses = self.generator.generator_loss(embeddings, graph, node_loss=True)
+        self.generator.record(generator_loss=losses["J_gen"].item())
+        j_cls = self.generator.classifier_loss(embeddings, labels)["J_cls"]
         return losses["J_gen"] + losses["J_gce"] + j_cls
 
     @torch.no_grad()
@@ -174,14 +165,22 @@ class GCANegativeGenerator(HardNegativeGenerator):
                 f"update() needs the mean loss of your model over the epoch, a "
                 f"positive finite number; got {mean_metric_loss}"
             )
-        self.end_epoch(mean_metric_loss)
+        self.generator.end_epoch(mean_metric_loss)
+
+    @staticmethod
+    def _generator_keys(state_dict, prefix, *args):
+        """Load hook: a :class:`~gca_pyg.generator.HardNegativeGenerator`'s keys (and those of
+        gca_pyg 0.2.0's front-end, a subclass of it) under ``generator.``."""
+        inner = prefix + "generator."
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+            state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
 
     def _batch_graph(self, embeddings: Tensor, labels: Tensor) -> BatchGraph:
         """The complete batch graph of one process, after checking the batch."""
-        if embeddings.dim() != 2 or embeddings.size(1) != self.embedding_size:
+        if embeddings.dim() != 2 or embeddings.size(1) != self.generator.embedding_size:
             raise ValueError(
                 f"GCANegativeGenerator was built for embeddings of shape "
-                f"[N, {self.embedding_size}], got {tuple(embeddings.shape)}; pass "
+                f"[N, {self.generator.embedding_size}], got {tuple(embeddings.shape)}; pass "
                 "embedding_size=D of your model"
             )
         if labels.dim() != 1 or labels.numel() != embeddings.size(0):
@@ -189,9 +188,11 @@ class GCANegativeGenerator(HardNegativeGenerator):
                 f"expected one label per embedding ({embeddings.size(0)}), got labels "
                 f"of shape {tuple(labels.shape)}"
             )
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        if labels.numel() and (
+            int(labels.min()) < 0 or int(labels.max()) >= self.generator.num_classes
+        ):
             raise ValueError(
-                f"labels must be training class ids in 0..{self.num_classes - 1}, "
+                f"labels must be training class ids in 0..{self.generator.num_classes - 1}, "
                 f"got {int(labels.min())}..{int(labels.max())}; pass num_classes=the "
                 "number of training classes, or map the labels to 0..C-1"
             )

@@ -10,7 +10,6 @@ in one process and under ``torchrun``, over the model's process group.
 """
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,43 +26,18 @@ from gca_pyg.errors import NonFiniteLossError
 from gca_pyg.graph import BatchGraph
 from gca_pyg.memory import EmbeddingMemory
 from gca_pyg.model import GCAHNG
+from gca_pyg.schema import LR_POLICIES, OptimConfig
 from gca_pyg.synthesis import draw_mix
 
 __all__ = [
-    "OptimConfig",
     "AlternatingTrainer",
     "adamw_options",
     "metric_lr_scheduler",
     "sync_batch_norm",
-    "LR_POLICIES",
 ]
 
-#: Schedules of the metric learning rates (``optim.lr_policy``), named as in the authors' code.
-LR_POLICIES = ("step", "cos", "exp", "none")
 #: The factor per epoch of ``lr_policy: exp``, fixed in the authors' train.py.
 EXP_LR_GAMMA = 0.9
-
-
-@dataclass
-class OptimConfig:
-    """Optimisers and schedules (ResNet-50 CUB values as defaults; docs/method.md,
-    "Optimisation")."""
-
-    epochs: int = 100
-    metric_lr: float = 1.5e-4
-    embedding_lr_ratio: float = 1.0  # embedding head lr = metric_lr × this
-    proxy_lr_ratio: float = 100.0  # Proxy-Anchor's proxies: lr = metric_lr × this
-    net_lr: float = 1.5e-4
-    classifier_lr: float = 1e-3
-    weight_decay: float = 1e-4
-    classifier_weight_decay: float = 1e-2  # the reference leaves AdamW's default here
-    metric_lr_step: int = 10  # StepLR period in epochs of the metric lr
-    metric_lr_gamma: float = 0.5
-    warmup_epochs: int = 2  # backbone frozen for the first epochs
-    grad_clip: Optional[float] = 10.0  # clip gradients by value, backbone and net; null: no clip
-    # Metric lr schedule: step (x metric_lr_gamma every metric_lr_step epochs) | cos (cosine of
-    # period metric_lr_step epochs) | exp (x 0.9 every epoch) | none (constant)
-    lr_policy: str = "step"
 
 
 def metric_lr_scheduler(

@@ -101,10 +101,8 @@ def test_a_yaml_file_by_path(tmp_path):
         ),
         ("train.device=gpu", r"'train.device' .* valid values: auto, cpu, cuda, cuda:N"),
         ("train.precision=fp16", r"valid values: auto, fp32, bf16"),
-        (
-            "loss.metric=triplet",
-            r"'loss.metric' .* is 'triplet'; valid values: npair, proxy_anchor",
-        ),
+        ("loss.metric=' '", r"'loss.metric' .* is empty; name a metric loss"),
+        ("loss.metric_kwargs=3", r"'loss.metric_kwargs' .* must be a mapping of names"),
         (
             "loss.synthetic_proxies=all",
             r"'loss.synthetic_proxies' .* valid values: anchor, others, relative, proxy_positive, "

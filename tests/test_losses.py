@@ -145,7 +145,7 @@ def test_the_proxy_anchor_module_uses_its_margin_scale_and_proxies():
         expected = synthetic_proxy_anchor_loss(
             synthetic, graph, module.proxies, 0.3, 8.0, negative_of=negative_of, embeddings=z
         )
-        assert torch.equal(module.synthetic(z, synthetic, graph), expected)
+        assert torch.equal(module.synthetic_loss(z, synthetic, graph), expected)
 
 
 def test_proxy_anchor_loss_equals_pytorch_metric_learning():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gca_pyg.graph import BatchGraph
-from gca_pyg.model import GCAHNG, NetConfig
+from gca_pyg.model import GCAHNG
+from gca_pyg.schema import NetConfig
 from gca_pyg.pml import INITIAL_MEAN_LOSS, GCANegativeGenerator
 from gca_pyg.synthesis import draw_mix
 
@@ -31,7 +32,8 @@ def batch(classes=4, per_class=3, dim=16):
 def test_negatives_come_as_the_trailing_arguments_of_a_pml_loss():
     embeddings, labels = batch()  # 4 classes x 3
     generator = GCANegativeGenerator(16, num_classes=6, num_layers=1, heads=2)
-    (anchors, positives, negatives), references, reference_labels = generator(embeddings, labels)
+    pairs, references, reference_labels = generator(embeddings, labels)
+    anchors, positives, negative_anchors, negatives = pairs
     assert references.shape == (12 + 12 * 3, 16) and reference_labels.shape == (12 + 12 * 3,)
     assert torch.equal(references[:12], embeddings) and torch.equal(reference_labels[:12], labels)
     # Synthetic rows grouped by anchor, one per other class, ascending.
@@ -39,18 +41,23 @@ def test_negatives_come_as_the_trailing_arguments_of_a_pml_loss():
         reference_labels[12:].view(12, 3),
         torch.stack([torch.tensor([c for c in range(4) if c != y]) for y in labels]),
     )
-    # Every anchor with each real positive and each synthetic negative made for it, once.
-    triplets = set(zip(anchors.tolist(), positives.tolist(), negatives.tolist()))
-    expected = {
-        (a, p, 12 + 3 * a + j)
-        for a in range(12)
-        for p in range(12)
-        if p != a and labels[p] == labels[a]
-        for j in range(3)
+    # Every anchor with each real positive, once; each synthetic negative with its own anchor only.
+    positive_pairs = list(zip(anchors.tolist(), positives.tolist()))
+    expected_positives = {
+        (a, p) for a in range(12) for p in range(12) if p != a and labels[p] == labels[a]
     }
-    assert triplets == expected and len(anchors) == len(expected)
+    assert set(positive_pairs) == expected_positives and len(positive_pairs) == 12 * 2
+    negative_pairs = list(zip(negative_anchors.tolist(), negatives.tolist()))
+    assert negative_pairs == [(a, 12 + 3 * a + j) for a in range(12) for j in range(3)]
+    # A triplet loss makes of them every (anchor, positive, own synthetic negative), once.
+    from pytorch_metric_learning.utils import loss_and_miner_utils
+
+    triplets = loss_and_miner_utils.convert_to_triplets(pairs, labels, reference_labels)
+    triplets = list(zip(*(t.tolist() for t in triplets)))
+    expected = {(a, p, 12 + 3 * a + j) for a, p in expected_positives for j in range(3)}
+    assert set(triplets) == expected and len(triplets) == len(expected)
     loss = losses.TripletMarginLoss(margin=0.1)(
-        embeddings, labels, (anchors, positives, negatives), references, reference_labels
+        embeddings, labels, pairs, references, reference_labels
     )
     assert torch.isfinite(loss) and loss > 0
 
@@ -83,7 +90,9 @@ def test_update_sets_the_hardness_and_the_synthetic_weight():
     generator_losses = []
     for seed in range(2):  # the J_gen of each call, from the same dropout and merge draws
         torch.manual_seed(seed)
-        generator_losses.append(generator.generator_loss(embeddings, graph)["J_gen"].item())
+        generator_losses.append(
+            generator.generator.generator_loss(embeddings, graph)["J_gen"].item()
+        )
         torch.manual_seed(seed)
         generator.loss(embeddings, labels)
     generator.update(0.4)
@@ -140,7 +149,7 @@ def test_the_front_end_gives_the_trainers_negatives_and_losses_on_the_same_tenso
 
     torch.manual_seed(1)
     mix = draw_mix(3)  # the trainer's coefficients are the front end's draw
-    negatives, _ = model.generator(embeddings, graph, mix)
+    negatives = model.generator(embeddings, graph, mix).negatives
     torch.manual_seed(1)
     _, references, reference_labels = front_end(embeddings, labels)
     order = torch.argsort(negatives.anchor * 3 + negatives.class_index)

@@ -9,8 +9,10 @@ import torch
 from gca_pyg.errors import NonFiniteLossError
 from gca_pyg.graph import to_dense_edges
 from gca_pyg.losses import synthetic_npair_loss
-from gca_pyg.model import GCAHNG, LossConfig, NetConfig
-from gca_pyg.trainer import AlternatingTrainer, OptimConfig, adamw_options
+from gca_pyg.model import GCAHNG
+from gca_pyg.schema import LossConfig, NetConfig
+from gca_pyg.trainer import AlternatingTrainer, adamw_options
+from gca_pyg.schema import OptimConfig
 
 from dense_synthesis import synthesize_dense
 from tiny_model import TinyBackbone, batch
@@ -154,8 +156,8 @@ def test_proxy_anchor_j_syn_trains_the_embeddings_through_the_synthetic_negative
     graph = trainer.batch_graph(labels)
     model.train()
     embeddings = model(images).detach().requires_grad_(True)
-    negatives, _ = model.generator(embeddings, graph, torch.rand(3, 2))
-    j_syn = model.criterion.synthetic(embeddings, negatives, graph)
+    negatives = model.generator(embeddings, graph, torch.rand(3, 2)).negatives
+    j_syn = model.criterion.synthetic_loss(embeddings, negatives, graph)
     grad, proxy_grad = torch.autograd.grad(j_syn, [embeddings, model.criterion.proxies])
     # J_syn depends on the embeddings through the synthetic negatives alone: the backbone
     # learns from them, as from N-pair's; and it pushes the proxies.

@@ -16,8 +16,10 @@ import sys
 import torch
 
 from gca_pyg.graph import GraphConfig
-from gca_pyg.model import GCAHNG, LossConfig, NetConfig
-from gca_pyg.trainer import AlternatingTrainer, OptimConfig
+from gca_pyg.model import GCAHNG
+from gca_pyg.schema import LossConfig, NetConfig
+from gca_pyg.trainer import AlternatingTrainer
+from gca_pyg.schema import OptimConfig
 
 CLASSES, PER_BATCH, SAMPLES, STEPS = 8, 4, 3, 4
 
