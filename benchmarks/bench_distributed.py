@@ -37,8 +37,8 @@ def run_child(config):
     from gca_pyg.graph import GraphConfig
     from gca_pyg.model import GCAHNG
     from gca_pyg.runtime import retain_freed_memory
-    from gca_pyg.trainer import AlternatingTrainer
     from gca_pyg.schema import OptimConfig
+    from gca_pyg.trainer import AlternatingTrainer
 
     retain_freed_memory()
     torch.set_num_threads(config["threads"])

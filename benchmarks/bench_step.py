@@ -66,8 +66,8 @@ def build(config):
     from gca_pyg.backbones import build_backbone
     from gca_pyg.graph import GraphConfig
     from gca_pyg.model import GCAHNG
-    from gca_pyg.trainer import AlternatingTrainer
     from gca_pyg.schema import OptimConfig
+    from gca_pyg.trainer import AlternatingTrainer
 
     torch.manual_seed(0)
     device = torch.device(config["device"])

@@ -59,6 +59,7 @@ __all__ = [
     "available_configs",
 ]
 
+
 @dataclass
 class Config:
     name: str = "config"
@@ -212,7 +213,8 @@ def _coerce(value: Any, kind, key: str, source: str):
         origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise _type_error(key, value, "a mapping of names to values, e.g. {margin: 0.2}", source)
+            expected = "a mapping of names to values, e.g. {margin: 0.2}"
+            raise _type_error(key, value, expected, source)
         return dict(value)
     if origin in (list, list):
         items = value if isinstance(value, list) else None

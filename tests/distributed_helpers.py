@@ -10,9 +10,8 @@ import torch.distributed as dist
 from gca_pyg.distributed import Context
 from gca_pyg.graph import GraphConfig
 from gca_pyg.model import GCAHNG
-from gca_pyg.schema import LossConfig, NetConfig
+from gca_pyg.schema import LossConfig, NetConfig, OptimConfig
 from gca_pyg.trainer import AlternatingTrainer
-from gca_pyg.schema import OptimConfig
 
 CLASSES, SAMPLES, TRAIN_CLASSES, INPUT, STEPS = 5, 3, 12, 16, 3
 

@@ -16,9 +16,8 @@ from gca_pyg.checkpoint import (
     set_rng_state,
 )
 from gca_pyg.model import GCAHNG
-from gca_pyg.schema import NetConfig
+from gca_pyg.schema import NetConfig, OptimConfig
 from gca_pyg.trainer import AlternatingTrainer
-from gca_pyg.schema import OptimConfig
 
 from tiny_model import TinyBackbone, batch
 

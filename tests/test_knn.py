@@ -23,10 +23,9 @@ from gca_pyg.graph import (
 from gca_pyg.layout import class_layout
 from gca_pyg.losses import diversity_loss, similarity_loss, synthetic_npair_loss
 from gca_pyg.model import GCAHNG
-from gca_pyg.schema import NetConfig
+from gca_pyg.schema import NetConfig, OptimConfig
 from gca_pyg.synthesis import SyntheticSamples, synthesize_groups, synthesize_negatives
 from gca_pyg.trainer import AlternatingTrainer
-from gca_pyg.schema import OptimConfig
 
 from tiny_model import TinyBackbone, batch
 

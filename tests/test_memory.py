@@ -20,9 +20,8 @@ from gca_pyg.errors import ConfigError
 from gca_pyg.graph import BatchGraph, GraphConfig, knn_memory_pairs, knn_pairs, sparse_shard
 from gca_pyg.memory import EmbeddingMemory
 from gca_pyg.model import GCAHNG
-from gca_pyg.schema import LossConfig, NetConfig
+from gca_pyg.schema import LossConfig, NetConfig, OptimConfig
 from gca_pyg.trainer import AlternatingTrainer
-from gca_pyg.schema import OptimConfig
 
 from tiny_model import TinyBackbone, batch
 

@@ -12,8 +12,8 @@ import torch
 
 from gca_pyg.graph import BatchGraph
 from gca_pyg.model import GCAHNG
-from gca_pyg.schema import NetConfig
 from gca_pyg.pml import INITIAL_MEAN_LOSS, GCANegativeGenerator
+from gca_pyg.schema import NetConfig
 from gca_pyg.synthesis import draw_mix
 
 from tiny_model import TinyBackbone

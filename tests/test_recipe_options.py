@@ -11,9 +11,8 @@ import gca_pyg.pipeline as pipeline
 from gca_pyg.config import load_config
 from gca_pyg.errors import ConfigError
 from gca_pyg.model import GCAHNG
-from gca_pyg.schema import NetConfig
+from gca_pyg.schema import NetConfig, OptimConfig
 from gca_pyg.trainer import AlternatingTrainer
-from gca_pyg.schema import OptimConfig
 
 from tiny_model import TinyBackbone, batch
 

@@ -7,8 +7,8 @@ import torch
 import gca_pyg.trainer
 from gca_pyg.backbones import build_backbone
 from gca_pyg.model import GCAHNG
-from gca_pyg.trainer import AlternatingTrainer, sync_batch_norm
 from gca_pyg.schema import OptimConfig
+from gca_pyg.trainer import AlternatingTrainer, sync_batch_norm
 
 CUDA = torch.device("cuda")
 

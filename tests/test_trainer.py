@@ -10,9 +10,8 @@ from gca_pyg.errors import NonFiniteLossError
 from gca_pyg.graph import to_dense_edges
 from gca_pyg.losses import synthetic_npair_loss
 from gca_pyg.model import GCAHNG
-from gca_pyg.schema import LossConfig, NetConfig
+from gca_pyg.schema import LossConfig, NetConfig, OptimConfig
 from gca_pyg.trainer import AlternatingTrainer, adamw_options
-from gca_pyg.schema import OptimConfig
 
 from dense_synthesis import synthesize_dense
 from tiny_model import TinyBackbone, batch

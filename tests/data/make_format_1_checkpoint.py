@@ -21,10 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for t
 
 import gca_pyg  # noqa: E402
 from gca_pyg.checkpoint import FORMAT_VERSION, rng_state, save_checkpoint  # noqa: E402
-from gca_pyg.model import GCAHNG
-from gca_pyg.schema import NetConfig  # noqa: E402
-from gca_pyg.trainer import AlternatingTrainer
-from gca_pyg.schema import OptimConfig  # noqa: E402
+from gca_pyg.model import GCAHNG  # noqa: E402
+from gca_pyg.schema import NetConfig, OptimConfig  # noqa: E402
+from gca_pyg.trainer import AlternatingTrainer  # noqa: E402
 
 from tiny_model import TinyBackbone, batch  # noqa: E402
 

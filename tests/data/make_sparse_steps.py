@@ -17,9 +17,8 @@ import torch
 
 from gca_pyg.graph import GraphConfig
 from gca_pyg.model import GCAHNG
-from gca_pyg.schema import LossConfig, NetConfig
+from gca_pyg.schema import LossConfig, NetConfig, OptimConfig
 from gca_pyg.trainer import AlternatingTrainer
-from gca_pyg.schema import OptimConfig
 
 CLASSES, PER_BATCH, SAMPLES, STEPS = 8, 4, 3, 4
 
