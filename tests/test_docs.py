@@ -1,4 +1,6 @@
-"""docs/method.md states the shipped recipes' values; they must not drift apart."""
+"""docs/method.md states the shipped recipes' values; they must not drift apart. The README and
+the pages of docs/ link to each other and to files of the repository: every link must lead
+somewhere."""
 
 import re
 from pathlib import Path
@@ -59,3 +61,41 @@ def test_readme_links_to_the_documents():
     for target in re.findall(r"\]\((docs/[^)#]+)", readme):
         assert (ROOT / target).is_file(), target
     assert "docs/method.md" in readme and "docs/datasets.md" in readme
+    for page in sorted((ROOT / "docs").glob("*.md")):  # every page is reachable from the README
+        assert f"](docs/{page.name})" in readme, page.name
+
+
+def markdown_files():
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def prose(text: str) -> str:
+    """The text outside fenced code blocks and inline code spans, where links are links."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def heading_anchors(path: Path) -> set:
+    """The anchors GitHub gives the headings of a Markdown file: lower case, punctuation dropped
+    (inline code keeps its text), spaces to hyphens, repeats numbered."""
+    anchors, seen = set(), {}
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    for title in re.findall(r"^#{1,6} +(.+?) *#* *$", text, flags=re.M):
+        title = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", title)  # a link: its text
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+@pytest.mark.parametrize("page", markdown_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_lead_to_files_and_headings_of_the_repository(page):
+    for target in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", prose(page.read_text())):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:: not ours to check
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        assert file.is_relative_to(ROOT), f"{target}: outside the repository"
+        assert file.exists(), f"{target}: no such file"
+        if anchor and file.suffix == ".md":
+            assert anchor in heading_anchors(file), f"{target}: no such heading"

@@ -6,6 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 LAYERS = ROOT / "docs" / "layers.md"
+PYTHON_GUIDE = ROOT / "docs" / "python.md"
 
 
 def run_python_blocks(path: Path) -> dict:
@@ -27,7 +28,23 @@ def run_python_blocks(path: Path) -> dict:
 
 def test_readme_python_examples_run():
     namespace = run_python_blocks(README)
+    assert namespace["x"].shape == (3, 32)
+    assert namespace["edge_attr"].shape == (4, 32)
+    references = namespace["references"]
+    # 8 classes × 3: the batch and its N(C − 1) synthetic negatives; N(K − 1)(C − 1) triplets.
+    assert references.ref_emb.shape == (24 + 24 * 7, 64)
+    assert references.ref_labels.shape == (24 + 24 * 7,)
+    assert [t.shape for t in references.indices_tuple] == [(24 * 2 * 7,)] * 3
+    assert namespace["loss"].requires_grad and namespace["loss"].isfinite()
+
+
+def test_python_guide_examples_run():
+    namespace = run_python_blocks(PYTHON_GUIDE)
     assert namespace["fusion"].shape == (81, 81, 512)
+    assert namespace["graph_out"].shape == (8, 10)
+    assert namespace["edge_logits"].shape == (namespace["batch"].num_edges, 2)
+    assert {"J_m", "J_syn", "J_gen"} <= set(namespace["losses"])
+    assert namespace["references"].ref_emb.shape == (24 + 24 * 7, 64)
 
 
 def test_layer_guide_python_examples_run():

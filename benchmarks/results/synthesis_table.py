@@ -1,6 +1,6 @@
-"""Prints the README's "Does synthesis help?" tables from the ablation results kept beside this
-file (``benchmarks/ablate.py --results`` files of 2026-12-07): every arm against the same model
-without synthesis (off) and against the plain metric loss, paired by seed.
+"""Prints the "Does synthesis help?" tables of docs/benchmarks.md from the ablation results kept
+beside this file (``benchmarks/ablate.py --results`` files of 2026-12-07): every arm against the
+same model without synthesis (off) and against the plain metric loss, paired by seed.
 
     python benchmarks/results/synthesis_table.py
 """
