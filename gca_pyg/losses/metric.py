@@ -101,7 +101,12 @@ def register_metric_loss(name: str) -> Callable[[type[MetricLoss]], type[MetricL
     def register(cls: type[MetricLoss]) -> type[MetricLoss]:
         if not (isinstance(cls, type) and issubclass(cls, MetricLoss)):
             raise TypeError(f"register_metric_loss({name!r}) decorates a MetricLoss subclass")
-        if name.startswith(PML_PREFIX) or name in METRIC_LOSSES:
+        taken = METRIC_LOSSES.get(name)
+        same = taken is not None and (taken.__module__, taken.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        )  # the same definition run again (a notebook cell, a reloaded module)
+        if name.startswith(PML_PREFIX) or (taken is not None and not same):
             raise ValueError(f"the metric loss name {name!r} is taken")
         METRIC_LOSSES[name] = cls
         return cls
