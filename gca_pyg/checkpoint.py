@@ -1,4 +1,11 @@
-"""Checkpoints that never lose work.
+"""gca_pyg's checkpoints: the one module that writes and reads them.
+
+Every command, ``--resume`` and ``model.init`` go through here: :func:`save_checkpoint` writes,
+:func:`load_checkpoint` reads (and upgrades older formats), :func:`open_checkpoint` turns a
+checkpoint into its config and model (:class:`RunCheckpoint`), :func:`initial_model` builds the
+model a training run starts from (``model.pretrained``, or every weight of ``model.init``: a
+gca_pyg checkpoint or the authors' state dict), and :func:`convert_authors_file` turns the authors'
+file into a checkpoint (:mod:`gca_pyg.authors` maps their tensors).
 
 A checkpoint is written to a temporary file in the target folder, flushed to disk, then renamed over
 the old one, so a crash, a full disk or Ctrl-C during the write leaves the previous checkpoint
@@ -9,24 +16,47 @@ runs of earlier releases resume, evaluate and report; a newer format is one clea
 """
 
 import errno
+import hashlib
+import json
 import os
 import random
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
 from gca_pyg import __version__
-from gca_pyg.errors import GcaError
+from gca_pyg.authors import (
+    OFFICIAL_TRAIN_CLASSES,
+    OUR_PREFIXES,
+    check_fits,
+    class_rows,
+    convert_state_dict,
+    tensors,
+    their_classes,
+    their_state,
+)
+from gca_pyg.config import Config, apply_overrides
+from gca_pyg.errors import ConfigError, GcaError, warn
+from gca_pyg.model import GCAHNG, build_model
+from gca_pyg.runtime import resolve_device
 
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
+    "read_weights",
     "upgrade_format_1",
     "rng_state",
     "set_rng_state",
+    "RunCheckpoint",
+    "open_checkpoint",
+    "initial_model",
+    "load_initial_weights",
+    "convert_authors_file",
 ]
 
 #: Bumped when the layout of a checkpoint changes incompatibly. Format 2 (gca_pyg 0.2.0): the
@@ -99,7 +129,43 @@ def load_checkpoint(
             f"({type(error).__name__}); it may be truncated or from another "
             "program"
         ) from None
-    version = state.get("format_version") if isinstance(state, dict) else None
+    if not _is_checkpoint(state):
+        raise CheckpointError(
+            f"{path} is not a gca_pyg checkpoint (no known format_version); it may be from "
+            "another program"
+        )
+    return _current_format(state, path)
+
+
+def read_weights(path: Union[str, Path], what: str) -> dict[str, Any]:
+    """A weight file of any origin (``model.init``, the authors' ``.pth``): a gca_pyg checkpoint
+    comes back as :func:`load_checkpoint` returns it (checked, older formats upgraded), anything
+    else as ``torch.load`` (``weights_only``) reads it.
+
+    Raises:
+        CheckpointError: One line naming `what` the file is for, if it is missing or unreadable,
+            or a newer gca_pyg wrote it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"no file {path} ({what})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(
+            f"{path} ({what}) is not a readable PyTorch weight file ({type(error).__name__}); it "
+            "may be truncated"
+        ) from None
+    return _current_format(state, path) if _is_checkpoint(state) else state
+
+
+def _is_checkpoint(state: Any) -> bool:
+    return isinstance(state, dict) and "format_version" in state
+
+
+def _current_format(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A checkpoint read from `path` in the current format (format 1 upgraded), or one error."""
+    version = state.get("format_version")
     if version == 1:
         return upgrade_format_1(state)
     if isinstance(version, int) and version > FORMAT_VERSION:
@@ -186,3 +252,238 @@ def _as_tuples(value):
     if isinstance(value, (list, tuple)):
         return tuple(_as_tuples(item) for item in value)
     return value
+
+
+#: What every checkpoint of a training run holds besides its format version.
+REQUIRED_KEYS = ("config", "model", "classes")
+#: The parts of the model that turn an image into its embedding.
+EMBEDDER_PREFIXES = ("backbone.", "embedding.")
+
+
+@dataclass
+class RunCheckpoint:
+    """A checkpoint written by ``python -m gca_pyg.train`` and the config it holds.
+
+    Attributes:
+        path: The ``.pt`` file.
+        state: Everything in it (``config``, ``model``, ``classes``, and the training state).
+        config: Its config, with the overrides it was opened with applied.
+    """
+
+    path: Path
+    state: dict[str, Any]
+    config: Config
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder of the checkpoint: the run's, for ``last.pt`` and ``best.pt``."""
+        return self.path.parent
+
+    @property
+    def classes(self) -> list[str]:
+        """The names of the training classes."""
+        return list(self.state["classes"])
+
+    @property
+    def epoch(self) -> Optional[int]:
+        """The epochs trained, where the checkpoint records them."""
+        return self.state.get("training", {}).get("epoch")
+
+    @property
+    def provenance(self) -> str:
+        """Where its weights come from: ``after epoch N`` of training, or ``converted from FILE``
+        (``python -m gca_pyg.convert``)."""
+        origin = self.state.get("converted_from")
+        if origin:
+            return f"converted from {origin}"
+        return f"after epoch {self.epoch if self.epoch is not None else '?'}"
+
+    def build_model(self, device: Optional[torch.device] = None) -> GCAHNG:
+        """The model of the config with the checkpoint's weights, in eval mode, on `device`
+        (default: ``train.device`` of the config).
+
+        Raises:
+            CheckpointError: If the weights do not fit the model (e.g. a ``--set`` changed its
+                shape).
+        """
+        device = device if device is not None else resolve_device(self.config.train.device)
+        model = build_model(self.config, len(self.state["classes"]), device, pretrained=False)
+        try:
+            model.load_state_dict(self.state["model"])
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()
+            raise CheckpointError(
+                f"the weights in {self.path} do not fit the model of its config "
+                f"({first[1].strip() if len(first) > 1 else first[0]}); do not --set model "
+                "shapes when loading a checkpoint"
+            ) from None
+        return model.eval()
+
+    def embedder_fingerprint(self) -> str:
+        """A hash of what maps an image to its embedding: the backbone's and embedding head's
+        weights and the test transform's settings. Two checkpoints with the same fingerprint embed
+        every image alike."""
+        digest = hashlib.sha256()
+        data = self.config.data
+        transform = {"demo": data.dataset == "demo", "size": data.image_size, "resize": data.resize}
+        digest.update(json.dumps(transform, sort_keys=True).encode())
+        weights = self.state["model"]
+        for name in sorted(weights):
+            if name.startswith(EMBEDDER_PREFIXES):
+                tensor = weights[name].detach().cpu().contiguous()
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def open_checkpoint(
+    path: Union[str, Path], overrides: Sequence[str] = (), data_root: Optional[str] = None
+) -> RunCheckpoint:
+    """Reads a checkpoint (a ``.pt`` file, or a run folder meaning its ``last.pt``) and its config.
+
+    Args:
+        path: The checkpoint or run folder.
+        overrides: ``section.key=value`` config overrides, e.g. ``train.device=cpu``.
+        data_root: Sets ``data.root`` (the dataset moved since training).
+
+    Raises:
+        CheckpointError: If there is no such file, it is not a gca_pyg checkpoint, or it lacks a
+            model and its config.
+        ConfigError: If an override is invalid.
+    """
+    path = Path(path)
+    file = path / "last.pt" if path.is_dir() else path
+    state = load_checkpoint(file)
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{file} holds no {' and no '.join(missing)}: it is not a checkpoint of "
+            "python -m gca_pyg.train"
+        )
+    config = Config.from_dict(
+        apply_overrides(state["config"], overrides, data_root), source=f"the checkpoint {file}"
+    )
+    return RunCheckpoint(file, state, config)
+
+
+def initial_model(
+    config: Config,
+    num_classes: int,
+    device: torch.device,
+    *,
+    process_group=None,
+) -> GCAHNG:
+    """The model a training run of `config` starts from (:func:`~gca_pyg.model.build_model`):
+    with ``model.init``, every weight of that checkpoint (:func:`load_initial_weights`); else the
+    backbone's pretrained weights of ``model.pretrained``."""
+    model = build_model(config, num_classes, device, process_group=process_group)
+    if config.model.init is not None:
+        load_initial_weights(model, config.model.init, config)
+    return model
+
+
+def load_initial_weights(model: torch.nn.Module, path: Union[str, Path], config: Config):
+    """Loads every weight of `model` from ``model.init``: a gca_pyg checkpoint, or a state dict of
+    the authors' code (converted on the fly).
+
+    The classifiers (softmax and node classifier) start afresh when the checkpoint was trained on
+    another number of classes; every other tensor must fit.
+
+    Raises:
+        ReferenceFormatError, CheckpointError, ConfigError: One line naming the mismatch.
+    """
+    what = "model.init"
+    state = read_weights(path, what)
+    if isinstance(state, dict) and "format_version" in state and "model" in state:
+        _check_same_network(state.get("config", {}), config, path)
+        weights, notes = state["model"], []
+    else:
+        source = f"{path} ({what})"
+        check_fits(state, config, source)
+        weights, notes = convert_state_dict(state, model, source, other_classes=True)
+    targets = tensors(model)
+    fresh = []
+    for key, target in targets.items():
+        value = weights.get(key)
+        if value is None:
+            raise ConfigError(f"{what} {path} has no {key}: it is not a checkpoint of this network")
+        if value.shape != target.shape:
+            if not class_rows(key, value, weights, targets):
+                raise ConfigError(
+                    f"{what} {path}: {key} is {list(value.shape)} there but "
+                    f"{list(target.shape)} in this config's network; use a config of the same "
+                    "network (e.g. its data.image_size)"
+                )
+            fresh.append(key)
+    model.load_state_dict(
+        {
+            **model.state_dict(),  # the generator's schedule state starts afresh: a new run
+            **{key: targets[key] if key in fresh else weights[key] for key in targets},
+        }
+    )
+    for note in notes:
+        warn(note)
+    if fresh:
+        classifier = OUR_PREFIXES["classifier"] + "weight"
+        warn(
+            f"{what} {path} was trained on {weights[classifier].shape[0]} classes, this data set "
+            f"has {targets[classifier].shape[0]}: its classifiers ({len(fresh)} tensors) start "
+            "afresh, every other weight is loaded"
+        )
+
+
+def _check_same_network(saved: dict, config: Config, path):
+    """A gca_pyg checkpoint for `model.init` must hold the network of `config`."""
+    keys = [
+        ("model", "backbone"),
+        ("model", "embedding_size"),
+        ("net", "num_layers"),
+        ("net", "heads"),
+    ]
+    for section, key in keys:
+        theirs = saved.get(section, {}).get(key)
+        ours = getattr(getattr(config, section), key)
+        if theirs is not None and theirs != ours:
+            raise ConfigError(
+                f"model.init {path} was trained with {section}.{key}={theirs} but the config "
+                f"has {ours}; --set {section}.{key}={theirs}"
+            )
+
+
+def convert_authors_file(
+    path: Union[str, Path], config: Config, num_classes: Optional[int] = None
+) -> tuple[dict, list[str]]:
+    """The gca_pyg checkpoint of the authors' state dict in file `path`, for `config`.
+
+    Args:
+        path: Their ``.pth`` file.
+        config: The network it must fit (the recipe of its data set and backbone).
+        num_classes: Training classes, for a metric-model file without classifier; by default
+            the number of training classes of ``config.data.dataset``'s official split.
+
+    Returns:
+        ``(checkpoint, notes)``: what :func:`~gca_pyg.checkpoint.save_checkpoint` writes, which
+        ``python -m gca_pyg.evaluate`` and ``model.init`` read, and notes for the user.
+    """
+    source = str(path)
+    state = read_weights(path, "the authors' state dict")
+    check_fits(state, config, source)
+    state = their_state(state, source)
+    classes = their_classes(state) or num_classes or OFFICIAL_TRAIN_CLASSES.get(config.data.dataset)
+    if classes is None:
+        raise ConfigError(
+            f"{source} holds no classifier to count the training classes of "
+            f"{config.data.dataset}; pass --classes N"
+        )
+    model = build_model(config, classes, torch.device("cpu"), pretrained=False)
+    weights, notes = convert_state_dict(state, model, source)
+    model.load_state_dict(weights)
+    saved = Config.from_dict(config.to_dict())
+    saved.model.init = None
+    checkpoint = {
+        "config": saved.to_dict(),
+        "model": model.state_dict(),
+        "classes": [f"class {index}" for index in range(classes)],
+        "converted_from": source,
+    }
+    return checkpoint, notes

@@ -10,11 +10,14 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.nn import BatchNorm1d, Linear, Sequential
 
+from gca_pyg.backbones import build_backbone
+from gca_pyg.config import Config
 from gca_pyg.distributed import all_gather_rows, all_reduce_sum
 from gca_pyg.generator import HardNegativeGenerator
 from gca_pyg.graph import BatchGraph
 from gca_pyg.losses import MetricLoss, build_metric_loss
 from gca_pyg.nn import L2Normalize
+from gca_pyg.runtime import autocast_dtype, use_channels_last
 from gca_pyg.schema import GraphConfig, LossConfig, NetConfig
 from gca_pyg.synthesis import SyntheticSamples
 from gca_pyg.utils import autocast
@@ -262,3 +265,46 @@ class GCAHNG(torch.nn.Module):
         """:math:`J_{gen}` and its terms (see :meth:`HardNegativeGenerator.generator_loss
         <gca_pyg.generator.HardNegativeGenerator.generator_loss>`), for the net alone."""
         return self.generator.generator_loss(embeddings, graph, mix)
+
+
+def build_model(
+    config: Config,
+    num_classes: int,
+    device: torch.device,
+    *,
+    pretrained: bool = True,
+    process_group: Optional[ProcessGroup] = None,
+) -> GCAHNG:
+    """The GCA-HNG model of `config` on `device`; `process_group` is that of a ``torchrun``
+    training run.
+
+    With `pretrained`, the backbone's pretrained weights (``model.pretrained``) are loaded, unless
+    ``model.init`` names a checkpoint to start from: that one
+    :func:`gca_pyg.checkpoint.initial_model` loads. Evaluation and a resumed run load every weight
+    from their checkpoint and pass ``False``: the same network, nothing read or downloaded."""
+    model_config = config.model
+    backbone = build_backbone(
+        model_config.backbone,
+        pretrained=model_config.pretrained,
+        frozen_bn=model_config.frozen_bn,
+        pooling=model_config.pooling,
+        image_size=config.data.image_size,
+        load_weights=pretrained and model_config.init is None,
+    )
+    model = GCAHNG(
+        backbone,
+        num_classes,
+        model_config.embedding_size,
+        net=config.net,
+        loss=config.loss,
+        graph=config.graph,
+        amp_dtype=autocast_dtype(config.train.precision, device),
+        channels_last=use_channels_last(config.train.memory_format, config.train.precision, device),
+        normalize=model_config.normalize,
+        process_group=process_group,
+    )
+    if model_config.head_init == "orthogonal":
+        head = model.embedding[1]
+        torch.nn.init.orthogonal_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+    return model.to(device)

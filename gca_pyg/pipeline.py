@@ -7,11 +7,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.distributed import ProcessGroup
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
-from gca_pyg.backbones import build_backbone
 from gca_pyg.config import Config
 from gca_pyg.data import (
     ClassBalancedBatchSampler,
@@ -27,7 +25,6 @@ from gca_pyg.distributed import Context, all_gather_objects
 from gca_pyg.errors import UnreadableImagesError, warn
 from gca_pyg.metrics import retrieval_metrics
 from gca_pyg.model import GCAHNG
-from gca_pyg.runtime import autocast_dtype, use_channels_last
 
 __all__ = [
     "TestData",
@@ -36,7 +33,6 @@ __all__ = [
     "build_train_dataset",
     "build_train_sampler",
     "build_test_data",
-    "build_model",
     "compute_embeddings",
     "embed_test_data",
     "test_metrics",
@@ -163,53 +159,6 @@ def build_test_data(config: Config) -> TestData:
             query=get_dataset("inshop", data.root, "query", test),
         )
     return TestData(gallery=get_dataset(data.dataset, data.root, "test", test))
-
-
-def build_model(
-    config: Config,
-    num_classes: int,
-    device: torch.device,
-    *,
-    load_weights: bool = True,
-    process_group: Optional[ProcessGroup] = None,
-) -> GCAHNG:
-    """The GCA-HNG model of `config` on `device`; `process_group` is that of a ``torchrun``
-    training run.
-
-    With `load_weights`, the backbone's pretrained weights (``model.pretrained``) are loaded, or,
-    with ``model.init``, every weight of that checkpoint
-    (:func:`gca_pyg.convert.load_initial_weights`). Evaluation and a resumed run load every weight
-    from their checkpoint and pass ``False``: the same network, nothing read or downloaded."""
-    model_config = config.model
-    backbone = build_backbone(
-        model_config.backbone,
-        pretrained=model_config.pretrained,
-        frozen_bn=model_config.frozen_bn,
-        pooling=model_config.pooling,
-        image_size=config.data.image_size,
-        load_weights=load_weights and model_config.init is None,
-    )
-    model = GCAHNG(
-        backbone,
-        num_classes,
-        model_config.embedding_size,
-        net=config.net,
-        loss=config.loss,
-        graph=config.graph,
-        amp_dtype=autocast_dtype(config.train.precision, device),
-        channels_last=use_channels_last(config.train.memory_format, config.train.precision, device),
-        normalize=model_config.normalize,
-        process_group=process_group,
-    )
-    if model_config.head_init == "orthogonal":
-        head = model.embedding[1]
-        torch.nn.init.orthogonal_(head.weight)
-        torch.nn.init.zeros_(head.bias)
-    if load_weights and model_config.init is not None:
-        from gca_pyg.convert import load_initial_weights  # it builds models with this function
-
-        load_initial_weights(model, model_config.init, config)
-    return model.to(device)
 
 
 def loader_options(config: Config, device: torch.device) -> dict:

@@ -48,11 +48,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from gca_pyg import __version__
-from gca_pyg.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT
+from gca_pyg.checkpoint import RunCheckpoint, open_checkpoint, save_checkpoint
 from gca_pyg.data import DECODE_ERRORS, get_dataset, open_rgb
 from gca_pyg.errors import ConfigError, GcaError
 from gca_pyg.pipeline import inference_transform, loader_options, preprocessing
-from gca_pyg.runs import RunCheckpoint, open_checkpoint
 from gca_pyg.runtime import autocast_dtype, resolve_device
 from gca_pyg.vector_index import (
     RERANK_FACTOR,
@@ -141,7 +140,7 @@ class Embedder:
     batches on the config's device in its precision (bf16 autocast where native), L2 norm.
 
     Args:
-        checkpoint: The checkpoint (:func:`~gca_pyg.runs.open_checkpoint`).
+        checkpoint: The checkpoint (:func:`~gca_pyg.checkpoint.open_checkpoint`).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (default: the config's ``train.device``).
         batch_size: Images per batch (default: the config's ``eval.batch_size``).
         num_workers: Decoding processes (default: the config's ``data.num_workers``).
@@ -791,7 +790,7 @@ class Retriever:
             if self.embedder is not None and (
                 manifest is None or not (index_dir / MODEL_FILE).is_file()
             ):
-                torch.save(self._model_state(), next_dir / MODEL_FILE)
+                save_checkpoint(self._model_state(), next_dir / MODEL_FILE)
             (next_dir / MANIFEST).write_text(json.dumps(self.manifest(**extra), indent=2) + "\n")
         except (OSError, RuntimeError) as error:  # faiss reports a failed write as RuntimeError
             shutil.rmtree(next_dir, ignore_errors=True)
@@ -813,7 +812,6 @@ class Retriever:
         checkpoint = self.embedder.checkpoint
         state = checkpoint.state
         return {
-            "format_version": CHECKPOINT_FORMAT,
             "config": state["config"],
             "model": state["model"],
             "classes": state["classes"],

@@ -9,7 +9,7 @@ from PIL import Image
 
 from gca_pyg.checkpoint import save_checkpoint
 from gca_pyg.config import load_config
-from gca_pyg.pipeline import build_model
+from gca_pyg.model import build_model
 
 # The folder recipe on 32×32 images with the small CNN and a 16-d embedding.
 SETTINGS = [
@@ -44,7 +44,7 @@ def make_checkpoint(path: Path, seed: int = 0, extra=()) -> Path:
     saves one (config, weights, class names, epoch)."""
     config = load_config("folder", [*SETTINGS, *extra])
     torch.manual_seed(seed)
-    model = build_model(config, num_classes=4, device=torch.device("cpu"), load_weights=False)
+    model = build_model(config, num_classes=4, device=torch.device("cpu"), pretrained=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
         {

@@ -124,3 +124,18 @@ def test_a_checkpoint_names_the_release_that_wrote_it(tmp_path):
     save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
     state = load_checkpoint(tmp_path)
     assert state["written_by"] == gca_pyg.__version__ and state["format_version"] == 2
+
+
+def test_a_checkpoint_of_format_1_starts_a_run_as_model_init():
+    """model.init reads through the checkpoint module: a 0.1.0 file is upgraded as it is read."""
+    from gca_pyg.checkpoint import load_initial_weights
+    from gca_pyg.config import Config
+
+    path = format_1_record("format_1.pt")
+    model = GCAHNG(TinyBackbone(), num_classes=6, embedding_size=16, net=NetConfig(1, 2, 0.1))
+    load_initial_weights(model, path, Config())
+    expected = load_checkpoint(path)["model"]
+    assert "generator.net.lin_in.weight" in expected  # format 1 kept it at net.lin_in.weight
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, expected[key]), key

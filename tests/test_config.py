@@ -169,11 +169,11 @@ def test_model_pretrained_takes_a_file_of_backbone_weights():
 
 
 def test_net_edge_attention_reaches_every_layer():
-    from gca_pyg.pipeline import build_model
+    from gca_pyg.model import build_model
 
     for value in ("none", "gate"):
         config = load_config("demo", [f"net.edge_attention={value}"])
-        model = build_model(config, 4, torch.device("cpu"), load_weights=False)
+        model = build_model(config, 4, torch.device("cpu"), pretrained=False)
         convs = model.generator.net.convs
         assert [conv.edge_attention for conv in convs] == [value] * len(convs)
         assert (convs[0].lin_edge_attention is None) == (value == "none")

@@ -13,20 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gca_pyg import convert as convert_cli
-from gca_pyg import evaluate as evaluate_cli
-from gca_pyg import train as train_cli
-from gca_pyg.checkpoint import load_checkpoint
+from gca_pyg.app import convert as convert_cli
+from gca_pyg.app import evaluate as evaluate_cli
+from gca_pyg.app import train as train_cli
+from gca_pyg.authors import ReferenceFormatError, convert_state_dict
+from gca_pyg.checkpoint import convert_authors_file as convert
+from gca_pyg.checkpoint import initial_model, load_checkpoint, load_initial_weights
 from gca_pyg.config import Config, load_config
-from gca_pyg.convert import (
-    ReferenceFormatError,
-    convert,
-    convert_state_dict,
-    load_initial_weights,
-)
 from gca_pyg.errors import ConfigError
 from gca_pyg.graph import to_dense_edges
-from gca_pyg.pipeline import build_model
+from gca_pyg.model import build_model
 
 from data_layouts import make_folder
 from reference_weights import stand_in_images, stand_in_state_dict
@@ -120,7 +116,7 @@ def ours(converted):
     for case, path in converted.items():
         state = load_checkpoint(path)
         config = Config.from_dict(state["config"])
-        models[case] = build_model(config, len(state["classes"]), CPU, load_weights=False)
+        models[case] = build_model(config, len(state["classes"]), CPU, pretrained=False)
         models[case].load_state_dict(state["model"])
     return models
 
@@ -250,9 +246,9 @@ def test_fine_tuning_starts_from_model_init(fixture, converted, their_files, tmp
     config = load_config(
         "folder", tiny(fixture, "resnet50") + [f"model.init={converted['resnet50']}"]
     )
-    from_checkpoint = build_model(config, 7, CPU)
+    from_checkpoint = initial_model(config, 7, CPU)
     config.model.init = str(their_files["resnet50"])
-    from_their_file = build_model(config, 7, CPU)
+    from_their_file = initial_model(config, 7, CPU)
     expected = load_checkpoint(converted["resnet50"])["model"]
     for model in (from_checkpoint, from_their_file):
         state = model.state_dict()
@@ -271,10 +267,10 @@ def test_a_proxy_anchor_run_starts_from_their_n_pair_model_with_fresh_proxies(
     sets = tiny(fixture, "resnet50") + ["loss.metric=proxy_anchor"]
     config = load_config("folder", sets + [f"model.init={their_files['resnet50']}"])
     torch.manual_seed(0)
-    model = build_model(config, 5, CPU)
+    model = initial_model(config, 5, CPU)
     assert "(Proxy-Anchor's proxies): they start from a fresh" in capsys.readouterr().err
     torch.manual_seed(0)
-    fresh = build_model(load_config("folder", sets), 5, CPU, load_weights=False)
+    fresh = build_model(load_config("folder", sets), 5, CPU, pretrained=False)
     converted, _ = convert_state_dict(
         stand_in_state_dict(fixture["cases"]["resnet50"]["manifest"], fixture["seed"]), fresh
     )
@@ -368,7 +364,7 @@ def test_a_file_of_their_metric_model_alone_converts_with_a_fresh_generator(
     checkpoint, notes = convert(metric, config)
 
     assert len(checkpoint["classes"]) == 100 and len(notes) == 1 and "metric model" in notes[0]
-    model = build_model(config, 100, CPU, load_weights=False)
+    model = build_model(config, 100, CPU, pretrained=False)
     model.load_state_dict(checkpoint["model"])
     images = stand_in_images(len(fixture["labels"]), 32, fixture["seed"])
     expected = fixture["cases"]["dino"]["outputs"]["eval"]["embeddings"]
@@ -383,12 +379,12 @@ def test_resuming_a_converted_checkpoint_is_one_line_pointing_at_model_init(conv
 
 def test_model_init_of_another_network_is_one_line_naming_the_key(converted, their_files):
     config = load_config("cub", ["model.embedding_size=32", "train.device=cpu"])
-    model = build_model(config, 5, CPU, load_weights=False)
+    model = build_model(config, 5, CPU, pretrained=False)
     message = r"model.init .* with model.embedding_size=16 but the config has 32; --set"
     with pytest.raises(ConfigError, match=message):
         load_initial_weights(model, converted["resnet50"], config)
     demo = load_config("demo", ["model.embedding_size=16", "train.device=cpu"])
-    model = build_model(demo, 5, CPU, load_weights=False)
+    model = build_model(demo, 5, CPU, pretrained=False)
     with pytest.raises(ReferenceFormatError, match=r"ResNet-50 .*model.backbone is small_cnn"):
         load_initial_weights(model, their_files["resnet50"], demo)
 

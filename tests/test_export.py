@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from gca_pyg import export as export_cli
+from gca_pyg.app import export as export_cli
+from gca_pyg.checkpoint import open_checkpoint
 from gca_pyg.pipeline import inference_transform
 from gca_pyg.retriever import Retriever
-from gca_pyg.runs import open_checkpoint
 
 from retrieval_fixtures import make_checkpoint, write_gallery
 

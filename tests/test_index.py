@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+import gca_pyg.app.index as index_cli
 import gca_pyg.errors
-import gca_pyg.index as index_cli
 import gca_pyg.retriever
-from gca_pyg import evaluate as evaluate_cli
-from gca_pyg import search as search_cli
+from gca_pyg.app import evaluate as evaluate_cli
+from gca_pyg.app import search as search_cli
 from gca_pyg.retriever import IndexFolderError, Retriever
 
 from retrieval_fixtures import make_checkpoint, write_gallery

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from test_train import folder_args, only_run_dir
 
 import gca_pyg.trainer
-from gca_pyg import train as train_cli
+from gca_pyg.app import train as train_cli
 from gca_pyg.checkpoint import load_checkpoint
 from gca_pyg.config import load_config
 from gca_pyg.errors import ConfigError

@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 import gca_pyg.pipeline as pipeline
 from gca_pyg.config import load_config
 from gca_pyg.errors import ConfigError
-from gca_pyg.model import GCAHNG
+from gca_pyg.model import GCAHNG, build_model
 from gca_pyg.schema import NetConfig, OptimConfig
 from gca_pyg.trainer import AlternatingTrainer
 
@@ -129,7 +129,7 @@ def build(name, *overrides):
             *overrides,
         ],
     )
-    return config, pipeline.build_model(config, 7, torch.device("cpu"))
+    return config, build_model(config, 7, torch.device("cpu"))
 
 
 def test_head_init_orthogonal_gives_orthonormal_rows_and_zero_bias():

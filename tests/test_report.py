@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gca_pyg import report
-from gca_pyg import train as train_cli
+from gca_pyg.app import report
+from gca_pyg.app import train as train_cli
 from gca_pyg.checkpoint import load_checkpoint
 
 from browser import CHROMIUM, FLAGS, SKIP_REASON
@@ -206,8 +206,8 @@ def test_the_report_renders_in_headless_chromium(demo_run, tmp_path):
 
 
 def test_thumbnails_of_image_files_are_small_jpegs(tmp_path):
+    from gca_pyg.app.html import ThumbnailFiles
     from gca_pyg.data import ImageFolderByClass, test_transform
-    from gca_pyg.gallery import ThumbnailFiles
 
     for c in range(4):  # the last two classes test
         (tmp_path / "images" / f"class{c}").mkdir(parents=True)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from gca_pyg.checkpoint import CheckpointError
-from gca_pyg.runs import RunLog, open_checkpoint, read_log
+from gca_pyg.app.runs import RunLog, read_log
+from gca_pyg.checkpoint import CheckpointError, open_checkpoint
 
 from retrieval_fixtures import make_checkpoint
 

@@ -13,8 +13,8 @@ import uuid
 import numpy as np
 import pytest
 
-import gca_pyg.index as index_cli
-import gca_pyg.serve as serve_cli
+import gca_pyg.app.index as index_cli
+import gca_pyg.app.serve as serve_cli
 
 from browser import CHROMIUM, FLAGS, SKIP_REASON
 from retrieval_fixtures import make_checkpoint, write_gallery

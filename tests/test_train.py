@@ -16,8 +16,8 @@ from PIL import Image
 
 import gca_pyg.losses
 import gca_pyg.trainer
-from gca_pyg import evaluate as evaluate_cli
-from gca_pyg import train as train_cli
+from gca_pyg.app import evaluate as evaluate_cli
+from gca_pyg.app import train as train_cli
 from gca_pyg.checkpoint import load_checkpoint
 
 from data_layouts import make_cub

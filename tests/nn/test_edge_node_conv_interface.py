@@ -8,7 +8,7 @@ from torch_geometric.loader import DataLoader
 from torch_geometric.nn import Sequential, global_mean_pool
 from torch_geometric.utils import softmax, to_torch_coo_tensor, to_torch_csr_tensor
 
-from gca_pyg.convert import KEY_TABLE
+from gca_pyg.authors import KEY_TABLE
 from gca_pyg.graph import build_batch_graph
 from gca_pyg.nn import EdgeNodeConv, correlation_edge_features
 

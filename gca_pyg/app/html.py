@@ -3,7 +3,8 @@ whether it shares the query's label.
 
 The report's retrieval section, ``python -m gca_pyg.search --html`` and the search page of
 ``python -m gca_pyg.serve`` draw their rows with :func:`gallery_row` and style them with
-:data:`GALLERY_STYLE`. Thumbnails are written as small files next to a page
+:data:`GALLERY_STYLE`; search and serve draw a query's row with :func:`result_row` and a page of
+them with :func:`results_page`. Thumbnails are written as small files next to a page
 (:class:`ThumbnailFiles`, for the report's folder) or embedded in it (:func:`data_uri`, for a page
 that must stand alone as one file).
 """
@@ -14,10 +15,12 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from PIL import Image
+
+from gca_pyg.retriever import Retriever, SearchResult
 
 __all__ = [
     "THUMBNAIL_SIZE",
@@ -30,6 +33,9 @@ __all__ = [
     "tile_html",
     "gallery_row",
     "img_html",
+    "PAGE_STYLE",
+    "result_row",
+    "results_page",
 ]
 
 #: Largest side of a thumbnail, in pixels.
@@ -181,3 +187,59 @@ def tile_html(tile: Tile) -> str:
 def gallery_row(query: Tile, neighbours: Sequence[Tile]) -> str:
     """A query's tile followed by its neighbours', best first."""
     return f'<div class="query-row">{"".join(tile_html(t) for t in (query, *neighbours))}</div>'
+
+
+PAGE_STYLE = (
+    """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto;
+       max-width: 1180px; padding: 0 16px; color: #1d232a; background: #fff; }
+h1 { font-size: 22px; margin: 0 0 4px; }
+.lead { color: #56606b; margin: 0 0 16px; }
+"""
+    + GALLERY_STYLE
+)
+
+
+def result_row(
+    retriever: Retriever, result: SearchResult, image: Optional[Any], label: Optional[str]
+) -> str:
+    """The gallery row of one query (its `image`; None for a vector) and its neighbours,
+    thumbnails embedded."""
+    src, small = data_uri(image) if image is not None else (None, False)
+    caption = label or Path(result.query).name
+    query = Tile(src, small, caption, "query", label=label, path=result.query, title=result.query)
+    tiles = []
+    for rank, item in enumerate(result.neighbors(), start=1):
+        picture = retriever.image(item["id"])
+        src, small = data_uri(picture) if picture is not None else (None, False)
+        tiles.append(
+            Tile(
+                src,
+                small,
+                caption=f"{rank}. {item['label'] or Path(item['path']).name}",
+                kind=neighbour_kind(label, item["label"]),
+                label=item["label"],
+                title=f"rank {rank}: {item['path']}",
+                path=item["path"],
+                score=item["score"],
+            )
+        )
+    return gallery_row(query, tiles)
+
+
+def results_page(title: str, lead: str, body: str) -> str:
+    """A standalone HTML page around gallery rows (`body`)."""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>{PAGE_STYLE}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="lead">{lead}</p>
+{body}
+</body>
+</html>
+"""
