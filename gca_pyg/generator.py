@@ -20,7 +20,7 @@ from torch.distributed import ProcessGroup
 from gca_pyg.graph import BatchGraph
 from gca_pyg.losses.generation import diversity_loss, similarity_loss, synthetic_class_loss
 from gca_pyg.nn.correlation_net import CorrelationNet
-from gca_pyg.schema import HARDNESS_SCALES
+from gca_pyg.schema import HARDNESS_SCALES, LossConfig, NetConfig
 from gca_pyg.synthesis import SyntheticSamples, draw_mix, hardness_from_loss, synthesize_groups
 from gca_pyg.utils import autocast, gather_rows
 
@@ -110,18 +110,18 @@ class HardNegativeGenerator(torch.nn.Module):
         self,
         embedding_size: int,
         num_classes: int,
-        num_layers: int = 2,
-        heads: int = 4,
-        dropout: float = 0.1,
+        num_layers: int = NetConfig.num_layers,
+        heads: int = NetConfig.heads,
+        dropout: float = NetConfig.dropout,
         *,
-        edge_attention: str = "none",
-        alpha: float = 5.0,
-        hardness_scale: str = "absolute",
-        beta: float = 20.0,
-        w_sim: float = 20.0,
-        w_div: float = 60.0,
-        generator_ce_scale: float = 20.0,
-        classifier_scale: float = 10.0,
+        edge_attention: str = NetConfig.edge_attention,
+        alpha: float = LossConfig.alpha,
+        hardness_scale: str = LossConfig.hardness_scale,
+        beta: float = LossConfig.beta,
+        w_sim: float = LossConfig.w_sim,
+        w_div: float = LossConfig.w_div,
+        generator_ce_scale: float = LossConfig.generator_ce_scale,
+        classifier_scale: float = LossConfig.classifier_scale,
         amp_dtype: Optional[torch.dtype] = None,
         process_group: Optional[ProcessGroup] = None,
     ):
@@ -153,6 +153,34 @@ class HardNegativeGenerator(torch.nn.Module):
         self.mean_generator_loss = INITIAL_MEAN_LOSS
         self._sums = {"metric": 0.0, "generator": 0.0}
         self._counts = {"metric": 0, "generator": 0}
+
+    @classmethod
+    def from_config(
+        cls,
+        embedding_size: int,
+        num_classes: int,
+        net: NetConfig,
+        loss: LossConfig,
+        **kwargs: Any,
+    ) -> "HardNegativeGenerator":
+        """The generator of the ``net`` and ``loss`` sections of a config (`kwargs`:
+        ``amp_dtype``, ``process_group``)."""
+        return cls(
+            embedding_size,
+            num_classes,
+            num_layers=net.num_layers,
+            heads=net.heads,
+            dropout=net.dropout,
+            edge_attention=net.edge_attention,
+            alpha=loss.alpha,
+            hardness_scale=loss.hardness_scale,
+            beta=loss.beta,
+            w_sim=loss.w_sim,
+            w_div=loss.w_div,
+            generator_ce_scale=loss.generator_ce_scale,
+            classifier_scale=loss.classifier_scale,
+            **kwargs,
+        )
 
     @property
     def device(self) -> torch.device:

@@ -84,25 +84,17 @@ class GCAHNG(torch.nn.Module):
             Linear(backbone.out_features, embedding_size),
             *([L2Normalize()] if normalize else []),
         )
-        cfg = self.loss_config
-        self.generator = HardNegativeGenerator(
+        self.generator = HardNegativeGenerator.from_config(
             embedding_size,
             num_classes,
-            num_layers=self.net_config.num_layers,
-            heads=self.net_config.heads,
-            dropout=self.net_config.dropout,
-            edge_attention=self.net_config.edge_attention,
-            alpha=cfg.alpha,
-            hardness_scale=cfg.hardness_scale,
-            beta=cfg.beta,
-            w_sim=cfg.w_sim,
-            w_div=cfg.w_div,
-            generator_ce_scale=cfg.generator_ce_scale,
-            classifier_scale=cfg.classifier_scale,
+            self.net_config,
+            self.loss_config,
             amp_dtype=amp_dtype,
             process_group=process_group,
         )
-        self.criterion: MetricLoss = build_metric_loss(cfg, num_classes, embedding_size)
+        self.criterion: MetricLoss = build_metric_loss(
+            self.loss_config, num_classes, embedding_size
+        )
 
     @property
     def device(self) -> torch.device:
@@ -139,26 +131,6 @@ class GCAHNG(torch.nn.Module):
             return self(images.to(self.device, non_blocking=True))
         finally:
             self.train(was_training)
-
-    def batch_graph(
-        self,
-        labels: Tensor,
-        embeddings: Optional[Tensor] = None,
-        *,
-        memory: Optional[tuple[Tensor, Tensor]] = None,
-    ) -> BatchGraph:
-        """The :class:`~gca_pyg.graph.BatchGraph` of a batch (labels and embeddings of all
-        processes) under ``graph.neighbors`` and the model's process group, with `memory`
-        (past embeddings and labels, see :class:`~gca_pyg.memory.EmbeddingMemory`) as memory
-        nodes."""
-        return BatchGraph.build(
-            labels,
-            embeddings,
-            neighbors=self.graph_config.neighbors,
-            process_group=self.process_group,
-            memory=memory,
-            memory_neighbors=self.graph_config.memory_neighbors,
-        )
 
     def metric_loss(
         self,

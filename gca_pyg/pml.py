@@ -136,7 +136,7 @@ class GCANegativeGenerator(torch.nn.Module):
         Raises:
             ValueError: If the shapes, the labels or the class balance of the batch are wrong.
         """
-        graph = self._batch_graph(embeddings, labels)
+        graph = self._checked_graph(embeddings, labels)
         negatives = self.generator(embeddings, graph).negatives
         return synthetic_references(embeddings, negatives, graph.layout, graph.classes)
 
@@ -145,7 +145,7 @@ class GCANegativeGenerator(torch.nn.Module):
 
         Its :math:`J_{gen}` part also enters the running mean behind :attr:`synthetic_weight`.
         """
-        graph = self._batch_graph(embeddings, labels)
+        graph = self._checked_graph(embeddings, labels)
         losses = self.generator.generator_loss(embeddings, graph, node_loss=True)
         self.generator.record(generator_loss=losses["J_gen"].item())
         j_cls = self.generator.classifier_loss(embeddings, labels)["J_cls"]
@@ -175,7 +175,7 @@ class GCANegativeGenerator(torch.nn.Module):
         for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
             state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
 
-    def _batch_graph(self, embeddings: Tensor, labels: Tensor) -> BatchGraph:
+    def _checked_graph(self, embeddings: Tensor, labels: Tensor) -> BatchGraph:
         """The complete batch graph of one process, after checking the batch."""
         if embeddings.dim() != 2 or embeddings.size(1) != self.generator.embedding_size:
             raise ValueError(

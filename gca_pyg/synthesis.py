@@ -218,13 +218,14 @@ def synthesize_groups(
 
 def draw_mix(
     samples_per_class: int,
-    generator: Optional[torch.Generator] = None,
+    rng: Optional[torch.Generator] = None,
     device: Optional[torch.device] = None,
 ) -> Tensor:
     r"""The merge coefficients :math:`u \sim U(0, 1)` of :func:`synthesize_groups`, one per
-    (anchor block, k): shape :math:`(K, K - 1)`. Drawn on the CPU from `generator`, so every
-    process of a distributed run draws the same values."""
-    mix = torch.rand(samples_per_class, samples_per_class - 1, generator=generator)
+    (anchor block, k): shape :math:`(K, K - 1)`. Drawn on the CPU from the random number
+    generator `rng` (torch's default one if omitted), so every process of a distributed run draws
+    the same values."""
+    mix = torch.rand(samples_per_class, samples_per_class - 1, generator=rng)
     return mix.to(device) if device is not None else mix
 
 

@@ -178,7 +178,7 @@ class AlternatingTrainer:
         self.epoch = 0
         self._steps_in_epoch = 0
         self._epoch_sums: dict[str, float] = {}
-        self.mix_generator = torch.Generator().manual_seed(seed)
+        self.mix_rng = torch.Generator().manual_seed(seed)
         graph = model.graph_config
         self.memory = (
             EmbeddingMemory(
@@ -226,8 +226,14 @@ class AlternatingTrainer:
         from every process here) and the batch's `embeddings` (needed with ``graph.neighbors``),
         with the memory's contents as memory nodes where :attr:`memory_active`."""
         memory = self.memory.contents() if self.memory_active and len(self.memory) else None
-        return self.model.batch_graph(
-            all_gather_rows(labels, self.process_group), embeddings, memory=memory
+        config = self.model.graph_config
+        return BatchGraph.build(
+            all_gather_rows(labels, self.process_group),
+            embeddings,
+            neighbors=config.neighbors,
+            process_group=self.process_group,
+            memory=memory,
+            memory_neighbors=config.memory_neighbors,
         )
 
     def training_step(self, images: Tensor, labels: Tensor) -> dict[str, float]:
@@ -252,8 +258,7 @@ class AlternatingTrainer:
         synthesis = model.loss_config.synthesis
         # Both draws come first, so the coefficients do not depend on what the updates draw.
         metric_mix, generator_mix = (
-            draw_mix(graph.layout.samples_per_class, self.mix_generator, model.device)
-            for _ in range(2)
+            draw_mix(graph.layout.samples_per_class, self.mix_rng, model.device) for _ in range(2)
         )
 
         losses = model.metric_loss(embeddings, graph, metric_mix, diagnostics=self.diagnostics)
@@ -341,7 +346,7 @@ class AlternatingTrainer:
             "epoch": self.epoch,
             "steps_in_epoch": self._steps_in_epoch,
             "epoch_sums": dict(self._epoch_sums),
-            "mix_generator": self.mix_generator.get_state(),
+            "mix_generator": self.mix_rng.get_state(),
             "optimizers": {name: getattr(self, name).state_dict() for name in self._OPTIMIZERS},
             "schedulers": {name: getattr(self, name).state_dict() for name in self._SCHEDULERS},
             "memory": None if self.memory is None else self.memory.state_dict(),
@@ -351,7 +356,7 @@ class AlternatingTrainer:
         self.epoch = state["epoch"]
         self._steps_in_epoch = state["steps_in_epoch"]
         self._epoch_sums = dict(state["epoch_sums"])
-        self.mix_generator.set_state(state["mix_generator"])
+        self.mix_rng.set_state(state["mix_generator"])
         for name in self._OPTIMIZERS:
             getattr(self, name).load_state_dict(state["optimizers"][name])
         for name in self._SCHEDULERS:

@@ -21,7 +21,7 @@ from gca_pyg.checkpoint import convert_authors_file as convert
 from gca_pyg.checkpoint import initial_model, load_checkpoint, load_initial_weights
 from gca_pyg.config import Config, load_config
 from gca_pyg.errors import ConfigError
-from gca_pyg.graph import to_dense_edges
+from gca_pyg.graph import BatchGraph, to_dense_edges
 from gca_pyg.model import build_model
 
 from data_layouts import make_folder
@@ -91,7 +91,7 @@ def our_outputs(model, images, labels, mode):
         conv.dropout = 0.0  # as their dropout, set to 0 for the fixture
     with torch.no_grad():
         embeddings = model(images)
-        graph = model.batch_graph(labels)
+        graph = BatchGraph.build(labels)
         node_logits, fusion = model.generator.correlate(embeddings, graph)
     count = len(labels)
     return {

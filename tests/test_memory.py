@@ -287,7 +287,13 @@ def test_synthesis_and_every_loss_by_hand_on_a_graph_with_memory_nodes(metric):
     memory_z = embeddings[torch.randint(0, 12, (30,), generator=generator)] + torch.randn(
         30, 16, generator=generator, dtype=torch.float64
     )
-    graph = model.batch_graph(labels, embeddings, memory=(memory_z, memory_y))
+    graph = BatchGraph.build(
+        labels,
+        embeddings,
+        neighbors=model.graph_config.neighbors,
+        memory=(memory_z, memory_y),
+        memory_neighbors=model.graph_config.memory_neighbors,
+    )
     shard, memory = graph.shard, graph.memory
     pairs, _ = knn_memory_pairs(
         embeddings, labels, 4, memory_z, memory_y, model.graph_config.memory_neighbors

@@ -145,7 +145,7 @@ def test_the_front_end_gives_the_trainers_negatives_and_losses_on_the_same_tenso
     model.train()
     labels = torch.tensor([4, 1, 4, 0, 1, 0, 4, 0, 1])
     embeddings = model(torch.randn(9, 20))
-    graph = model.batch_graph(labels)
+    graph = BatchGraph.build(labels)
 
     torch.manual_seed(1)
     mix = draw_mix(3)  # the trainer's coefficients are the front end's draw

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gca_pyg.errors import NonFiniteLossError
-from gca_pyg.graph import to_dense_edges
+from gca_pyg.graph import BatchGraph, to_dense_edges
 from gca_pyg.losses import synthetic_npair_loss
 from gca_pyg.model import GCAHNG
 from gca_pyg.schema import LossConfig, NetConfig, OptimConfig
@@ -433,7 +433,7 @@ def test_the_diagnostics_are_the_gradients_and_cosines_they_name():
     images, labels = batch()
     model.generator.mean_generator_loss = 10.0  # a synthetic weight well above 0
     embeddings = model(images)
-    graph = model.batch_graph(labels)
+    graph = BatchGraph.build(labels)
     mix = torch.full((3, 2), 0.5)
     losses = model.metric_loss(embeddings, graph, mix, diagnostics=True)
     proxies = model.criterion.proxies

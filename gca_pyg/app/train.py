@@ -199,11 +199,11 @@ class TrainingRun:
     def _train_epoch(self, epoch: int):
         self.sampler.set_epoch(epoch - 1)
         batches = _SkipBatches(self.sampler, self.batch_in_epoch)
-        generator = torch.Generator().manual_seed(self.config.train.seed * 100_003 + epoch)
+        rng = torch.Generator().manual_seed(self.config.train.seed * 100_003 + epoch)
         loader = DataLoader(
             self.train_data,
             batch_sampler=batches,
-            generator=generator,
+            generator=rng,
             worker_init_fn=_seed_worker,
             **loader_options(self.config, self.device),
         )

@@ -21,7 +21,7 @@ from torch.distributed import ProcessGroup
 from torch_geometric.data import Data
 
 from gca_pyg.distributed import all_reduce_sum, broadcast_tensor, rank_and_size
-from gca_pyg.graph.memory import MemoryNodes
+from gca_pyg.graph.memory_nodes import MemoryNodes
 from gca_pyg.graph.neighbors import knn_memory_pairs, knn_pairs
 from gca_pyg.graph.sharding import EdgeShard, shard_pairs, sparse_shard
 from gca_pyg.layout import ClassLayout, class_layout
@@ -30,27 +30,11 @@ from gca_pyg.utils import gather_rows
 
 __all__ = [
     "BatchGraph",
-    "GraphConfig",
     "build_batch_graph",
     "complete_edge_index",
     "pair_index",
     "to_dense_edges",
 ]
-
-
-@dataclass
-class GraphConfig:
-    """The batch graph: complete (``neighbors: null``), or each node joined to its ``neighbors``
-    most similar samples and to its classmates (:func:`knn_pairs`), for large batches; with
-    ``memory: M`` (needs ``neighbors``) the last :math:`M` training embeddings are searched too and
-    join the graph as memory nodes (:func:`knn_memory_pairs`) after ``memory_start`` epochs."""
-
-    neighbors: Optional[int] = None
-    memory: int = 0  # embeddings kept from past batches; 0: no memory
-    memory_start: int = 0  # epochs before the memory is filled and read
-    # neighbours of a batch node searched in the memory apart from its `neighbors` in the batch;
-    # null: one search of `neighbors` over batch and memory together
-    memory_neighbors: Optional[int] = None
 
 
 def complete_edge_index(

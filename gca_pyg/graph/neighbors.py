@@ -4,7 +4,7 @@ For large batches the graph can be sparse (``graph.neighbors: k``): :func:`knn_p
 node's :math:`k` most similar samples (a faiss search) and all of its classmates, and
 :func:`~gca_pyg.graph.sharding.sparse_shard` derives the (anchor, class) groups of those pairs.
 
-With memory nodes (``graph.memory: M``, :mod:`gca_pyg.graph.memory`), :func:`knn_memory_pairs`
+With memory nodes (``graph.memory: M``, :mod:`gca_pyg.graph.memory_nodes`), :func:`knn_memory_pairs`
 searches the batch and the memory together (a matrix product and top-:math:`k`). Both give their
 pairs in the block order of :func:`~gca_pyg.graph.sharding.shard_pairs`.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gca_pyg.graph.memory import MemoryNodes
+from gca_pyg.graph.memory_nodes import MemoryNodes
 from gca_pyg.graph.sharding import _pair_block
 from gca_pyg.layout import class_layout
 

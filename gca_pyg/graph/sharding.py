@@ -6,7 +6,7 @@ lies on one process.
 
 On the sparse graph (``graph.neighbors: k``, the pairs of :mod:`gca_pyg.graph.neighbors`),
 :func:`sparse_shard` derives the (anchor, class) groups of those pairs, memory nodes
-(:class:`~gca_pyg.graph.memory.MemoryNodes`) included, and splits them likewise.
+(:class:`~gca_pyg.graph.memory_nodes.MemoryNodes`) included, and splits them likewise.
 """
 
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from gca_pyg.graph.memory import MemoryNodes
+from gca_pyg.graph.memory_nodes import MemoryNodes
 from gca_pyg.layout import ClassLayout
 
 __all__ = ["EdgeShard", "shard_pairs", "sparse_shard"]
