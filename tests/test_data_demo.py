@@ -180,7 +180,7 @@ def test_batched_demo_transform_draws_per_image_and_matches_single_items(tmp_pat
 def test_demo_images_are_written_as_class_folders_of_pngs(tmp_path):
     from PIL import Image
 
-    from gca_pyg.data.synthetic import write_demo_images
+    from gca_pyg.data.demo import write_demo_images
 
     out = tmp_path / "images"
     assert write_demo_images(out, "test", cache_dir=tmp_path / "cache", **SMALL) == 40

@@ -16,7 +16,7 @@ RELATIVE = "loss.synthetic_proxies=relative"
 #: The demo's Proxy-Anchor runs with J_gce detached were kept in one file under the plain names.
 DETACHED_RUNS = {"off": PLAIN, RELATIVE: f"{RELATIVE},{DETACHED}"}
 SETS = {
-    "demo": ["demo_all", "explore", "explore2", "demo_beta0", "gce"],
+    "demo": ["demo_all", "explore", "explore2", "demo_beta0", "gce", "pml_ms"],
     "digits": ["digits"],
     "glyphs": ["glyphs", "glyphs_others"],
     "glyphs, pretrained": ["glyphs_pre"],
@@ -38,6 +38,14 @@ ARMS = {
     DETACHED: "on, J_gce detached",
     "loss.beta=0": "control: `beta=0` (J_syn weight 0)",
 }
+
+
+#: The metric losses of the tables, by ``loss.metric``.
+METRICS = (
+    ("npair", "N-pair"),
+    ("proxy_anchor", "Proxy-Anchor"),
+    ("pml:MultiSimilarityLoss", "`pml:MultiSimilarityLoss`"),
+)
 
 
 def load(name: str) -> dict:
@@ -80,7 +88,9 @@ def main():
     baselines.append("|---|---|---|---|---|---|")
     for data_set, files in SETS.items():
         runs = {key: run for name in files for key, run in load(name).items()}
-        for metric, loss in (("npair", "N-pair"), ("proxy_anchor", "Proxy-Anchor")):
+        for metric, loss in METRICS:
+            if not any(key.startswith(f"{metric}/") for key in runs):
+                continue
             for arm, label in ARMS.items():
                 r1, r1_plain = (paired(runs, metric, arm, b, "recall@1") for b in ("off", PLAIN))
                 if r1 is None and r1_plain is None:

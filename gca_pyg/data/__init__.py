@@ -17,7 +17,7 @@ from gca_pyg.data.inshop import InShop
 from gca_pyg.data.official import OfficialDataset
 from gca_pyg.data.sampler import CLASS_SAMPLING, ClassBalancedBatchSampler
 from gca_pyg.data.sop import StanfordOnlineProducts
-from gca_pyg.data.synthetic import DemoDataset, default_cache_dir, generate_demo
+from gca_pyg.data.demo import DemoDataset, default_cache_dir, generate_demo
 from gca_pyg.data.transforms import (
     demo_test_transform,
     demo_train_transform,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional
 
-from gca_pyg.data.synthetic import write_demo_images
+from gca_pyg.data.demo import write_demo_images
 from gca_pyg.errors import exit_status
 
 

@@ -25,8 +25,7 @@ from gca_pyg.graph.memory_nodes import MemoryNodes
 from gca_pyg.graph.neighbors import knn_memory_pairs, knn_pairs
 from gca_pyg.graph.sharding import EdgeShard, shard_pairs, sparse_shard
 from gca_pyg.layout import ClassLayout, class_layout
-from gca_pyg.nn.edge_node_conv import correlation_edge_features
-from gca_pyg.utils import gather_rows
+from gca_pyg.utils import correlation_edge_features, gather_rows
 
 __all__ = [
     "BatchGraph",

@@ -4,11 +4,11 @@ from gca_pyg.nn.correlation_net import CorrelationNet
 from gca_pyg.nn.edge_node_conv import (
     EDGE_ATTENTION,
     EdgeNodeConv,
-    correlation_edge_features,
     softmax_with_sink,
 )
 from gca_pyg.nn.models import EdgeNodeGNN
 from gca_pyg.nn.norm import L2Normalize, WeightedBatchNorm1d
+from gca_pyg.utils import correlation_edge_features
 
 __all__ = [
     "EdgeNodeConv",

@@ -8,6 +8,7 @@ from torch_geometric.nn.dense.linear import Linear
 
 from gca_pyg.nn.edge_node_conv import EdgeNodeConv
 from gca_pyg.nn.norm import WeightedBatchNorm1d
+from gca_pyg.schema import NetConfig  # the paper's net: its defaults are the net section's
 
 
 class CorrelationNet(torch.nn.Module):
@@ -53,11 +54,11 @@ class CorrelationNet(torch.nn.Module):
         self,
         channels: int,
         num_classes: int,
-        num_layers: int = 2,
-        heads: int = 4,
-        dropout: float = 0.1,
+        num_layers: int = NetConfig.num_layers,
+        heads: int = NetConfig.heads,
+        dropout: float = NetConfig.dropout,
         ffn_ratio: int = 4,
-        edge_attention: str = "none",
+        edge_attention: str = NetConfig.edge_attention,
         *,
         process_group: Optional[ProcessGroup] = None,
     ):

@@ -11,7 +11,7 @@ from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 from torch_geometric.utils import is_torch_sparse_tensor, scatter, to_edge_index
 
 from gca_pyg.distributed import all_reduce_max, all_reduce_sum
-from gca_pyg.utils import gather_rows
+from gca_pyg.utils import correlation_edge_features
 
 EDGE_ATTENTION = ("none", "key_value", "bias", "gate")
 
@@ -20,31 +20,6 @@ def _check_width(name: str, width: int, lazy: bool):
     if not isinstance(width, int) or not (width > 0 or (lazy and width == -1)):
         allowed = "a positive int, or -1 for lazy initialization" if lazy else "a positive int"
         raise ValueError(f"EdgeNodeConv: {name} must be {allowed}, got {width!r}")
-
-
-def correlation_edge_features(x: Tensor, edge_index: Tensor, eps: float = 1e-12) -> Tensor:
-    r"""Per-channel correlation of the two end points of every edge, GCA-HNG's edge features.
-
-    .. math::
-        \mathbf{e}_{ij} = \hat{\mathbf{x}}_i \odot \hat{\mathbf{x}}_j, \qquad
-        \hat{\mathbf{x}}_i = \frac{\mathbf{x}_i - \bar{x}_i}{\max(\lVert \mathbf{x}_i -
-        \bar{x}_i \rVert, \epsilon)}
-
-    with :math:`\bar{x}_i` the mean of the channels of :math:`\mathbf{x}_i`: the channels of
-    :math:`\mathbf{e}_{ij}` sum to the Pearson correlation of :math:`\mathbf{x}_i` and
-    :math:`\mathbf{x}_j`, and :math:`\mathbf{e}_{ij} = \mathbf{e}_{ji}`.
-
-    Args:
-        x (torch.Tensor): Node features :math:`(|\mathcal{V}|, F)`.
-        edge_index (torch.Tensor): Edge indices :math:`(2, |\mathcal{E}|)`.
-        eps (float, optional): Lower bound of the norm. (default: :obj:`1e-12`)
-
-    Shapes:
-        - **output:** edge features :math:`(|\mathcal{E}|, F)`
-    """
-    centred = x - x.mean(dim=1, keepdim=True)
-    unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(eps)
-    return gather_rows(unit, edge_index[0]) * gather_rows(unit, edge_index[1])
 
 
 def _layer_norm(x: Tensor, norm: LayerNorm, affine: bool = True) -> Tensor:
