@@ -17,8 +17,9 @@ import distributed_helpers as helpers
         (None, "proxy_anchor", 0, "none"),
         (3, "npair", 40, "none"),
         (None, "npair", 0, "key_value"),
+        (3, "pml:MultiSimilarityLoss", 0, "none"),
     ],
-    ids=["complete", "proxy_anchor", "sparse_and_memory", "edge_attention"],
+    ids=["complete", "proxy_anchor", "sparse_and_memory", "edge_attention", "pml_loss"],
 )
 def test_two_processes_train_like_one_on_the_global_batch(
     tmp_path, neighbors, metric, memory, edge_attention
