@@ -60,6 +60,8 @@ def test_the_built_in_losses_come_by_name_and_take_their_keys_or_metric_kwargs()
             r"do not fit pml:ContrastiveLoss: .*unexpected keyword argument 'margin'",
         ),
         ("pml:ProxyNCALoss", {"num_classes": "many"}, r"^'loss.metric_kwargs' .* do not fit"),
+        ("pml:MultiSimilarityLoss", {"alpha": "x"}, r"alpha: 'x' for pml:Multi.*is a number"),
+        ("proxy_anchor", {"synthetic_proxies": 3}, r"synthetic_proxies: 3 .* is a str"),
     ],
 )
 def test_a_bad_metric_loss_is_one_line(metric, kwargs, message):

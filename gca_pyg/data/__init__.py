@@ -12,12 +12,12 @@ from typing import Callable, Optional
 from gca_pyg.data.base import DECODE_ERRORS, ImageFileDataset, RetrievalDataset, open_rgb
 from gca_pyg.data.cars import Cars196
 from gca_pyg.data.cub import CUB200
+from gca_pyg.data.demo import DemoDataset, default_cache_dir, generate_demo
 from gca_pyg.data.folder import IMAGE_EXTENSIONS, ImageFolderByClass, find_images
 from gca_pyg.data.inshop import InShop
 from gca_pyg.data.official import OfficialDataset
 from gca_pyg.data.sampler import CLASS_SAMPLING, ClassBalancedBatchSampler
 from gca_pyg.data.sop import StanfordOnlineProducts
-from gca_pyg.data.demo import DemoDataset, default_cache_dir, generate_demo
 from gca_pyg.data.transforms import (
     demo_test_transform,
     demo_train_transform,

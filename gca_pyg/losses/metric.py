@@ -133,6 +133,20 @@ def _construct(cls: Callable[..., Any], name: str, kwargs: dict[str, Any], **def
             f"'loss.metric_kwargs' has '{unknown[0]}', which {name} does not take; its keyword "
             f"arguments: {', '.join(valid) or 'none'}"
         )
+    for key, value in kwargs.items():
+        default = getattr(parameters.get(key), "default", inspect.Parameter.empty)
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            fits = isinstance(value, type(default))
+        if not fits:
+            raise ConfigError(
+                f"'loss.metric_kwargs' has {key}: {value!r} for {name}, whose {key} is a "
+                f"{'number' if type(default) in (int, float) else type(default).__name__} "
+                f"(default {default!r})"
+            )
     try:
         return cls(**{**defaults, **kwargs})
     except (TypeError, ValueError) as error:
