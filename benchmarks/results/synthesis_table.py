@@ -37,6 +37,7 @@ ARMS = {
     f"{RELATIVE},{DETACHED}": "`relative`, J_gce detached",
     DETACHED: "on, J_gce detached",
     "loss.beta=0": "control: `beta=0` (J_syn weight 0)",
+    "loss.hardness_scale=relative,loss.alpha=2.5": "on, `hardness_scale: relative`, α 2.5",
 }
 
 
