@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-import faiss
 import numpy as np
 import yaml
 
@@ -48,6 +47,7 @@ from gca_pyg.data import RetrievalDataset
 from gca_pyg.errors import ConfigError, GcaError, MissingExtraError
 from gca_pyg.metrics import retrieval_metrics, unit_rows
 from gca_pyg.pipeline import TestData, build_test_data, embed_test_data
+from gca_pyg.vector_index import exact_search
 
 __all__ = [
     "report_command",
@@ -261,9 +261,7 @@ def nearest_neighbours(
     gallery = unit_rows(gallery)
     self_search = query is None
     query = gallery if self_search else unit_rows(query)
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
-    _, found = index.search(query, k + int(self_search))
+    _, found = exact_search(gallery, query, k + int(self_search))
     if not self_search:
         return found
     keep = found != np.arange(len(query))[:, None]
