@@ -60,6 +60,36 @@ import numpy as np
 import torch
 
 DEFAULT_CHUNK_SIZE = 4096
+#: The length below which :func:`unit_rows` divides a row by this floor instead (that of torch's
+#: ``F.normalize``): rows of zeros stay zero.
+UNIT_FLOOR = 1e-12
+#: The floor of :func:`retrieval_metrics`: the smallest normal float32, so that any row but a zero
+#: one is ranked by its direction.
+_TINY = np.finfo(np.float32).tiny
+
+
+def unit_rows(x, *, in_place=False, floor=UNIT_FLOOR):
+    """`x` as C-contiguous float32 rows of unit length (rows of zeros stay zero).
+
+    A row shorter than `floor` is divided by `floor`. :func:`retrieval_metrics` passes the
+    smallest normal float32, so that every row but a zero one gets unit length.
+
+    Args:
+        x (numpy.ndarray): ``(N, D)`` rows.
+        in_place (bool, optional): Scale `x` itself where it is float32 and C-contiguous already
+            (no copy), rather than a copy. (default: ``False``)
+        floor (float, optional): The least length a row is divided by. (default:
+            :data:`UNIT_FLOOR`)
+
+    Returns:
+        numpy.ndarray: ``(N, D)`` float32.
+    """
+    if in_place:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    else:
+        x = np.array(x, dtype=np.float32, order="C")
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=floor)
+    return x
 
 
 def retrieval_metrics(
@@ -196,7 +226,7 @@ class _ClassLayout:
         gallery_order = np.argsort(gallery_classes)
         class_size = np.bincount(gallery_classes, minlength=len(classes))
         class_start = np.cumsum(class_size) - class_size
-        sorted_gallery = _normalised(gallery[gallery_order])
+        sorted_gallery = unit_rows(gallery[gallery_order], in_place=True, floor=_TINY)
         self_retrieval = query is None
         if self_retrieval:
             sorted_query, query_classes, n_lone = sorted_gallery, gallery_classes[gallery_order], 0
@@ -204,7 +234,7 @@ class _ClassLayout:
             query_classes = np.searchsorted(classes, query_labels).clip(max=len(classes) - 1)
             in_gallery = classes[query_classes] == query_labels
             query_order = np.flatnonzero(in_gallery)[np.argsort(query_classes[in_gallery])]
-            sorted_query = _normalised(query[query_order])
+            sorted_query = unit_rows(query[query_order], in_place=True, floor=_TINY)
             query_classes = query_classes[query_order]
             n_lone = len(query_labels) - len(query_order)
 
@@ -533,9 +563,3 @@ def _as_labels(y, n_rows, name, rows_name):
             f"got {y.shape}"
         )
     return y
-
-
-def _normalised(x):
-    """Scale the rows of a float32 array to unit length in place (zero rows stay zero)."""
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-    return x

@@ -123,14 +123,21 @@ class GCAHNG(torch.nn.Module):
         return embeddings.to(self.generator.classifier.weight.dtype)  # autocast may give bf16
 
     @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor:
-        """Evaluation embeddings: eval mode, no gradients; the previous mode is restored."""
+    def embed(self, images: Tensor, *, unit: bool = False) -> Tensor:
+        """Evaluation embeddings of a batch of images: moved to the model's device, in eval mode
+        (the previous mode is restored), without gradients, in the model's autocast.
+
+        Args:
+            images: The batch, on any device.
+            unit: Return the retrieval embeddings: rows L2-normalised, in float32.
+        """
         was_training = self.training
         self.eval()
         try:
-            return self(images.to(self.device, non_blocking=True))
+            embeddings = self(images.to(self.device, non_blocking=True))
         finally:
             self.train(was_training)
+        return F.normalize(embeddings.float(), dim=1) if unit else embeddings
 
     def metric_loss(
         self,

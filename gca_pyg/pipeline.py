@@ -161,8 +161,10 @@ def build_test_data(config: Config) -> TestData:
     return TestData(gallery=get_dataset(data.dataset, data.root, "test", test))
 
 
-def loader_options(config: Config, device: torch.device) -> dict:
-    workers = config.data.num_workers
+def loader_options(config: Config, device: torch.device, num_workers: Optional[int] = None) -> dict:
+    """DataLoader options for `config` on `device`, with `num_workers` decoding processes (default:
+    the config's ``data.num_workers``)."""
+    workers = config.data.num_workers if num_workers is None else num_workers
     return {
         "num_workers": workers,
         "pin_memory": device.type == "cuda",

@@ -184,12 +184,9 @@ class Embedder:
         Yields:
             Per batch, float32 unit embeddings (zero rows where unreadable) and the readable mask.
         """
-        options = loader_options(self.checkpoint.config, self.device)
-        options["num_workers"] = self.num_workers
-        if not self.num_workers:
-            options.pop("prefetch_factor", None)
+        options = loader_options(self.checkpoint.config, self.device, self.num_workers)
         for batch, ok in DataLoader(images, batch_sampler=batches, **options):
-            z = torch.nn.functional.normalize(self.model.embed(batch).float(), dim=1)
+            z = self.model.embed(batch, unit=True)
             yield torch.where(ok[:, None], z.cpu(), 0.0).numpy(), ok.numpy()
 
     def embed_dataset(

@@ -8,6 +8,7 @@ the K samples of the class into one synthetic sample per group (:class:`Syntheti
 """
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -178,11 +179,7 @@ def synthesize_groups(
             anchors, positives, negatives, weights.view(-1, samples_per_class, dim), hardness
         )
         # unbind, not moved[:, k]: its backward writes one buffer, not K zero-filled ones.
-        first, *rest = moved.unbind(1)
-        synthetic = first
-        for k, sample in enumerate(rest, 1):  # K is small: a loop over a class's samples
-            synthetic = sample + coefficients[:, k - 1 : k] * (synthetic - sample)
-        return synthetic
+        return _merge(moved.unbind(1), coefficients)
 
     # Only the joined samples are moved: one row per True of the mask, in row-major order.
     group, member = mask.nonzero(as_tuple=True)
@@ -203,13 +200,37 @@ def synthesize_groups(
             negatives,
         )
     moved_rows = synthesize_negatives(anchors, positives, negatives, weights, hardness)
-    row = torch.zeros_like(mask, dtype=torch.long)
+    row = torch.zeros_like(mask, dtype=torch.long)  # slots not joined read row 0, unused
     row[group, member] = torch.arange(group.numel(), device=mask.device)
-    synthetic = gather_rows(moved_rows, row[:, 0])
-    started = mask[:, :1]  # whether a joined sample has been merged
-    for k in range(1, samples_per_class):
-        moved = gather_rows(moved_rows, row[:, k])
+    slots = (gather_rows(moved_rows, row[:, k]) for k in range(samples_per_class))
+    return _merge(slots, coefficients, mask)
+
+
+def _merge(slots: Iterable[Tensor], coefficients: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    r"""The merge of :func:`synthesize_groups`: the moved samples of a group's :math:`K` slots in
+    order, :math:`\tilde{\mathbf{n}}_c \leftarrow \tilde{\mathbf{n}}_k + u_k (\tilde{\mathbf{n}}_c -
+    \tilde{\mathbf{n}}_k)` for :math:`k = 1, \dots, K-1` from :math:`\tilde{\mathbf{n}}_0`.
+
+    Args:
+        slots: The moved sample of every group in slot :math:`k`, :math:`(G, D)`, for
+            :math:`k = 0, \dots, K-1`; taken one at a time as the merge reaches it, so that a
+            generator gathers each slot just before its step, as the masked path always did (the
+            same operations in the same order, without all :math:`K` gathered slots alive at once).
+        coefficients: :math:`u` of every group and step, :math:`(G, K - 1)`.
+        mask: Bool :math:`(G, K)`: only the joined slots are merged, the first of them starting
+            the merge; the rows of the others are not used. All if omitted.
+
+    Returns:
+        :math:`(G, D)`.
+    """
+    slots = iter(slots)
+    synthetic = next(slots)
+    started = None if mask is None else mask[:, :1]  # whether a joined sample has been merged
+    for k, moved in enumerate(slots, 1):  # K is small: a loop over a class's samples
         merged = moved + coefficients[:, k - 1 : k] * (synthetic - moved)
+        if mask is None:
+            synthetic = merged
+            continue
         joined = mask[:, k : k + 1]
         synthetic = torch.where(joined, torch.where(started, merged, moved), synthetic)
         started = started | joined

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from gca_pyg.errors import ConfigError
+from gca_pyg.metrics import unit_rows
 
 __all__ = [
     "INDEX_KINDS",
@@ -212,12 +213,6 @@ def check_vectors(x: np.ndarray, what: str, dim: Optional[int] = None) -> np.nda
             more = f" (and {len(rows) - 1:,} more)" if len(rows) > 1 else ""
             raise ConfigError(f"{what}: row {rows[0]}{more} holds {fault}; fix or drop it")
     return x
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """`x` as contiguous float32 rows of unit length (rows of zeros stay zero)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
 
 
 def build_index(

@@ -51,6 +51,10 @@ class EmbeddingModel(torch.nn.Module):
         \mathbf{z} = \frac{\mathrm{Linear}(\mathrm{BN}(\mathrm{backbone}(x)))}
         {\lVert \mathrm{Linear}(\mathrm{BN}(\mathrm{backbone}(x))) \rVert_2}
 
+    What :meth:`~gca_pyg.model.GCAHNG.embed` returns with ``unit=True``, in fp32, as a plain
+    module to trace: without its device move, mode switch and autocast (and its ``.float()``,
+    which would add a cast to the graph), and with only the backbone's and the head's weights.
+
     Shapes:
         - **input:** images :math:`(N, 3, H, W)`, preprocessed
         - **output:** unit embeddings :math:`(N, D)`

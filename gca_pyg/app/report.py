@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-import faiss
 import numpy as np
 import yaml
 
@@ -46,8 +45,9 @@ from gca_pyg.checkpoint import RunCheckpoint, open_checkpoint
 from gca_pyg.config import add_override_argument
 from gca_pyg.data import RetrievalDataset
 from gca_pyg.errors import ConfigError, GcaError, MissingExtraError
-from gca_pyg.metrics import retrieval_metrics
+from gca_pyg.metrics import retrieval_metrics, unit_rows
 from gca_pyg.pipeline import TestData, build_test_data, embed_test_data
+from gca_pyg.vector_index import exact_search
 
 __all__ = [
     "report_command",
@@ -202,8 +202,7 @@ def embedding_map(
         if total > max_points
         else np.arange(total)
     )
-    points = embeddings[rows].astype(np.float32)
-    points /= np.linalg.norm(points, axis=1, keepdims=True).clip(min=1e-12)
+    points = unit_rows(embeddings[rows], in_place=True)
     points = PCA(n_components=min(50, *points.shape), random_state=seed).fit_transform(points)
     if _importable("umap"):
         import umap
@@ -259,23 +258,16 @@ def nearest_neighbours(
     Returns:
         Int64 array :math:`(Q, k)` of gallery row indices.
     """
-    gallery = _unit_rows(gallery)
+    gallery = unit_rows(gallery)
     self_search = query is None
-    query = gallery if self_search else _unit_rows(query)
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
-    _, found = index.search(query, k + int(self_search))
+    query = gallery if self_search else unit_rows(query)
+    _, found = exact_search(gallery, query, k + int(self_search))
     if not self_search:
         return found
     keep = found != np.arange(len(query))[:, None]
     # Stable sort of (kept first): each row's own index, if found, moves behind the k kept ones.
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(found, order, axis=1)
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
 
 
 @dataclass
