@@ -152,7 +152,7 @@ def retrieval_metrics(
                 "retrieval_metrics: needs at least 2 samples to retrieve from each other, got "
                 f"{len(gallery)}"
             )
-        layout = _ClassLayout.build(gallery, gallery_labels, None, None, chunk_size)
+        grouped = _SortedByClass.build(gallery, gallery_labels, None, None, chunk_size)
     elif query is None or query_labels is None:
         raise ValueError("retrieval_metrics: pass query and query_labels together, or neither")
     else:
@@ -163,24 +163,26 @@ def retrieval_metrics(
                 f"retrieval_metrics: query has {query.shape[1]} dimensions but embeddings have "
                 f"{gallery.shape[1]}; both must come from the same model"
             )
-        layout = _ClassLayout.build(gallery, gallery_labels, query, query_labels, chunk_size)
+        grouped = _SortedByClass.build(gallery, gallery_labels, query, query_labels, chunk_size)
 
-    n_positives = layout.positives_per_query()
+    n_positives = grouped.positives_per_query()
     has_positive = n_positives > 0
     if not has_positive.any():
         raise ValueError(
             "retrieval_metrics: no query has a same-class item in the gallery, so no metric is "
             "defined; check that the labels of queries and gallery use the same classes"
         )
-    n_lone = layout.n_lone_queries + int((~has_positive).sum())
+    n_lone = grouped.n_lone_queries + int((~has_positive).sum())
     if n_lone:
-        n_queries = layout.n_lone_queries + len(n_positives)
+        n_queries = grouped.n_lone_queries + len(n_positives)
         warnings.warn(
             f"retrieval_metrics: {n_lone} of {n_queries} queries have no same-class item in the "
             "gallery and are left out of every metric",
             stacklevel=2,
         )
-    positives, top_negatives, negatives_ahead = _sweep(layout, n_positives, chunk_size, num_threads)
+    positives, top_negatives, negatives_ahead = _sweep(
+        grouped, n_positives, chunk_size, num_threads
+    )
     return _summarise(
         positives[has_positive],
         top_negatives[has_positive],
@@ -191,7 +193,7 @@ def retrieval_metrics(
 
 
 @dataclass
-class _ClassLayout:
+class _SortedByClass:
     """Queries and gallery sorted by class, cut into class-aligned groups.
 
     Group ``g`` owns query rows ``query_bounds[g]:query_bounds[g + 1]`` and gallery rows
@@ -220,7 +222,7 @@ class _ClassLayout:
             chunk_size (int): Target number of gallery rows per group.
 
         Returns:
-            _ClassLayout
+            _SortedByClass
         """
         classes, gallery_classes = np.unique(gallery_labels, return_inverse=True)
         gallery_order = np.argsort(gallery_classes)
@@ -290,11 +292,11 @@ class _ClassLayout:
         return tiles
 
 
-def _sweep(layout, n_positives, chunk_size, num_threads):
+def _sweep(grouped, n_positives, chunk_size, num_threads):
     """Score every query against the gallery, keeping what the metrics need.
 
     Args:
-        layout (_ClassLayout): The sorted, grouped rows.
+        grouped (_SortedByClass): The sorted, grouped rows.
         n_positives (numpy.ndarray): ``(M,)`` R of each query.
         chunk_size (int): Target number of query rows per tile.
         num_threads (int): Threads for the element-wise passes over each tile.
@@ -305,20 +307,20 @@ def _sweep(layout, n_positives, chunk_size, num_threads):
         padded with ``-FLT_MAX`` when there are fewer negatives; ``negatives_ahead`` ``(M,)`` the
         number of negatives scoring at least as high as the best positive.
     """
-    n_queries, r_max = len(layout.query), int(n_positives.max())
+    n_queries, r_max = len(grouped.query), int(n_positives.max())
     heap = faiss.ResultHeap(n_queries, r_max, keep_max=True)
     smallest_kept = heap.D[:, 0]  # the top of each min-heap, a view that follows the heap
     positives = np.empty((n_queries, r_max), dtype=np.float32)
     best_positive = np.empty(n_queries, dtype=np.float32)
     negatives_ahead = np.zeros(n_queries, dtype=np.int64)
-    own_tiles = layout.tiles(chunk_size, own_group=True)
-    other_tiles = layout.tiles(chunk_size, own_group=False)
+    own_tiles = grouped.tiles(chunk_size, own_group=True)
+    other_tiles = grouped.tiles(chunk_size, own_group=False)
     n_elements = max((r.stop - r.start) * (c.stop - c.start) for r, c in own_tiles + other_tiles)
 
     def own_group_band(scores, rows, columns, at_least, band):
         # Every band of an own-group tile holds whole queries: the bands touch disjoint heaps.
         part = slice(rows.start + band.start, rows.start + band.stop)
-        positives[part] = _take_positives(scores[band], layout, part, columns, r_max)
+        positives[part] = _take_positives(scores[band], grouped, part, columns, r_max)
         best_positive[part] = np.where(n_positives[part] > 0, positives[part, 0], np.inf)
         heap.add_result_subset(
             np.arange(part.start, part.stop), scores[band], np.arange(columns.start, columns.stop)
@@ -329,21 +331,21 @@ def _sweep(layout, n_positives, chunk_size, num_threads):
 
     with _TileWorkspace(n_elements, num_threads) as workspace:
         for rows, columns in own_tiles:
-            scores = workspace.scores(layout.query[rows], layout.gallery[columns])
+            scores = workspace.scores(grouped.query[rows], grouped.gallery[columns])
             at_least = workspace.mask(scores.shape)
             band = partial(own_group_band, scores, rows, columns, at_least)
             workspace.map_bands(band, len(scores))
         for rows, columns in other_tiles:
-            scores = workspace.scores(layout.query[rows], layout.gallery[columns])
+            scores = workspace.scores(grouped.query[rows], grouped.gallery[columns])
             row_threshold = np.minimum(best_positive[rows], smallest_kept[rows])
             column_threshold = None
-            if layout.self_retrieval:
+            if grouped.self_retrieval:
                 column_threshold = np.minimum(best_positive[columns], smallest_kept[columns])
             tile_rows, tile_columns, values = workspace.candidates(
                 scores, row_threshold, column_threshold
             )
             _add_scattered(heap, negatives_ahead, best_positive, rows.start + tile_rows, values)
-            if layout.self_retrieval:
+            if grouped.self_retrieval:
                 _add_scattered(
                     heap, negatives_ahead, best_positive, columns.start + tile_columns, values
                 )
@@ -430,12 +432,12 @@ class _TileWorkspace:
         return tile_rows, tile_columns, scores.ravel()[flat]
 
 
-def _take_positives(scores, layout, rows, columns, r_max):
+def _take_positives(scores, grouped, rows, columns, r_max):
     """Read the positive scores out of a group's own tile and mask them (and self) to ``-inf``.
 
     Args:
         scores (numpy.ndarray): The tile, ``(len(rows), len(columns))``; modified in place.
-        layout (_ClassLayout): The sorted, grouped rows.
+        grouped (_SortedByClass): The sorted, grouped rows.
         rows (slice): Query rows of the tile.
         columns (slice): Gallery rows of the tile, one whole group.
         r_max (int): Largest R of any query.
@@ -444,15 +446,15 @@ def _take_positives(scores, layout, rows, columns, r_max):
         numpy.ndarray: ``(len(rows), r_max)`` positive scores in decreasing order, padded with
         ``-inf``.
     """
-    classes = layout.query_classes[rows]
-    size = layout.class_size[classes][:, None]
-    offset = np.arange(r_max + int(layout.self_retrieval))
+    classes = grouped.query_classes[rows]
+    size = grouped.class_size[classes][:, None]
+    offset = np.arange(r_max + int(grouped.self_retrieval))
     # Pad short classes by repeating their last column, then mask the repeats.
-    first_column = layout.class_start[classes][:, None] - columns.start
+    first_column = grouped.class_start[classes][:, None] - columns.start
     tile_columns = first_column + np.minimum(offset, size - 1)
     values = np.take_along_axis(scores, tile_columns, axis=1)
     is_positive = offset < size
-    if layout.self_retrieval:
+    if grouped.self_retrieval:
         own_column = np.arange(rows.start, rows.stop)[:, None] - columns.start
         is_positive &= tile_columns != own_column
     values[~is_positive] = -np.inf
