@@ -10,8 +10,8 @@ from gca_pyg.data import (
     demo_test_transform,
     demo_train_transform,
     get_dataset,
-    synthetic,
 )
+from gca_pyg.data import demo as demo_module
 from gca_pyg.errors import DatasetLayoutError
 
 SMALL = {"num_classes": 20, "images_per_class": 4}
@@ -23,14 +23,14 @@ def full_cache(tmp_path_factory):
     each call of the renderer drew."""
     cache = tmp_path_factory.mktemp("demo-cache")
     rendered = []
-    render = synthetic._render
+    render = demo_module._render
 
     def counting_render(factors, size, rng):
         rendered.append(len(factors))
         return render(factors, size, rng)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(synthetic, "_render", counting_render)
+        patch.setattr(demo_module, "_render", counting_render)
         DemoDataset("train", cache_dir=cache)
     return cache, rendered
 
@@ -40,7 +40,7 @@ def test_generation_renders_whole_blocks_and_caches_one_file(full_cache):
     # 6,000 images (200 classes × 30) in vectorised blocks of 500, not image by image.
     assert rendered == [500] * 12
     (path,) = cache.iterdir()
-    assert path.name == f"demo-v{synthetic.GENERATOR_VERSION}-c200-n30-s32-seed0.npz"
+    assert path.name == f"demo-v{demo_module.GENERATOR_VERSION}-c200-n30-s32-seed0.npz"
     assert path.stat().st_size < 20e6
 
 
@@ -95,8 +95,8 @@ def test_generation_is_deterministic(tmp_path):
     again = DemoDataset("test", cache_dir=tmp_path / "b", **blocks)  # regenerated from scratch
     assert again.images.numpy().tobytes() == first.images.numpy().tobytes()
     assert again.classes == first.classes
-    other_seed = synthetic.generate_demo(**SMALL, seed=1)[0]
-    assert not np.array_equal(synthetic.generate_demo(**SMALL)[0], other_seed)
+    other_seed = demo_module.generate_demo(**SMALL, seed=1)[0]
+    assert not np.array_equal(demo_module.generate_demo(**SMALL)[0], other_seed)
 
 
 def test_cache_is_reused(tmp_path, monkeypatch):
@@ -107,7 +107,7 @@ def test_cache_is_reused(tmp_path, monkeypatch):
     def fail(**_):
         raise AssertionError("regenerated although cached")
 
-    monkeypatch.setattr(synthetic, "generate_demo", fail)
+    monkeypatch.setattr(demo_module, "generate_demo", fail)
     assert len(DemoDataset("test", cache_dir=tmp_path, **SMALL)) == 10 * 4
     assert path.stat().st_mtime_ns == written
 
